@@ -1,0 +1,276 @@
+"""The Sanic app: routes, auth, error shapes, and the start/stop of store and flusher.
+
+Hot path of a chat request: parse -> extract context (pure) -> group commit -> answer.
+Everything slower (payload building, file writes) happens later in the flusher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from sanic import Request, Sanic
+from sanic.exceptions import SanicException
+from sanic.handlers import ErrorHandler
+from sanic.response import HTTPResponse, raw
+
+from . import wire
+from .config import Settings
+from .context import extract_context
+from .flusher import Flusher
+from .ids import inbox_file_name, new_request_id
+from .inbox import loads
+from .store import NewRequest, Store, StoreError
+
+log = logging.getLogger("ai_agent_proxy")
+
+JSON = "application/json"
+PUBLIC_PATHS = frozenset({"/healthz"})
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "method_not_allowed",
+    408: "timeout_error",
+    413: "request_too_large",
+    503: "service_unavailable",
+}
+
+
+class ApiError(SanicException):
+    """An error the client sees as the OpenAI-style error object."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message, status_code=status, quiet=True)
+
+
+def json_response(body: bytes, status: int = 200) -> HTTPResponse:
+    return raw(body, status=status, content_type=JSON)
+
+
+def error_response(status: int, message: str) -> HTTPResponse:
+    type_ = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return json_response(wire.error_body(status, message, type_), status)
+
+
+class ProxyErrorHandler(ErrorHandler):
+    """Every error, Sanic's own included (404, 405, 413), in the OpenAI error shape.
+    An unauthenticated caller learns nothing but 401, whatever went wrong."""
+
+    def __init__(self, key: str | None) -> None:
+        super().__init__()
+        self.key = key
+
+    def default(self, request: Request, exception: Exception) -> HTTPResponse:
+        if request is not None and not is_authorized(request, self.key):
+            return error_response(401, "missing or invalid API key")
+        status = getattr(exception, "status_code", 500)
+        if status >= 500 and not isinstance(exception, ApiError):
+            self.log(request, exception)
+            return error_response(status, "internal error; the request was not accepted")
+        message = str(exception) or "error"
+        if status == 404:
+            message = f"not found: {request.path}" if request is not None else "not found"
+        elif status == 405 and request is not None:
+            message = f"method {request.method} not allowed on {request.path}"
+        elif status == 413:
+            message = "request body too large"
+        return error_response(status, message)
+
+
+def is_authorized(request: Request, key: str | None) -> bool:
+    if not key or request.path in PUBLIC_PATHS:
+        return True
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    # compare_digest: the time taken does not reveal how much of the key matched.
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def parse_body(raw_body: bytes, remote: str) -> dict[str, Any]:
+    try:
+        body = loads(raw_body)
+    except (ValueError, RecursionError) as exc:
+        log.warning("invalid_json remote=%s bytes=%d error=%s", remote, len(raw_body), exc)
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        log.warning("invalid_json remote=%s bytes=%d error=not an object", remote, len(raw_body))
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+class Metrics:
+    """Prometheus metrics of one worker process; DB gauges are read at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "aiap_http_requests",
+            "HTTP requests answered",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.rows = Gauge("aiap_rows", "Outbox rows by state", ["state"], registry=self.registry)
+        self.backlog = Gauge(
+            "aiap_backlog_rows", "Rows not yet in the inbox", registry=self.registry
+        )
+        self.backlog_age = Gauge(
+            "aiap_backlog_oldest_age_seconds",
+            "Age of the oldest row not yet in the inbox",
+            registry=self.registry,
+        )
+        self.files = Gauge(
+            "aiap_inbox_files_written",
+            "Inbox files written by this process",
+            registry=self.registry,
+        )
+        self.failures = Gauge(
+            "aiap_inbox_write_failures",
+            "Failed inbox writes in this process",
+            registry=self.registry,
+        )
+        self.flush_latency = Histogram(
+            "aiap_request_to_file_seconds",
+            "Time from receipt to inbox file",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+
+
+def create_app(settings: Settings) -> Sanic:
+    app = Sanic("ai_agent_proxy", configure_logging=False)
+    app.config.REQUEST_MAX_SIZE = settings.max_body
+    app.config.ACCESS_LOG = settings.debug
+    app.config.MOTD = False
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 5.0
+    app.error_handler = ProxyErrorHandler(settings.key)
+    app.ctx.settings = settings
+    app.ctx.metrics = Metrics()
+
+    @app.before_server_start
+    async def open_outbox(app: Sanic) -> None:
+        store = Store(settings.db_path, settings.dedup_window)
+        await store.open()
+        flusher = Flusher(store, settings, on_written=app.ctx.metrics.flush_latency.observe)
+        store.on_commit(flusher.wake)
+        flusher.start()
+        app.ctx.store, app.ctx.flusher = store, flusher
+
+    @app.after_server_stop
+    async def close_outbox(app: Sanic) -> None:
+        await app.ctx.flusher.stop()
+        await app.ctx.store.close()
+
+    @app.on_request
+    async def authenticate(request: Request) -> None:
+        if not is_authorized(request, settings.key):
+            raise ApiError(401, "missing or invalid API key")
+
+    @app.on_response
+    async def count(request: Request, response: HTTPResponse) -> None:
+        route = request.route.path if request.route else "unmatched"
+        app.ctx.metrics.requests.labels(route, str(response.status)).inc()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> HTTPResponse:
+        raw_body = request.body
+        body = parse_body(raw_body, request.client_ip)
+        ctx = extract_context(body)
+        request_id, received_ms = new_request_id()
+        row = NewRequest(
+            id=request_id,
+            received_ms=received_ms,
+            inbox_file=inbox_file_name(request_id, received_ms),
+            body=raw_body,
+            body_hash=hashlib.blake2b(raw_body, digest_size=16).hexdigest(),
+            context_id=ctx.context_id,
+            channel=ctx.channel,
+            target=ctx.target,
+            message_id=ctx.message_id,
+            latest_user_prompt=ctx.latest_user_prompt,
+        )
+        try:
+            await request.app.ctx.store.record(row)
+        except StoreError as exc:
+            raise ApiError(
+                503, f"the request could not be recorded, please retry ({exc})"
+            ) from None
+        model = body.get("model") if isinstance(body.get("model"), str) else settings.model_id
+        if body.get("stream") is True:
+            options = body.get("stream_options")
+            usage = isinstance(options, dict) and options.get("include_usage") is True
+            return raw(
+                wire.chat_completion_stream(model, settings.reply, usage),
+                content_type="text/event-stream",
+                headers={"cache-control": "no-cache"},
+            )
+        return json_response(wire.chat_completion(model, settings.reply))
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> HTTPResponse:
+        return json_response(wire.model_list([settings.model_id]))
+
+    @app.get("/v1/models/<model_id:path>")
+    async def get_model(request: Request, model_id: str) -> HTTPResponse:
+        if model_id != settings.model_id:
+            raise ApiError(404, f"model {model_id!r} not found")
+        return json_response(wire.model_entry(model_id))
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> HTTPResponse:
+        return json_response(b'{"status":"ok"}')
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> HTTPResponse:
+        report, ready = await readiness(request.app)
+        return json_response(orjson.dumps(report), 200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> HTTPResponse:
+        m: Metrics = request.app.ctx.metrics
+        try:
+            counts = await request.app.ctx.store.counts_by_state()
+            backlog, oldest = await request.app.ctx.store.backlog()
+        except StoreError:
+            counts, backlog, oldest = {}, -1, None
+        for state in ("awaiting_backend", "pending", "written", "duplicate"):
+            m.rows.labels(state).set(counts.get(state, 0))
+        m.backlog.set(backlog)
+        m.backlog_age.set(0 if oldest is None else max(0.0, time.time() - oldest / 1000))
+        status = request.app.ctx.flusher.status
+        m.files.set(status.files_written)
+        m.failures.set(status.write_failures)
+        return raw(generate_latest(m.registry), content_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def readiness(app: Sanic) -> tuple[dict[str, Any], bool]:
+    report: dict[str, Any] = {"status": "ready", "db": "ok", "inbox": "ok"}
+    ready = True
+    try:
+        backlog, oldest = await app.ctx.store.backlog()
+        report["backlog"] = backlog
+        report["oldest_unwritten_age_s"] = (
+            None if oldest is None else round(max(0.0, time.time() - oldest / 1000), 3)
+        )
+    except StoreError as exc:
+        report["db"] = f"error: {exc}"
+        ready = False
+    status = app.ctx.flusher.status
+    if status.consecutive_failures:
+        report["inbox"] = f"error: {status.last_error}"
+        report["retry_in_s"] = status.retry_in_s
+        report["consecutive_failures"] = status.consecutive_failures
+        ready = False
+    if not ready:
+        report["status"] = "not_ready"
+    return report, ready

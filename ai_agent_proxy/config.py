@@ -1,0 +1,238 @@
+"""Settings: defaults < config file < AI_AGENT_PROXY_* environment < command-line flags.
+
+Every value remembers where it came from, so a bad one stops start-up with a single line
+naming the key, the value and its source (exit code 2).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+ENV_PREFIX = "AI_AGENT_PROXY_"
+DEFAULT_CONFIG_FILE = ".ai-agent-proxy.conf"
+SECRET_KEYS = frozenset({"KEY", "API_KEY"})
+SKILL_PATH = Path(__file__).parent / "skills" / "openclaw-message-cli" / "SKILL.md"
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as the one line the user sees."""
+
+
+class Settings(BaseModel):
+    """Validated configuration. Field names are the config keys in lower case."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = 7011
+    key: str | None = None
+    worker: int = 1
+    inbox: Path = Path("~/.openclaw/workspace/inbox")
+    db: Path | None = None
+    url: str | None = None
+    api_key: str | None = None
+    backend_model: str | None = None
+    backend_instruction: str = (
+        "You are replying on behalf of a local agent. Answer briefly; "
+        "the agent will follow up with the full answer."
+    )
+    instruction: str = "use openclaw-message-cli-skill to reply"
+    openclaw_message_cli_skill_path: Path = SKILL_PATH
+    model_id: str = "local-agent"
+    reply: str = ""
+    max_body: int = 16 * 1024 * 1024
+    backend_timeout: float = 120.0
+    dedup_window: float = 60.0
+    retention_days: float = 0.0
+    debug: bool = False
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        if not 0 <= v <= 65535:
+            raise ValueError("must be a port number 0-65535")
+        return v
+
+    @field_validator("worker")
+    @classmethod
+    def _worker(cls, v: int) -> int:
+        if not 1 <= v <= 64:
+            raise ValueError("must be a whole number of worker processes, 1-64")
+        return v
+
+    @field_validator("max_body", mode="before")
+    @classmethod
+    def _max_body(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            m = _SIZE.match(v)
+            if not m:
+                raise ValueError("must be a size in bytes, e.g. 16777216 or 16MiB")
+            unit = (m.group(2) or "b").lower()[0]
+            v = int(m.group(1)) * {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+        if isinstance(v, int) and v < 1024:
+            raise ValueError("must be at least 1024 bytes")
+        return v
+
+    @field_validator("backend_timeout", "dedup_window", "retention_days")
+    @classmethod
+    def _non_negative(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must not be negative")
+        return v
+
+    @field_validator("backend_timeout")
+    @classmethod
+    def _positive_timeout(cls, v: float) -> float:
+        if v == 0:
+            raise ValueError("must be more than 0 seconds")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+    @field_validator("inbox", "db", "openclaw_message_cli_skill_path")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return None if v is None else Path(os.path.expanduser(str(v))).absolute()
+
+    @property
+    def db_path(self) -> Path:
+        """The DB defaults to a hidden folder beside the inbox, so two proxies with
+        different inboxes never share (and cross-deliver) one outbox."""
+        if self.db is not None:
+            return self.db
+        return self.inbox.parent / ".ai-agent-proxy" / "outbox.db"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def summary(self) -> dict[str, str]:
+        """Start-up summary with secrets masked."""
+        out: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name.upper() in SECRET_KEYS:
+                shown = mask(value)
+            else:
+                shown = "" if value is None else str(value)
+            out[name.upper()] = shown
+        out["DB"] = str(self.db_path)
+        return out
+
+
+def mask(secret: str | None) -> str:
+    if not secret:
+        return "(not set)"
+    return "****" + (secret[-2:] if len(secret) >= 12 else "")
+
+
+KEYS: tuple[str, ...] = tuple(name.upper() for name in Settings.model_fields)
+
+
+@dataclass(frozen=True)
+class Source:
+    value: str
+    origin: str  # "default", "config file PATH:LINE", "environment NAME", "flag --x"
+
+
+def parse_config_file(text: str, path: str) -> dict[str, Source]:
+    """Parse KEY=VALUE lines with # comments and optional quotes."""
+    out: dict[str, Source] = {}
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        if "=" not in line:
+            raise ConfigError(f"config error: {path}:{lineno}: expected KEY=VALUE, got {raw!r}")
+        key, value = (part.strip() for part in line.split("=", 1))
+        key = key.upper()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        if key not in KEYS:
+            raise ConfigError(
+                f"config error: unknown key {key} in config file {path}:{lineno} "
+                f"(known: {', '.join(KEYS)})"
+            )
+        out[key] = Source(value, f"config file {path}:{lineno}")
+    return out
+
+
+def load_settings(
+    config_path: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge every source and validate. Raises ConfigError with a one-line message."""
+    environ = os.environ if environ is None else environ
+    sources: dict[str, Source] = {}
+
+    explicit = config_path is not None
+    path = Path(os.path.expanduser(config_path or DEFAULT_CONFIG_FILE))
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config error: cannot read config file {path}: {exc}") from None
+        sources.update(parse_config_file(text, str(path)))
+    elif explicit:
+        raise ConfigError(f"config error: config file {path} does not exist")
+
+    for key in KEYS:
+        name = ENV_PREFIX + key
+        if name in environ:
+            sources[key] = Source(environ[name], f"environment {name}")
+
+    for key, value in (flags or {}).items():
+        if value is not None:
+            flag = "--" + key.lower().replace("_", "-")
+            sources[key.upper()] = Source(str(value), f"flag {flag}")
+
+    return _validate(sources)
+
+
+def _validate(sources: dict[str, Source]) -> Settings:
+    data: dict[str, Any] = {}
+    for key, src in sources.items():
+        value: Any = src.value
+        # An empty value means "unset" for optional keys (e.g. URL= in a file).
+        if value == "" and key not in ("REPLY", "KEY"):
+            continue
+        if key == "KEY" and value == "":
+            continue
+        data[key.lower()] = value
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][0]).upper() if err["loc"] else "?"
+        src = sources.get(key)
+        shown = mask(src.value) if key in SECRET_KEYS and src else repr(src.value if src else None)
+        reason = str(err["msg"]).removeprefix("Value error, ")
+        origin = src.origin if src else "default"
+        raise ConfigError(f"config error: {key}={shown} (from {origin}): {reason}") from None

@@ -1,0 +1,240 @@
+"""Pure functions that read who a request is from and what the person said.
+
+Works on OpenClaw 2026.9 bodies (identity in an internal-context part of the last user
+message and an ``openclaw.inbound_meta.v2`` block in the system prompt), on older OpenClaw
+bodies (``| channel=...`` in the system prompt, a fenced JSON sender block in the user
+message) and on plain OpenAI bodies. Nothing here does I/O and nothing here raises.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+INTERNAL_BEGIN = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>"
+RETRY_NOTICE = "The previous attempt did not produce a user-visible answer"
+
+_CHANNEL_FIELDS = ("channel", "context_id", "thread_id", "thread", "conversation_id", "chat_id")
+_TARGET_FIELDS = ("target", "user_id", "recipient", "to")
+_SENDER_FIELDS = ("sender_id", "id", "e164", "target", "user_id", "recipient", "to")
+
+_FENCED_JSON = re.compile(r"```json\s*\n(.*?)\n\s*```", re.S)
+_CHANNEL_LINE = re.compile(r"\|\s*channel=([^\s|]+)")
+# "[Tue 2026-11-24 21:20 UTC] " — only brackets holding a clock time count as a stamp.
+_TIME_STAMP = re.compile(r"^\[[^\]\n]{0,60}\d{1,2}:\d{2}[^\]\n]{0,40}\]\s*")
+# "Conversation info: ⟦openclaw:ctx⟧\n```json\n{...}\n```" and similar metadata envelopes.
+_ENVELOPE = re.compile(
+    r"^(?:[A-Z][^\n`]{0,80}(?:info|metadata)\b[^\n]*\n```json\s*\n.*?\n\s*```\s*)+",
+    re.S | re.I,
+)
+_RUNTIME = re.compile(r"(?:^|\n)Runtime: [^\n]*\s*$")
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    channel: str | None = None
+    target: str | None = None
+    message_id: str | None = None
+    latest_user_prompt: str = ""
+
+    @property
+    def context_id(self) -> str | None:
+        if self.channel and self.target:
+            return f"{self.channel}:{self.target}"
+        return self.channel or None
+
+
+def extract_context(body: Any) -> RequestContext:
+    """Everything the proxy needs to know about a request body. Never raises."""
+    try:
+        return _extract(body)
+    except Exception:  # extraction is best effort; a weird body must still be recorded
+        return RequestContext()
+
+
+def _extract(body: Any) -> RequestContext:
+    if not isinstance(body, dict):
+        return RequestContext()
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    if not isinstance(body.get("messages"), list):
+        messages = []
+
+    channel = _first_string(body, _CHANNEL_FIELDS)
+    target = _first_string(body, _TARGET_FIELDS)
+    message_id = None
+
+    # OpenClaw 2026.9: the internal-context part carries chat_id and message_id.
+    info = _internal_conversation_info(messages)
+    if info:
+        chat_id = _str(info.get("chat_id"))
+        message_id = _str(info.get("message_id"))
+        if chat_id:
+            head, sep, tail = chat_id.partition(":")
+            if sep and head and tail:
+                channel = channel or head
+                target = target or tail
+            else:
+                target = target or chat_id
+    if not channel:
+        channel = _inbound_meta_channel(messages) or _channel_line(messages)
+
+    # Older OpenClaw: sender identity in the person's newest message's JSON block.
+    person_index = _person_message_index(messages)
+    if not target and person_index is not None:
+        target = _sender_target(_message_text(messages[person_index]))
+
+    prompt = ""
+    if person_index is not None:
+        prompt = clean_user_text(_message_text(messages[person_index]))
+    return RequestContext(channel, target, message_id, prompt)
+
+
+def clean_user_text(text: str) -> str:
+    """Strip OpenClaw's envelope: time stamp, metadata JSON blocks, trailing Runtime line."""
+    text = _TIME_STAMP.sub("", text, count=1)
+    text = _ENVELOPE.sub("", text, count=1)
+    text = _RUNTIME.sub("", text, count=1)
+    return text.strip()
+
+
+def _str(value: Any) -> str | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def _first_string(obj: dict[str, Any], fields: tuple[str, ...]) -> str | None:
+    for name in fields:
+        value = obj.get(name)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def _texts(message: dict[str, Any]) -> list[str]:
+    """String content, or the text parts of a content list."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, list):
+        return []
+    return [
+        p["text"]
+        for p in content
+        if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+    ]
+
+
+def _message_text(message: dict[str, Any], *, skip_internal: bool = True) -> str:
+    texts = _texts(message)
+    if skip_internal:
+        texts = [t for t in texts if INTERNAL_BEGIN not in t]
+    return "\n".join(texts)
+
+
+def _is_internal(message: dict[str, Any]) -> bool:
+    texts = _texts(message)
+    return bool(texts) and all(INTERNAL_BEGIN in t for t in texts)
+
+
+def _person_message_index(messages: list[dict[str, Any]]) -> int | None:
+    """Index of the newest user message written by the person (not OpenClaw's own parts)."""
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if m.get("role") != "user" or _is_internal(m):
+            continue
+        if _message_text(m).lstrip().startswith(RETRY_NOTICE):
+            continue
+        return i
+    return None
+
+
+def _fenced_objects(text: str) -> Iterator[dict[str, Any]]:
+    for match in _FENCED_JSON.finditer(text):
+        try:
+            obj = json.loads(match.group(1))
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            yield obj
+
+
+def _internal_conversation_info(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The fenced JSON with chat_id inside the newest internal-context part, if any."""
+    for m in reversed(messages):
+        if m.get("role") != "user":
+            continue
+        for text in _texts(m):
+            if INTERNAL_BEGIN not in text:
+                continue
+            for block in _internal_blocks(text):
+                for obj in _fenced_objects(block):
+                    if "chat_id" in obj or "message_id" in obj:
+                        return obj
+    return None
+
+
+def _internal_blocks(text: str) -> Iterator[str]:
+    """OpenClaw quotes each data block as a JSON string literal; yield them unquoted."""
+    yield text
+    decoder = json.JSONDecoder()
+    pos = text.find('"')
+    while pos != -1:
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except ValueError:
+            pos = text.find('"', pos + 1)
+            continue
+        if isinstance(value, str) and "```json" in value:
+            yield value
+        pos = text.find('"', end)
+
+
+def _inbound_meta_channel(messages: list[dict[str, Any]]) -> str | None:
+    for m in messages:
+        if m.get("role") not in ("system", "developer"):
+            continue
+        text = _message_text(m, skip_internal=False)
+        if "openclaw.inbound_meta" not in text:
+            continue
+        for obj in _fenced_objects(text):
+            if str(obj.get("schema", "")).startswith("openclaw.inbound_meta"):
+                channel = _str(obj.get("channel"))
+                if channel:
+                    return channel
+    return None
+
+
+def _channel_line(messages: list[dict[str, Any]]) -> str | None:
+    # System messages first (the older shape), then any message (2026.9 Runtime line).
+    ordered = [m for m in messages if m.get("role") == "system"] + [
+        m for m in messages if m.get("role") != "system"
+    ]
+    for m in ordered:
+        match = _CHANNEL_LINE.search(_message_text(m, skip_internal=False))
+        if match:
+            return match.group(1)
+    return None
+
+
+def _sender_target(text: str) -> str | None:
+    for obj in _fenced_objects(text):
+        for candidate in (obj, obj.get("sender")):
+            if isinstance(candidate, dict):
+                value = _first_id(candidate)
+                if value:
+                    return value
+    return None
+
+
+def _first_id(obj: dict[str, Any]) -> str | None:
+    for name in _SENDER_FIELDS:
+        value = _str(obj.get(name))
+        if value:
+            return value
+    return None

@@ -1,0 +1,132 @@
+"""Pending outbox rows -> inbox files, in arrival order, retried with backoff.
+
+Woken right after each group commit, so a file usually appears within milliseconds of the
+answer. File writes run in a worker thread; the event loop only waits on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import Settings
+from .inbox import write_batch
+from .store import Store, StoreError
+
+log = logging.getLogger("ai_agent_proxy.flusher")
+
+BATCH = 128
+IDLE_POLL_S = 1.0  # also picks up rows whose flusher (another worker) died
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 2.0
+
+
+@dataclass
+class FlusherStatus:
+    files_written: int = 0
+    write_failures: int = 0
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    retry_in_s: float = 0.0
+
+
+def next_backoff(failures: int) -> float:
+    """0.05 s, 0.1 s, 0.2 s ... capped at 2 s: quick recovery, little churn meanwhile."""
+    return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * (2 ** max(0, failures - 1)))
+
+
+class Flusher:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        on_written: Callable[[float], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self._on_written = on_written  # gets request->file latency in seconds
+        self.status = FlusherStatus()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="inbox-flusher")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._task:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()  # before claiming, so a commit from now on is not missed
+            try:
+                progressed = await self.flush_once()
+            except StoreError as exc:
+                log.warning("flusher_db_error error=%s", exc)
+                await self._sleep(self._fail(f"database: {exc}"))
+                continue
+            except Exception:  # never let the flusher die silently
+                log.exception("flusher_crashed; restarting in 1s")
+                await self._sleep(1.0)
+                continue
+            if progressed:
+                continue
+            if self.status.consecutive_failures:
+                await self._sleep(self.status.retry_in_s)
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
+
+    async def flush_once(self) -> bool:
+        """Write one batch; True if all of it was written (so there may be more to do)."""
+        rows = await self.store.claim_pending(BATCH)
+        if not rows:
+            return False
+        inbox = self.settings.inbox
+        result = await asyncio.to_thread(write_batch, inbox, rows, self.settings)
+        await self.store.mark_written(result.written)
+        self.status.files_written += len(result.written)
+        if self._on_written and result.written:
+            now_ms = time.time() * 1000
+            received = {r.seq: r.received_ms for r in rows}
+            for seq in result.written:
+                self._on_written(max(0.0, (now_ms - received[seq]) / 1000))
+        if result.failed_seq is None:
+            self.status.consecutive_failures = 0
+            self.status.last_error = None
+            self.status.retry_in_s = 0.0
+            return True
+        done = set(result.written)
+        release = [r.seq for r in rows if r.seq not in done and r.seq != result.failed_seq]
+        error = result.error or "unknown error"
+        await self.store.mark_failed(result.failed_seq, error, release)
+        delay = self._fail(error)
+        log.warning(
+            "inbox_write_failed request_seq=%d error=%s retry_in=%.2fs",
+            result.failed_seq,
+            error,
+            delay,
+        )
+        return False
+
+    def _fail(self, error: str) -> float:
+        self.status.write_failures += 1
+        self.status.consecutive_failures += 1
+        self.status.last_error = error
+        self.status.retry_in_s = next_backoff(self.status.consecutive_failures)
+        return self.status.retry_in_s
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)

@@ -1,0 +1,157 @@
+"""Pydantic models of the OpenAI wire format the proxy speaks, and their encodings."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, model_serializer
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: int
+
+
+class ErrorBody(BaseModel):
+    status: Literal["error"] = "error"
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class Message(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: Message
+    finish_reason: Literal["stop"] = "stop"
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage = Usage()
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: Any) -> dict[str, Any]:
+        # OpenAI omits absent delta fields rather than sending nulls.
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "ai-agent-proxy"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+def error_body(status: int, message: str, type_: str) -> bytes:
+    return (
+        ErrorBody(error=ErrorDetail(message=message, type=type_, code=status))
+        .model_dump_json()
+        .encode()
+    )
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + secrets.token_hex(12)
+
+
+def chat_completion(model: str, content: str) -> bytes:
+    return (
+        ChatCompletion(
+            id=completion_id(),
+            created=int(time.time()),
+            model=model,
+            choices=[Choice(message=Message(content=content))],
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+def sse_event(data: BaseModel | dict[str, Any] | str) -> bytes:
+    if isinstance(data, str):
+        payload = data.encode()
+    elif isinstance(data, BaseModel):
+        payload = data.model_dump_json(exclude_none=False).encode()
+    else:
+        payload = orjson.dumps(data)
+    return b"data: " + payload + b"\n\n"
+
+
+def chat_completion_stream(model: str, content: str, include_usage: bool) -> bytes:
+    """The whole SSE body for a locally answered streaming request."""
+    cid, created = completion_id(), int(time.time())
+
+    def chunk(delta: Delta, finish: Literal["stop"] | None = None) -> bytes:
+        return sse_event(
+            ChatCompletionChunk(
+                id=cid,
+                created=created,
+                model=model,
+                choices=[ChunkChoice(delta=delta, finish_reason=finish)],
+            )
+        )
+
+    parts = [chunk(Delta(role="assistant", content=""))]
+    if content:
+        parts.append(chunk(Delta(content=content)))
+    parts.append(chunk(Delta(), "stop"))
+    if include_usage:
+        parts.append(
+            sse_event(
+                ChatCompletionChunk(id=cid, created=created, model=model, choices=[], usage=Usage())
+            )
+        )
+    parts.append(sse_event("[DONE]"))
+    return b"".join(parts)
+
+
+def model_list(ids: list[str]) -> bytes:
+    return ModelList(data=[Model(id=i) for i in ids]).model_dump_json().encode()
+
+
+def model_entry(model_id: str) -> bytes:
+    return Model(id=model_id).model_dump_json().encode()
