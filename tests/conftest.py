@@ -1,0 +1,199 @@
+"""Real-server fixtures: each test starts `python -m ai_agent_proxy` in a subprocess on a
+free loopback port with its own inbox and DB, and talks to it over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+# Real OpenClaw 2026.9 request bodies (copied from the project's shared fixtures).
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE_CONTEXTS = {
+    "openclaw-2026.9-telegram-dm-turn1.json": ("telegram:123456789", "hello from telegram DM"),
+    "openclaw-2026.9-telegram-dm-turn2.json": (
+        "telegram:123456789",
+        "second message, normal mode",
+    ),
+    "openclaw-2026.9-telegram-group.json": (
+        "telegram:-1001234567890",
+        "@capture_test_bot hello from the group",
+    ),
+    "openclaw-2026.9-cli-local.json": (None, "hello"),
+}
+
+
+def fixture_body(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / name).read_text("utf-8"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
+@dataclass
+class Server:
+    workdir: Path
+    inbox: Path
+    db: Path
+    args: list[str]
+    env: dict[str, str]
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    key: str | None = None
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> Server:
+        self.port = self.port or free_port()
+        self.starts += 1
+        log_path = self.workdir / f"server-{self.starts}.log"
+        self.logs.append(log_path)
+        cmd = [
+            sys.executable, "-m", "ai_agent_proxy", "--port", str(self.port),
+            "--inbox", str(self.inbox), "--db", str(self.db), *self.args,
+        ]  # fmt: skip
+        with open(log_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT, env=self.env
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.base_url + "/healthz", timeout=0.5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.kill()
+        pytest.fail(f"server did not start in {timeout}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        """Graceful stop (SIGTERM), as a service manager would."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        """kill -9: no chance to clean up."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self) -> Server:
+        self.stop()
+        return self.start()
+
+    def log(self) -> str:
+        return "".join(p.read_text("utf-8", "replace") for p in self.logs if p.exists())
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.key}"} if self.key else {}
+
+    def post_chat(self, body: Any, **kw: Any) -> httpx.Response:
+        kw.setdefault("headers", self.headers())
+        if isinstance(body, (bytes, str)):
+            return httpx.post(self.base_url + "/v1/chat/completions", content=body, **kw)
+        return httpx.post(self.base_url + "/v1/chat/completions", json=body, **kw)
+
+    def get(self, path: str, **kw: Any) -> httpx.Response:
+        kw.setdefault("headers", self.headers())
+        return httpx.get(self.base_url + path, **kw)
+
+    # -- what landed on disk --------------------------------------------------------------
+
+    def inbox_names(self) -> list[str]:
+        if not self.inbox.is_dir():
+            return []
+        return sorted(n for n in os.listdir(self.inbox) if not n.startswith("."))
+
+    def inbox_payloads(self) -> list[dict[str, Any]]:
+        return [json.loads((self.inbox / n).read_text("utf-8")) for n in self.inbox_names()]
+
+    def wait_files(self, count: int, timeout: float = 10.0) -> list[str]:
+        names = wait_until(lambda: len(self.inbox_names()) >= count and self.inbox_names(), timeout)
+        assert names and len(names) == count, (
+            f"expected {count} inbox files, have {len(self.inbox_names())}\n{self.log()[-3000:]}"
+        )
+        return names
+
+    def rows(self, sql: str = "SELECT * FROM requests ORDER BY seq", *params: Any) -> list[Any]:
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        conn.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in conn.execute(sql, params)]
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Factory: make_server(*flags, key=None, start=True, env=None) -> running Server."""
+    servers: list[Server] = []
+
+    def make(
+        *flags: str, key: str | None = None, start: bool = True, env: dict[str, str] | None = None
+    ) -> Server:
+        n = len(servers) + 1
+        workdir = tmp_path / f"srv{n}"
+        workdir.mkdir()
+        args = list(flags)
+        if key:
+            args += ["--key", key]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
+        full_env.update(env or {})
+        server = Server(
+            workdir=workdir,
+            inbox=workdir / "inbox",
+            db=workdir / "outbox.db",
+            args=args,
+            env=full_env,
+            key=key,
+        )
+        servers.append(server)
+        return server.start() if start else server
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def server(make_server: Callable[..., Server]) -> Server:
+    return make_server()
