@@ -31,7 +31,7 @@ class ConfigError(Exception):
 class Settings(BaseModel):
     """Validated configuration. Field names are the config keys in lower case."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     host: str = "127.0.0.1"
     port: int = 7011

@@ -59,7 +59,7 @@ def test_each_fixture_through_the_sdk(make_server, stream: bool) -> None:
         assert send_with_sdk(server, name, stream) == "working on it"
     names = server.wait_files(len(order))
     payloads = server.inbox_payloads()
-    for name, payload in zip(order, payloads):
+    for name, payload in zip(order, payloads, strict=True):
         context_id, prompt = FIXTURE_CONTEXTS[name]
         assert payload["context_id"] == context_id
         assert payload["latest-user-prompt"] == prompt

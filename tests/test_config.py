@@ -1,0 +1,135 @@
+"""Configuration: precedence, validation errors (one line, exit 2), masking, warnings."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ai_agent_proxy.config import ConfigError, load_settings, parse_config_file
+
+from .conftest import Server
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "ai_agent_proxy", *args],
+        cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    conf = tmp_path / "proxy.conf"
+    conf.write_text("# comment\nPORT=8001\nHOST=\"0.0.0.0\"\nREPLY='from file'\nMODEL_ID=f\n")
+    env = {"AI_AGENT_PROXY_PORT": "8002", "AI_AGENT_PROXY_REPLY": "from env"}
+    s = load_settings(str(conf), {"port": "8003"}, env)
+    assert (s.port, s.reply, s.host, s.model_id, s.worker) == (8003, "from env", "0.0.0.0", "f", 1)
+    s = load_settings(str(conf), {}, env)
+    assert s.port == 8002
+    s = load_settings(str(conf), {}, {})
+    assert (s.port, s.reply) == (8001, "from file")
+    s = load_settings(None, {}, {})  # no ./.ai-agent-proxy.conf in cwd
+    assert (s.port, s.host, s.reply) == (7011, "127.0.0.1", "")
+    assert s.inbox == Path("~/.openclaw/workspace/inbox").expanduser()
+    assert s.db_path == s.inbox.parent / ".ai-agent-proxy" / "outbox.db"
+
+
+def test_default_config_file_is_read_from_cwd(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / ".ai-agent-proxy.conf").write_text("PORT=9123\nMAX_BODY=2MiB\n")
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(None, {}, {})
+    assert (s.port, s.max_body) == (9123, 2 * 1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        ("flag", "PORT='http' (from flag --port)"),
+        ("env", "PORT='http' (from environment AI_AGENT_PROXY_PORT)"),
+        ("file", "PORT='http' (from config file"),
+    ],
+)
+def test_bad_value_names_key_value_and_source(tmp_path: Path, where: str, expected: str) -> None:
+    args, env = [], {}
+    if where == "flag":
+        args = ["--port", "http"]
+    elif where == "env":
+        env = {"AI_AGENT_PROXY_PORT": "http"}
+    else:
+        (tmp_path / ".ai-agent-proxy.conf").write_text("PORT=http\n")
+    r = run_cli(*args, cwd=tmp_path, env=env)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--worker", "0"], "WORKER='0'"),
+        (["--url", "ftp://x"], "URL='ftp://x'"),
+        (["--max-body", "lots"], "MAX_BODY='lots'"),
+        (["--backend-timeout", "-1"], "BACKEND_TIMEOUT='-1'"),
+        (["--dedup-window", "soon"], "DEDUP_WINDOW='soon'"),
+        (["-f", "missing.conf"], "missing.conf does not exist"),
+    ],
+)
+def test_each_bad_value_is_one_line_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_key_in_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown key PROT .*:2"):
+        parse_config_file("PORT=1\nPROT=2\n", "x.conf")
+
+
+def test_secret_is_masked_in_errors_and_summary(tmp_path: Path) -> None:
+    s = load_settings(None, {"key": "supersecretvalue99", "api_key": "sk-abcdefghijklmn"}, {})
+    summary = s.summary()
+    assert "supersecretvalue99" not in str(summary) and "sk-abcdefghijklmn" not in str(summary)
+    assert summary["KEY"].startswith("****")
+
+
+def test_public_bind_without_key_warns(make_server) -> None:
+    server: Server = make_server("--host", "0.0.0.0")
+    assert "WITHOUT A KEY" in server.log()
+    quiet: Server = make_server("--host", "0.0.0.0", key="k-0123456789abcdef")
+    assert "WITHOUT A KEY" not in quiet.log()
+    assert "k-0123456789abcdef" not in quiet.log()
+
+
+def test_db_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "new.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name, applied_at)")
+    conn.execute("INSERT INTO schema_migrations VALUES (999, '0999_future.sql', 'x')")
+    conn.commit()
+    conn.close()
+    r = run_cli("--db", str(db), "--inbox", str(tmp_path / "inbox"), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "schema version 999, newer than this ai-agent-proxy" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_migrations_recorded(server: Server) -> None:
+    rows = server.rows("SELECT version, name FROM schema_migrations")
+    assert rows[0] == {"version": 1, "name": "0001_init.sql"}
+    assert server.db.stat().st_mode & 0o777 == 0o600
+
+
+def test_port_in_use_is_one_line(server: Server, tmp_path: Path) -> None:
+    r = run_cli("--port", str(server.port), "--inbox", str(tmp_path / "i"), cwd=tmp_path)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
