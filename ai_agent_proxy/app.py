@@ -6,12 +6,15 @@ Everything slower (payload building, file writes) happens later in the flusher.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import time
+from dataclasses import dataclass, replace
 from typing import Any
 
+import httpx
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -26,11 +29,23 @@ from .context import extract_context
 from .flusher import Flusher
 from .ids import inbox_file_name, new_request_id
 from .inbox import loads
+from .relay import (
+    BackendError,
+    Relay,
+    RelayOutcome,
+    SSEReader,
+    backend_instruction,
+    iterate,
+    prepare_body,
+    reply_from_completion,
+)
 from .store import NewRequest, Store, StoreError
 
 log = logging.getLogger("ai_agent_proxy")
 
 JSON = "application/json"
+SSE = "text/event-stream"
+SSE_HEADERS = {"cache-control": "no-cache"}
 PUBLIC_PATHS = frozenset({"/healthz"})
 
 _ERROR_TYPES = {
@@ -163,9 +178,12 @@ def create_app(settings: Settings) -> Sanic:
         store.on_commit(flusher.wake)
         flusher.start()
         app.ctx.store, app.ctx.flusher = store, flusher
+        app.ctx.relay = Relay(settings) if settings.url else None
 
     @app.after_server_stop
     async def close_outbox(app: Sanic) -> None:
+        if app.ctx.relay is not None:
+            await app.ctx.relay.close()
         await app.ctx.flusher.stop()
         await app.ctx.store.close()
 
@@ -180,11 +198,12 @@ def create_app(settings: Settings) -> Sanic:
         app.ctx.metrics.requests.labels(route, str(response.status)).inc()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> HTTPResponse:
+    async def chat_completions(request: Request) -> HTTPResponse | None:
         raw_body = request.body
         body = parse_body(raw_body, request.client_ip)
         ctx = extract_context(body)
         request_id, received_ms = new_request_id()
+        relay: Relay | None = request.app.ctx.relay
         row = NewRequest(
             id=request_id,
             received_ms=received_ms,
@@ -196,6 +215,7 @@ def create_app(settings: Settings) -> Sanic:
             target=ctx.target,
             message_id=ctx.message_id,
             latest_user_prompt=ctx.latest_user_prompt,
+            awaiting_backend=relay is not None,
         )
         try:
             await request.app.ctx.store.record(row)
@@ -203,26 +223,21 @@ def create_app(settings: Settings) -> Sanic:
             raise ApiError(
                 503, f"the request could not be recorded, please retry ({exc})"
             ) from None
-        model = body.get("model") if isinstance(body.get("model"), str) else settings.model_id
-        if body.get("stream") is True:
-            options = body.get("stream_options")
-            usage = isinstance(options, dict) and options.get("include_usage") is True
-            return raw(
-                wire.chat_completion_stream(model, settings.reply, usage),
-                content_type="text/event-stream",
-                headers={"cache-control": "no-cache"},
-            )
-        return json_response(wire.chat_completion(model, settings.reply))
+        answer = Answer.for_body(body, settings)
+        if relay is None:
+            return answer.fallback()
+        return await relay_chat(request, relay, body, ctx.context_id, request_id, answer)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> HTTPResponse:
-        return json_response(wire.model_list([settings.model_id]))
+        return json_response(orjson.dumps({"object": "list", "data": await models(request.app)}))
 
     @app.get("/v1/models/<model_id:path>")
     async def get_model(request: Request, model_id: str) -> HTTPResponse:
-        if model_id != settings.model_id:
-            raise ApiError(404, f"model {model_id!r} not found")
-        return json_response(wire.model_entry(model_id))
+        for model in await models(request.app):
+            if model.get("id") == model_id:
+                return json_response(orjson.dumps(model))
+        raise ApiError(404, f"model {model_id!r} not found")
 
     @app.get("/healthz")
     async def healthz(request: Request) -> HTTPResponse:
@@ -251,6 +266,144 @@ def create_app(settings: Settings) -> Sanic:
         return raw(generate_latest(m.registry), content_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How to answer one chat request locally: model name, stream or not, usage chunk."""
+
+    model: str
+    stream: bool
+    include_usage: bool
+    reply: str
+
+    @classmethod
+    def for_body(cls, body: dict[str, Any], settings: Settings) -> Answer:
+        model = body.get("model")
+        options = body.get("stream_options")
+        return cls(
+            model=model if isinstance(model, str) else settings.model_id,
+            stream=body.get("stream") is True,
+            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+            reply=settings.reply,
+        )
+
+    def fallback(self) -> HTTPResponse:
+        """The local answer: REPLY (default empty) as JSON or as a complete SSE stream."""
+        if self.stream:
+            return raw(
+                wire.chat_completion_stream(self.model, self.reply, self.include_usage),
+                content_type=SSE,
+                headers=SSE_HEADERS,
+            )
+        return json_response(wire.chat_completion(self.model, self.reply))
+
+
+async def relay_chat(
+    request: Request,
+    relay: Relay,
+    body: dict[str, Any],
+    context_id: str | None,
+    request_id: str,
+    answer: Answer,
+) -> HTTPResponse | None:
+    """Forward to the backend, answer the client, record the outcome whatever happens."""
+    settings: Settings = request.app.ctx.settings
+    instruction = backend_instruction(settings, context_id)
+    prepared = prepare_body(body, instruction, settings.backend_model)
+    outcome = RelayOutcome()
+    try:
+        if answer.stream:
+            return await relay_stream(request, relay, prepared, outcome, answer)
+        try:
+            return json_response(await relay.complete(prepared, outcome))
+        except BackendError as exc:
+            outcome.fail(str(exc))
+            return answer.fallback()
+    except asyncio.CancelledError:
+        outcome.fail("client disconnected before the backend answer was complete")
+        raise
+    finally:
+        outcome.done()
+        if outcome.error:
+            log.warning("backend_forward_failed request_id=%s error=%s", request_id, outcome.error)
+        # Shielded: a client that hangs up must not stop the outcome being recorded.
+        await asyncio.shield(record_outcome(request.app, request_id, instruction, outcome))
+
+
+async def relay_stream(
+    request: Request,
+    relay: Relay,
+    prepared: dict[str, Any],
+    outcome: RelayOutcome,
+    answer: Answer,
+) -> HTTPResponse | None:
+    try:
+        resp = await relay.open_stream(prepared, outcome)
+    except BackendError as exc:
+        outcome.fail(str(exc))
+        return answer.fallback()
+    try:
+        if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+            # The backend ignored "stream": answer its completion as a stream ourselves.
+            content = await resp.aread()
+            try:
+                outcome.reply, outcome.usage = reply_from_completion(orjson.loads(content))
+            except ValueError as exc:
+                raise BackendError(f"unusable backend answer: {exc}") from None
+            return replace(answer, reply=outcome.reply).fallback()
+        response = await request.respond(content_type=SSE, headers=SSE_HEADERS)
+        reader = SSEReader()
+        try:
+            async for chunk in iterate(resp):
+                reader.feed(chunk)
+                await response.send(chunk)
+            if not reader.finished:
+                raise BackendError("backend stream ended before a finish_reason")
+            outcome.reply, outcome.usage = reader.text, reader.usage
+        except (httpx.HTTPError, BackendError) as exc:
+            outcome.fail(relay.describe(exc) if isinstance(exc, httpx.HTTPError) else str(exc))
+            # Close the client's stream cleanly: a finish_reason, then [DONE].
+            await response.send(wire.stream_close(answer.model))
+        await response.eof()
+        return None
+    except BackendError as exc:
+        outcome.fail(str(exc))
+        return answer.fallback()
+    finally:
+        await resp.aclose()
+
+
+async def record_outcome(
+    app: Sanic, request_id: str, instruction: str, outcome: RelayOutcome
+) -> None:
+    usage = orjson.dumps(outcome.usage).decode() if outcome.usage else None
+    for attempt in range(3):
+        try:
+            await app.ctx.store.finish_backend(
+                request_id,
+                instruction,
+                outcome.reply,
+                outcome.status,
+                outcome.error,
+                outcome.latency_ms,
+                usage,
+            )
+            break
+        except StoreError as exc:
+            # The flusher delivers the row anyway once the wait is deemed stale.
+            log.error("backend_outcome_not_recorded request_id=%s error=%s", request_id, exc)
+            await asyncio.sleep(0.2 * (attempt + 1))
+    app.ctx.flusher.wake()
+
+
+async def models(app: Sanic) -> list[dict[str, Any]]:
+    """The backend's model list when there is a backend and it answers, else ours."""
+    if app.ctx.relay is not None:
+        found = await app.ctx.relay.models()
+        if found is not None:
+            return found
+    return [wire.Model(id=app.ctx.settings.model_id).model_dump()]
 
 
 async def readiness(app: Sanic) -> tuple[dict[str, Any], bool]:

@@ -23,6 +23,7 @@ BATCH = 128
 IDLE_POLL_S = 1.0  # also picks up rows whose flusher (another worker) died
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
+STALE_BACKEND_MARGIN_S = 60.0  # beyond twice BACKEND_TIMEOUT a backend wait is abandoned
 
 
 @dataclass
@@ -84,9 +85,24 @@ class Flusher:
                 continue
             if self.status.consecutive_failures:
                 await self._sleep(self.status.retry_in_s)
-            else:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
+            except asyncio.TimeoutError:
+                await self._release_stale_backend_waits()
+
+    async def _release_stale_backend_waits(self) -> None:
+        if not self.settings.url:
+            return
+        limit_ms = int((self.settings.backend_timeout * 2 + STALE_BACKEND_MARGIN_S) * 1000)
+        try:
+            released = await self.store.release_stale_backend_waits(limit_ms)
+        except StoreError as exc:
+            log.warning("flusher_db_error error=%s", exc)
+            return
+        if released:
+            log.warning("backend_wait_expired rows=%d delivered_without_reply", released)
+            self._wake.set()
 
     async def flush_once(self) -> bool:
         """Write one batch; True if all of it was written (so there may be more to do)."""

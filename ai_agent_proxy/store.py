@@ -1,9 +1,9 @@
 """The outbox: every SQL statement the server runs, behind a small async API.
 
-Requests are committed by a group-commit loop (one transaction for all requests that
-arrived while the previous commit was running), so a handler answers only after its row is
-durable, at the cost of one fsync per batch rather than per request. Compaction and repeat
-detection are decided by the INSERT itself, inside that transaction, so several worker
+Requests (and backend outcomes) are committed by a group-commit loop: one
+transaction for everything that arrived while the previous commit was running, so a
+handler answers only after its row is durable, at one fsync per batch, not per request.
+Compaction and repeat detection are decided by the INSERT itself, inside that transaction, so several worker
 processes sharing the DB agree on them.
 """
 
@@ -90,6 +90,13 @@ FROM (
 ) AS repeat
 """
 
+_FINISH_BACKEND = """
+UPDATE requests SET backend_instruction = ?, backend_reply = ?, backend_status = ?,
+    backend_error = ?, backend_latency_ms = ?, backend_usage = ?,
+    state = CASE state WHEN 'awaiting_backend' THEN 'pending' ELSE state END
+WHERE id = ?
+"""
+
 _PENDING_COLUMNS = (
     "seq, id, received_ms, inbox_file, body, context_id, channel, target, latest_user_prompt, "
     "payload_kind, backend_instruction, backend_reply"
@@ -98,7 +105,8 @@ _PENDING_COLUMNS = (
 
 @dataclass
 class _Waiting:
-    params: dict[str, Any]
+    sql: str
+    params: dict[str, Any] | tuple[Any, ...]
     done: asyncio.Future[None]
 
 
@@ -123,6 +131,7 @@ class Store:
         self._queue: asyncio.Queue[_Waiting] = asyncio.Queue()
         self._commit_task: asyncio.Task[None] | None = None
         self._on_commit: list[Callable[[], None]] = []
+        self._conn_lock = asyncio.Lock()  # one transaction at a time on the shared connection
 
     async def open(self) -> None:
         try:
@@ -164,8 +173,12 @@ class Store:
             "state": "awaiting_backend" if req.awaiting_backend else "pending",
             "dedup_since_ms": req.received_ms - self.dedup_window_ms,
         }
+        await self._group_commit(_INSERT, params)
+
+    async def _group_commit(self, sql: str, params: dict[str, Any] | tuple[Any, ...]) -> None:
+        """Queue one statement for the next group commit; return once it is committed."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Waiting(params, done))
+        await self._queue.put(_Waiting(sql, params, done))
         await done
 
     async def _commit_loop(self) -> None:
@@ -174,9 +187,8 @@ class Store:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < MAX_COMMIT_BATCH:
                 batch.append(self._queue.get_nowait())
-            params = [w.params for w in batch]
             try:
-                await self._in_transaction(self._ingest, partial(_executemany, _INSERT, params))
+                await self._in_transaction(self._ingest, partial(_execute_in_order, batch))
             except Exception as exc:
                 log.error("outbox_commit_failed rows=%d error=%s", len(batch), exc)
                 error = StoreError(str(exc))
@@ -250,6 +262,38 @@ class Store:
 
         await self._run(work)
 
+    async def finish_backend(
+        self,
+        request_id: str,
+        instruction: str,
+        reply: str | None,
+        status: int | None,
+        error: str | None,
+        latency_ms: float | None,
+        usage: str | None,
+    ) -> None:
+        """Record the backend's outcome; the row becomes pending for the flusher."""
+        params = (instruction, reply, status, error, latency_ms, usage, request_id)
+        await self._group_commit(_FINISH_BACKEND, params)
+
+    async def release_stale_backend_waits(self, older_than_ms: int) -> int:
+        """Rows whose backend call outlived any timeout (their worker died, or recording
+        the outcome failed) are delivered without a reply."""
+        cutoff = _now_ms() - older_than_ms
+        count = 0
+
+        async def work(c: Any) -> None:
+            nonlocal count
+            cur = await c.execute(
+                "UPDATE requests SET state = 'pending', backend_error = 'interrupted'"
+                " WHERE state = 'awaiting_backend' AND received_ms < ?",
+                (cutoff,),
+            )
+            count = cur.rowcount
+
+        await self._run(work)
+        return count
+
     async def backlog(self) -> tuple[int, int | None]:
         """(rows not yet in the inbox, receipt time in ms of the oldest one)."""
         row = await self._fetchone(
@@ -276,7 +320,8 @@ class Store:
     async def _run(self, work: Callable[[Any], Any]) -> None:
         assert self._conn is not None
         try:
-            await self._in_transaction(self._conn, work)
+            async with self._conn_lock:
+                await self._in_transaction(self._conn, work)
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from None
 
@@ -300,8 +345,15 @@ class Store:
             raise StoreError(str(exc)) from None
 
 
-def _executemany(sql: str, params: list[Any], conn: aiosqlite.Connection) -> Any:
-    return conn.executemany(sql, params)
+async def _execute_in_order(batch: list[_Waiting], conn: aiosqlite.Connection) -> None:
+    """Runs of the same statement go to SQLite as one executemany (one thread hop)."""
+    i = 0
+    while i < len(batch):
+        j = i
+        while j < len(batch) and batch[j].sql == batch[i].sql:
+            j += 1
+        await conn.executemany(batch[i].sql, [w.params for w in batch[i:j]])
+        i = j
 
 
 def _now_ms() -> int:

@@ -81,11 +81,6 @@ class Model(BaseModel):
     owned_by: str = "ai-agent-proxy"
 
 
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Model]
-
-
 def error_body(status: int, message: str, type_: str) -> bytes:
     return (
         ErrorBody(error=ErrorDetail(message=message, type=type_, code=status))
@@ -149,9 +144,12 @@ def chat_completion_stream(model: str, content: str, include_usage: bool) -> byt
     return b"".join(parts)
 
 
-def model_list(ids: list[str]) -> bytes:
-    return ModelList(data=[Model(id=i) for i in ids]).model_dump_json().encode()
-
-
-def model_entry(model_id: str) -> bytes:
-    return Model(id=model_id).model_dump_json().encode()
+def stream_close(model: str) -> bytes:
+    """Ends a relayed stream the backend broke off: a finish_reason, then [DONE]."""
+    chunk = ChatCompletionChunk(
+        id=completion_id(),
+        created=int(time.time()),
+        model=model,
+        choices=[ChunkChoice(delta=Delta(), finish_reason="stop")],
+    )
+    return sse_event(chunk) + sse_event("[DONE]")

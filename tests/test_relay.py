@@ -1,0 +1,258 @@
+"""Backend relay against a real (fake) backend LLM over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from .backend import REPLY_PARTS, SECRET_ECHO, FakeBackend
+from .conftest import Server, fixture_body, free_port, wait_until
+
+API_KEY = "sk-backend-secret-0123456789"
+TURN1 = "openclaw-2026.9-telegram-dm-turn1.json"
+FULL_REPLY = "".join(REPLY_PARTS)
+
+
+@pytest.fixture
+def backend() -> Iterator[FakeBackend]:
+    b = FakeBackend(api_key=API_KEY)
+    yield b
+    b.close()
+
+
+def relay_server(make_server, backend_url: str, *flags: str) -> Server:
+    return make_server(
+        "--url", backend_url, "--api-key", API_KEY, "--reply", "fallback text", *flags
+    )  # fmt: skip
+
+
+def sdk(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+
+
+def secret_nowhere(server: Server) -> None:
+    assert API_KEY not in server.log()
+    assert API_KEY.encode() not in server.db.read_bytes()
+    for wal in server.db.parent.glob(server.db.name + "*"):
+        assert API_KEY.encode() not in wal.read_bytes()
+    for name in server.inbox_names():
+        assert API_KEY not in (server.inbox / name).read_text()
+
+
+def test_stream_passes_through_chunk_by_chunk(make_server, backend: FakeBackend) -> None:
+    server = relay_server(make_server, backend.url, "--backend-model", "real-model")
+    body = fixture_body(TURN1)
+    backend.gate.clear()  # the backend pauses after its first content chunk
+    stream = sdk(server).chat.completions.create(
+        model=body["model"], messages=body["messages"], stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    texts = []
+    for ch in stream:
+        if ch.choices and ch.choices[0].delta.content:
+            if not texts:
+                # The first words are here while the backend is still holding the rest.
+                assert not backend.finished.is_set()
+                backend.gate.set()
+            texts.append(ch.choices[0].delta.content)
+    assert "".join(texts) == FULL_REPLY
+    assert backend.finished.is_set()
+
+    sent = backend.requests[0]
+    assert sent["headers"]["authorization"] == f"Bearer {API_KEY}"
+    assert sent["body"]["model"] == "real-model"
+    assert sent["body"]["messages"][0]["role"] == "system"
+    assert "context_id: telegram:123456789" in sent["body"]["messages"][0]["content"]
+    assert sent["body"]["messages"][1:] == body["messages"]
+
+    (payload,) = [server.inbox_payloads()[0] for _ in server.wait_files(1)]
+    assert payload["backend-llm-reply"] == FULL_REPLY
+    assert "context_id: telegram:123456789" in payload["backend-llm-instruction"]
+    assert payload["messages"] == body["messages"]  # the person's body, not the backend's
+    (row,) = server.rows()
+    assert (row["backend_status"], row["backend_error"]) == (200, None)
+    assert json.loads(row["backend_usage"])["total_tokens"] == 10
+    assert row["backend_latency_ms"] > 0
+    secret_nowhere(server)
+
+
+def test_non_stream_returns_backend_answer(make_server, backend: FakeBackend) -> None:
+    server = relay_server(make_server, backend.url)
+    answer = sdk(server).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert answer.choices[0].message.content == FULL_REPLY
+    assert answer.usage and answer.usage.total_tokens == 10
+    assert backend.requests[0]["body"]["model"] == "m"  # no BACKEND_MODEL: unchanged
+    server.wait_files(1)
+    assert server.inbox_payloads()[0]["backend-llm-reply"] == FULL_REPLY
+    secret_nowhere(server)
+
+
+def test_backend_ignoring_stream_flag_is_streamed_to_client(make_server, backend) -> None:
+    backend.mode = "json-for-stream"
+    server = relay_server(make_server, backend.url)
+    chunks = list(
+        sdk(server).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == FULL_REPLY
+    server.wait_files(1)
+    assert server.inbox_payloads()[0]["backend-llm-reply"] == FULL_REPLY
+
+
+FAILURES = {
+    "down": "ConnectError",
+    "hang": "ReadTimeout",
+    "status500": "HTTP 500",
+    "garbage": "unusable backend answer",
+}
+
+
+@pytest.mark.parametrize(
+    ("mode", "stream"),
+    [
+        (mode, stream)
+        for mode in FAILURES
+        for stream in (False, True)
+        if (mode, stream) != ("garbage", True)
+    ],  # a garbage stream is the "cut" case below
+)
+def test_backend_failure_falls_back_and_still_delivers(
+    make_server, backend: FakeBackend, mode: str, stream: bool
+) -> None:
+    url = backend.url
+    if mode == "down":
+        url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    backend.mode = mode
+    server = relay_server(make_server, url, "--backend-timeout", "1")
+    t0 = time.monotonic()
+    r = server.post_chat({"stream": stream, "messages": [{"role": "user", "content": "q"}]})
+    assert r.status_code == 200
+    assert time.monotonic() - t0 < 4
+    if stream:
+        assert r.text.rstrip().endswith("data: [DONE]")
+        assert "fallback text" in r.text
+    else:
+        assert r.json()["choices"][0]["message"]["content"] == "fallback text"
+    server.wait_files(1)
+    (payload,) = server.inbox_payloads()
+    assert "backend-llm-reply" not in payload
+    assert payload["latest-user-prompt"] == "q"
+    (row,) = server.rows()
+    assert FAILURES[mode] in row["backend_error"]
+    assert row["backend_reply"] is None
+    assert "backend_forward_failed" in server.log()
+    if mode == "status500":
+        assert f"{SECRET_ECHO}****" in row["backend_error"]  # the echoed key is redacted
+    secret_nowhere(server)
+
+
+def test_stream_cut_midway_closes_cleanly(make_server, backend: FakeBackend) -> None:
+    backend.mode = "cut"
+    server = relay_server(make_server, backend.url)
+    chunks = list(
+        sdk(server).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "q"}], stream=True
+        )
+    )
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == REPLY_PARTS[0]
+    server.wait_files(1)
+    (row,) = server.rows()
+    assert row["backend_error"] and row["state"] == "written"
+    assert "backend-llm-reply" not in server.inbox_payloads()[0]
+
+
+def test_models_from_backend_with_local_fallback(make_server, backend: FakeBackend) -> None:
+    server = relay_server(make_server, backend.url)
+    assert [m.id for m in sdk(server).models.list().data] == ["backend-a", "backend-b"]
+    assert sdk(server).models.retrieve("backend-b").id == "backend-b"
+    with pytest.raises(openai.NotFoundError):
+        sdk(server).models.retrieve("nope")
+    down = relay_server(make_server, f"http://127.0.0.1:{free_port()}/v1")
+    assert [m.id for m in sdk(down).models.list().data] == ["local-agent"]
+
+
+def test_client_disconnect_cancels_backend_and_delivers(make_server, backend) -> None:
+    server = relay_server(make_server, backend.url)
+    backend.gate.clear()
+    body = json.dumps({"stream": True, "messages": [{"role": "user", "content": "bye"}]})
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        assert b"backend " in s.recv(65536) + s.recv(65536)  # first chunk arrived
+    # The client is gone; the proxy drops the backend call and still delivers the row.
+    server.wait_files(1)
+    backend.gate.set()
+    assert wait_until(backend.aborted.is_set, timeout=5)
+    assert not backend.finished.is_set()
+    (row,) = server.rows()
+    assert "client disconnected" in row["backend_error"]
+    assert server.inbox_payloads()[0]["latest-user-prompt"] == "bye"
+
+
+def test_kill_9_mid_backend_call_delivers_without_reply(make_server, backend) -> None:
+    server = relay_server(make_server, backend.url)
+    backend.gate.clear()
+    done = threading.Event()
+
+    def call() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            server.post_chat({"stream": True, "messages": [{"role": "user", "content": "mid"}]})
+        done.set()
+
+    threading.Thread(target=call, daemon=True).start()
+    assert wait_until(lambda: backend.requests, timeout=5)
+    assert server.rows()[0]["state"] == "awaiting_backend"  # committed before the call
+    server.kill()
+    assert done.wait(5)
+    backend.gate.set()
+    server.start()
+    server.wait_files(1)
+    (row,) = server.rows()
+    assert (row["state"], row["backend_error"]) == ("written", "interrupted")
+    assert "backend-llm-reply" not in server.inbox_payloads()[0]
+
+
+def test_slow_backend_does_not_block_other_requests(make_server, backend) -> None:
+    """40 streams held open by the backend; the event loop keeps answering at once."""
+    server = relay_server(make_server, backend.url)
+    backend.gate.clear()
+    threads = [
+        threading.Thread(
+            target=server.post_chat,
+            args=({"stream": True, "messages": [{"role": "user", "content": f"s{i}"}]},),
+            kwargs={"timeout": 30},
+            daemon=True,
+        )
+        for i in range(40)
+    ]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: len(backend.requests) == 40, timeout=10)
+    latencies = []
+    with httpx.Client(base_url=server.base_url) as c:
+        for _ in range(50):
+            t0 = time.perf_counter()
+            assert c.get("/healthz").status_code == 200
+            latencies.append((time.perf_counter() - t0) * 1000)
+    backend.gate.set()
+    for t in threads:
+        t.join(10)
+    server.wait_files(40)
+    median, worst = statistics.median(latencies), max(latencies)
+    print(f"\n/healthz, 40 backend calls in flight: median {median:.2f} ms, max {worst:.2f} ms")
+    assert median < 20
