@@ -3,8 +3,8 @@
 Requests (and backend outcomes) are committed by a group-commit loop: one
 transaction for everything that arrived while the previous commit was running, so a
 handler answers only after its row is durable, at one fsync per batch, not per request.
-Compaction and repeat detection are decided by the INSERT itself, inside that transaction, so several worker
-processes sharing the DB agree on them.
+Compaction and repeat detection are decided by the INSERT itself, inside that
+transaction, so several worker processes sharing the DB agree on them.
 """
 
 from __future__ import annotations
