@@ -21,6 +21,7 @@ cli = typer.Typer(
     no_args_is_help=False,
     help="Durable OpenAI-compatible inbox proxy for OpenClaw.",
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click errors: a usage line and the error, no boxes
 )
 
 log = logging.getLogger("ai_agent_proxy")
@@ -181,6 +182,199 @@ def run_server(settings: Settings) -> None:
         Sanic.serve(primary=app, app_loader=loader)
     except OSError as exc:
         raise fail(f"cannot serve on {settings.host}:{settings.port}: {exc}", 1) from None
+
+
+# -- history and replay ---------------------------------------------------------------------
+
+history_cli = typer.Typer(
+    help="Audit queries over the outbox DB (safe while the server runs).",
+    invoke_without_command=True,
+    rich_markup_mode=None,
+)
+cli.add_typer(history_cli, name="history")
+
+DbOpt = Annotated[str | None, _opt("Outbox DB (default: from config / beside INBOX).", "--db")]
+InboxOpt = Annotated[str | None, _opt("Inbox directory (INBOX).", "--inbox")]
+ContextOpt = Annotated[str | None, _opt("Only this context_id.", "--context-id")]
+SinceOpt = Annotated[str | None, _opt("Received at or after: 90s, 2h, 3d or ISO time.", "--since")]
+UntilOpt = Annotated[str | None, _opt("Received at or before: 90s, 2h, 3d or ISO time.", "--until")]
+StateOpt = Annotated[
+    str | None,
+    _opt("pending, written, failed, duplicate or awaiting-backend.", "--state"),
+]
+SearchOpt = Annotated[str | None, _opt("Text in the person's prompt.", "--search")]
+FormatOpt = Annotated[str, typer.Option("--format", help="table, json, jsonl or csv.")]
+
+
+def open_audit(config: str | None, db: str | None, inbox: str | None = None) -> tuple[Any, Any]:
+    from .audit import Audit, AuditError
+
+    settings = settings_or_exit(config, {"db": db, "inbox": inbox})
+    try:
+        return settings, Audit(settings.db_path)
+    except AuditError as exc:
+        raise fail(str(exc)) from None
+
+
+def make_selection(
+    context_id: str | None,
+    since: str | None,
+    until: str | None,
+    state: str | None,
+    search: str | None,
+    limit: int | None,
+    ids: list[str] | None = None,
+) -> Any:
+    from .audit import STATES, AuditError, Selection, parse_when
+
+    if limit is not None and limit < 0:
+        raise fail(f"--limit must be 0 (no limit) or more, got {limit}")
+    if state and state not in STATES:
+        raise fail(f"unknown --state {state!r}: use one of {', '.join(STATES)}")
+    try:
+        return Selection(
+            context_id=context_id,
+            since_ms=parse_when(since) if since else None,
+            until_ms=parse_when(until) if until else None,
+            state=state,
+            search=search,
+            ids=list(ids or []),
+            limit=limit or None,
+        )
+    except AuditError as exc:
+        raise fail(str(exc)) from None
+
+
+def inherited(
+    ctx: typer.Context, config: str | None, db: str | None, inbox: str | None
+) -> tuple[str | None, str | None, str | None]:
+    """`history --db X show ID` and `history show ID --db X` both work."""
+    parent = ctx.obj or {}
+    return (
+        config or parent.get("config"),
+        db or parent.get("db"),
+        inbox or parent.get("inbox"),
+    )
+
+
+def check_format(fmt: str, allowed: tuple[str, ...]) -> None:
+    if fmt not in allowed:
+        raise fail(f"unknown --format {fmt!r}: use one of {', '.join(allowed)}")
+
+
+@history_cli.callback()
+def history(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    db: DbOpt = None,
+    inbox: InboxOpt = None,
+    context_id: ContextOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    state: StateOpt = None,
+    search: SearchOpt = None,
+    limit: Annotated[int, typer.Option("--limit", help="Newest N rows (0 = all).")] = 50,
+    fmt: FormatOpt = "table",
+) -> None:
+    """List recorded requests, newest first."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = {"config": config, "db": db, "inbox": inbox}
+        return
+    from .audit import AuditError
+    from .output import FORMATS, write_records
+
+    check_format(fmt, FORMATS)
+    selection = make_selection(context_id, since, until, state, search, limit)
+    _, audit = open_audit(config, db, inbox)
+    try:
+        write_records(audit.records(selection), fmt)
+    except AuditError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        audit.close()
+
+
+@history_cli.command("show")
+def history_show(
+    ctx: typer.Context,
+    request_id: Annotated[str, typer.Argument(help="Request id, 8+ of its hex digits, or file.")],
+    config: ConfigOpt = None,
+    db: DbOpt = None,
+    inbox: InboxOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+) -> None:
+    """Everything about one request: body, backend reply or error, inbox file, attempts."""
+    from .audit import AuditError
+    from .inbox import loads
+    from .output import write_document
+
+    check_format(fmt, ("text", "json"))
+    settings, audit = open_audit(*inherited(ctx, config, db, inbox))
+    try:
+        doc = audit.show(request_id)
+    except AuditError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        audit.close()
+    doc["inbox_path"] = str(settings.inbox / doc["inbox_file"])
+    doc["body"] = loads(doc.pop("body"))  # last: it is by far the longest part
+    write_document(doc, fmt)
+
+
+@history_cli.command("stats")
+def history_stats(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    db: DbOpt = None,
+    inbox: InboxOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+) -> None:
+    """Counts by state, backlog, request->file latency percentiles, top contexts."""
+    from .output import write_document
+
+    check_format(fmt, ("text", "json"))
+    _, audit = open_audit(*inherited(ctx, config, db, inbox))
+    try:
+        write_document(audit.stats(), fmt)
+    finally:
+        audit.close()
+
+
+@cli.command()
+def replay(
+    ids: Annotated[list[str] | None, typer.Argument(help="Request ids to rewrite.")] = None,
+    config: ConfigOpt = None,
+    db: DbOpt = None,
+    inbox: InboxOpt = None,
+    context_id: ContextOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    state: StateOpt = None,
+    search: SearchOpt = None,
+    limit: Annotated[int, typer.Option("--limit", help="Only the newest N (0 = all).")] = 0,
+    all_rows: Annotated[bool, typer.Option("--all", help="Every row in the DB.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Write compact payloads in full.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List, write nothing.")] = False,
+) -> None:
+    """Rewrite inbox files from the DB: same names and content as the flusher writes."""
+    from .audit import AuditError
+    from .replay import replay_rows
+
+    settings, audit = open_audit(config, db, inbox)
+    try:
+        resolved = [audit.resolve_id(i) for i in ids or []]
+        selection = make_selection(context_id, since, until, state, search, limit, resolved)
+        if selection.is_empty() and not all_rows:
+            raise fail("say what to replay: request ids, a filter (--since, --context-id, ...) "
+                       "or --all")  # fmt: skip
+        report = replay_rows(audit, selection, settings, full=full, dry_run=dry_run)
+    except AuditError as exc:
+        raise fail(str(exc)) from None
+    except OSError as exc:
+        raise fail(f"cannot write to {settings.inbox}: {exc}", 1) from None
+    finally:
+        audit.close()
+    typer.echo(report, err=True)
 
 
 SUBCOMMANDS = {"serve", "history", "replay"}

@@ -97,7 +97,7 @@ UPDATE requests SET backend_instruction = ?, backend_reply = ?, backend_status =
 WHERE id = ?
 """
 
-_PENDING_COLUMNS = (
+PENDING_COLUMNS = (
     "seq, id, received_ms, inbox_file, body, context_id, channel, target, latest_user_prompt, "
     "payload_kind, backend_instruction, backend_reply"
 )
@@ -225,7 +225,7 @@ class Store:
                 SELECT seq FROM requests
                 WHERE state = 'pending' AND (claimed_until_ms IS NULL OR claimed_until_ms < ?)
                 ORDER BY seq LIMIT ?)
-            RETURNING {_PENDING_COLUMNS}
+            RETURNING {PENDING_COLUMNS}
         """
         rows = await self._write_returning(sql, (now + CLAIM_LEASE_MS, now, limit))
         return sorted((PendingRow(*r) for r in rows), key=lambda r: r.seq)

@@ -1,0 +1,263 @@
+"""Read-only queries over the outbox for `history` and `replay`.
+
+Opens the DB read-only (safe while the server runs: WAL readers never block the writer)
+and streams rows from a cursor instead of loading a large history into memory.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .migrations import SchemaError, check_version
+from .store import PENDING_COLUMNS, PendingRow
+
+STATES = ("pending", "written", "failed", "duplicate", "awaiting-backend")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.I)
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+RECORD_COLUMNS = (
+    "id, received_ms, context_id, channel, target, state, payload_kind, duplicate_of,"
+    " inbox_file, latest_user_prompt, backend_status, backend_error, attempts, last_error,"
+    " written_ms"
+)
+
+
+class AuditError(Exception):
+    """A bad query or an unusable DB, phrased for the user."""
+
+
+def parse_when(text: str, now: float | None = None) -> int:
+    """'90s', '2h', '3d' (that long ago) or an ISO 8601 time -> unix ms (UTC if naive)."""
+    now = time.time() if now is None else now
+    m = _DURATION.match(text)
+    if m:
+        return int((now - float(m.group(1)) * _UNIT_S[m.group(2).lower()]) * 1000)
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise AuditError(
+            f"cannot read time {text!r}: use a duration like 90s, 15m, 2h, 3d or an ISO time "
+            "like 2026-11-24T21:00:00Z"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return int(when.timestamp() * 1000)
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class Selection:
+    """Which rows a history or replay command is about."""
+
+    context_id: str | None = None
+    since_ms: int | None = None
+    until_ms: int | None = None
+    state: str | None = None
+    search: str | None = None
+    ids: list[str] = field(default_factory=list)
+    limit: int | None = None
+
+    def is_empty(self) -> bool:
+        return not (
+            self.context_id or self.since_ms or self.until_ms or self.state or self.search
+            or self.ids
+        )  # fmt: skip
+
+    def where(self) -> tuple[str, list[Any]]:
+        """SQL WHERE clause and parameters (pure, so it is easy to test)."""
+        clauses, params = [], []
+        if self.context_id:
+            clauses.append("context_id = ?")
+            params.append(self.context_id)
+        if self.since_ms is not None:
+            clauses.append("received_ms >= ?")
+            params.append(self.since_ms)
+        if self.until_ms is not None:
+            clauses.append("received_ms <= ?")
+            params.append(self.until_ms)
+        if self.state:
+            if self.state not in STATES:
+                raise AuditError(f"unknown state {self.state!r}: use one of {', '.join(STATES)}")
+            if self.state == "failed":
+                clauses.append("state = 'pending' AND last_error IS NOT NULL")
+            else:
+                clauses.append("state = ?")
+                params.append(self.state.replace("-", "_"))
+        if self.search:
+            clauses.append("latest_user_prompt LIKE ? ESCAPE '\\'")
+            escaped = re.sub(r"([%_\\])", r"\\\1", self.search)
+            params.append(f"%{escaped}%")
+        if self.ids:
+            clauses.append(f"id IN ({', '.join('?' * len(self.ids))})")
+            params.extend(self.ids)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def record(row: sqlite3.Row) -> dict[str, Any]:
+    """A history record as shown to users (json, csv, table)."""
+    out = dict(row)
+    out["received_at"] = iso(out.pop("received_ms"))
+    out["written_at"] = iso(out.pop("written_ms"))
+    out["state"] = display_state(out["state"], out.get("last_error"))
+    return {"id": out.pop("id"), "received_at": out.pop("received_at"), **out}
+
+
+def display_state(state: str, last_error: str | None) -> str:
+    if state == "pending" and last_error:
+        return "failed"
+    return state.replace("_", "-")
+
+
+class Audit:
+    """A read-only view of one outbox DB."""
+
+    def __init__(self, db_path: Path) -> None:
+        if not db_path.is_file():
+            raise AuditError(f"database {db_path} does not exist (set --db or DB)")
+        try:
+            self.conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+            self.conn.row_factory = sqlite3.Row
+            if check_version(self.conn, db_path) == 0:
+                raise AuditError(f"{db_path} is not an ai-agent-proxy database")
+        except SchemaError as exc:
+            raise AuditError(str(exc)) from None
+        except sqlite3.Error as exc:
+            raise AuditError(f"cannot open database {db_path}: {exc}") from None
+        self.path = db_path
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _stream(self, sql: str, params: list[Any]) -> Iterator[sqlite3.Row]:
+        try:
+            cur = self.conn.execute(sql, params)
+            while batch := cur.fetchmany(500):
+                yield from batch
+        except sqlite3.Error as exc:
+            raise AuditError(f"query failed on {self.path}: {exc}") from None
+
+    def count(self, sel: Selection) -> int:
+        where, params = sel.where()
+        (n,) = self.conn.execute(f"SELECT count(*) FROM requests{where}", params).fetchone()
+        return min(n, sel.limit) if sel.limit else n
+
+    def records(self, sel: Selection) -> Iterator[dict[str, Any]]:
+        """Matching rows, newest first."""
+        where, params = sel.where()
+        sql = f"SELECT {RECORD_COLUMNS} FROM requests{where} ORDER BY seq DESC"
+        if sel.limit:
+            sql += f" LIMIT {int(sel.limit)}"
+        return (record(r) for r in self._stream(sql, params))
+
+    def pending_rows(self, sel: Selection) -> Iterator[tuple[PendingRow, str]]:
+        """Rows as the flusher sees them (with their state), oldest first, for replay."""
+        where, params = sel.where()
+        inner = f"SELECT {PENDING_COLUMNS}, state FROM requests{where}"
+        if sel.limit:  # the newest N, written oldest first
+            sql = f"SELECT * FROM ({inner} ORDER BY seq DESC LIMIT {int(sel.limit)}) ORDER BY seq"
+        else:
+            sql = inner + " ORDER BY seq"
+        for r in self._stream(sql, params):
+            values = tuple(r)
+            yield PendingRow(*values[:-1]), values[-1]
+
+    def resolve_id(self, text: str) -> str:
+        """A full request id, an unambiguous prefix of one (8+ hex), or an inbox file name."""
+        key = text.strip().removesuffix(".json")
+        key = key.rsplit("-", 1)[-1].lower()
+        if not re.fullmatch(r"[0-9a-f]{8,32}", key):
+            raise AuditError(f"{text!r} is not a request id (32 hex digits, or 8+ of them)")
+        rows = self.conn.execute(
+            "SELECT id FROM requests WHERE id >= ? AND id < ? LIMIT 2",
+            (key, key + "g"),
+        ).fetchall()
+        if not rows:
+            raise AuditError(f"no request with id {text!r} in {self.path}")
+        if len(rows) > 1:
+            raise AuditError(f"{text!r} matches several requests; give more digits")
+        return rows[0][0]
+
+    def show(self, request_id: str) -> dict[str, Any]:
+        rid = self.resolve_id(request_id)
+        row = self.conn.execute("SELECT * FROM requests WHERE id = ?", (rid,)).fetchone()
+        out = dict(row)
+        failures = self.conn.execute(
+            "SELECT at_ms, error FROM inbox_failures WHERE request_seq = ? ORDER BY at_ms",
+            (out["seq"],),
+        ).fetchall()
+        out["state"] = display_state(out["state"], out["last_error"])
+        out["received_at"] = iso(out.pop("received_ms"))
+        out["written_at"] = iso(out.pop("written_ms"))
+        out["failed_attempts"] = [{"at": iso(f[0]), "error": f[1]} for f in failures]
+        for key in ("seq", "claimed_until_ms", "body_hash"):
+            out.pop(key, None)
+        return out
+
+    def stats(self, top: int = 10) -> dict[str, Any]:
+        q = self.conn.execute
+        counts = {
+            display_state(state, None): n
+            for state, n in q("SELECT state, count(*) FROM requests GROUP BY state")
+        }
+        failed = q(
+            "SELECT count(*) FROM requests WHERE state = 'pending' AND last_error IS NOT NULL"
+        ).fetchone()[0]
+        backlog, oldest = q(
+            "SELECT count(*), min(received_ms) FROM requests"
+            " WHERE state IN ('pending', 'awaiting_backend')"
+        ).fetchone()
+        latencies = [
+            r[0]
+            for r in q(
+                "SELECT written_ms - received_ms AS l FROM requests"
+                " WHERE state = 'written' ORDER BY l"
+            )
+        ]
+        tops = q(
+            "SELECT context_id, count(*) AS n, max(received_ms) FROM requests"
+            " WHERE context_id IS NOT NULL GROUP BY context_id ORDER BY n DESC LIMIT ?",
+            (top,),
+        ).fetchall()
+        backend = q(
+            "SELECT count(*), sum(backend_error IS NOT NULL), avg(backend_latency_ms)"
+            " FROM requests WHERE backend_status IS NOT NULL OR backend_error IS NOT NULL"
+        ).fetchone()
+        return {
+            "db": str(self.path),
+            "total": sum(counts.values()),
+            "by_state": {**counts, "failed": failed},
+            "backlog": backlog,
+            "oldest_unwritten_at": iso(oldest),
+            "request_to_file_ms": percentiles(latencies),
+            "top_contexts": [
+                {"context_id": c, "requests": n, "last_at": iso(last)} for c, n, last in tops
+            ],
+            "backend": {
+                "calls": backend[0],
+                "failed": backend[1] or 0,
+                "avg_latency_ms": None if backend[2] is None else round(backend[2], 1),
+            },
+        }
+
+
+def percentiles(sorted_values: list[int]) -> dict[str, float | None]:
+    if not sorted_values:
+        return {"count": 0, "p50": None, "p90": None, "p99": None, "max": None}
+    n = len(sorted_values)
+
+    def at(p: float) -> float:
+        return float(sorted_values[min(n - 1, int(p * n))])
+
+    return {"count": n, "p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": at(1.0)}

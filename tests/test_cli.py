@@ -1,0 +1,216 @@
+"""`history` and `replay` run as real commands against a DB written by the real server."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from ai_agent_proxy.context import RETRY_NOTICE
+
+from .conftest import Server, fixture_body
+
+TURN1 = "openclaw-2026.9-telegram-dm-turn1.json"
+TURN2 = "openclaw-2026.9-telegram-dm-turn2.json"
+GROUP = "openclaw-2026.9-telegram-group.json"
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
+    env["COLUMNS"] = "200"
+    return subprocess.run(
+        [sys.executable, "-m", "ai_agent_proxy", *args],
+        capture_output=True, text=True, timeout=60, env=env, cwd=cwd,
+    )  # fmt: skip
+
+
+def ok(*args: str) -> str:
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.fixture
+def populated(make_server) -> Server:
+    """A running server whose DB holds every kind of row."""
+    server = make_server()
+    server.post_chat(fixture_body(TURN1))
+    server.post_chat(fixture_body(TURN2))
+    retry = fixture_body(TURN2)
+    retry["messages"].append({"role": "user", "content": RETRY_NOTICE})
+    server.post_chat(retry)  # duplicate
+    server.post_chat(fixture_body(GROUP))
+    for i in range(6):
+        note = {"role": "user", "content": f"note {i} 100%_done"}
+        server.post_chat({"channel": "api", "user_id": f"u{i % 2}", "messages": [note]})
+    server.wait_files(9)
+    return server
+
+
+def db_args(server: Server) -> list[str]:
+    return ["--db", str(server.db)]
+
+
+def test_history_formats_parse_back(populated: Server) -> None:
+    records = json.loads(ok("history", *db_args(populated), "--format", "json"))
+    assert len(records) == 10
+    assert records[0]["latest_user_prompt"] == "note 5 100%_done"  # newest first
+    for key in ("id", "received_at", "context_id", "state", "inbox_file",
+                "latest_user_prompt", "backend_status"):  # fmt: skip
+        assert key in records[0]
+    assert sorted(populated.inbox_names()) == sorted(
+        r["inbox_file"] for r in records if r["state"] == "written"
+    )
+    lines = ok("history", *db_args(populated), "--format", "jsonl").splitlines()
+    assert [json.loads(line) for line in lines] == records
+    rows = list(csv.DictReader(io.StringIO(ok("history", *db_args(populated), "--format", "csv"))))
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    assert rows[0]["latest_user_prompt"] == "note 5 100%_done"
+    table = ok("history", *db_args(populated))
+    for r in records:
+        assert r["id"][:12] in table
+    assert "hello from telegram DM" in table
+
+
+def test_history_filters(populated: Server) -> None:
+    def ids(*args: str) -> list[str]:
+        found = json.loads(ok("history", *db_args(populated), "--format", "json", *args))
+        return [r["latest_user_prompt"] for r in found]
+
+    assert ids("--context-id", "telegram:123456789") == [
+        "second message, normal mode", "second message, normal mode", "hello from telegram DM",
+    ]  # fmt: skip
+    assert ids("--state", "duplicate") == ["second message, normal mode"]
+    assert len(ids("--state", "written")) == 9
+    assert ids("--state", "pending") == [] and ids("--state", "failed") == []
+    assert ids("--search", "100%_") == [f"note {i} 100%_done" for i in range(5, -1, -1)]
+    assert ids("--search", "%") == ids("--search", "100%")  # LIKE wildcards are literal
+    assert ids("--limit", "2") == ["note 5 100%_done", "note 4 100%_done"]
+    assert len(ids("--since", "10m")) == 10
+    assert ids("--until", "1h") == []
+    now = datetime.now(timezone.utc)
+    assert len(ids("--until", now.isoformat())) == 10
+    assert ids("--since", now.strftime("%Y-%m-%dT%H:%M:%S") + "Z", "--limit", "0") == []
+
+
+def test_history_show_and_stats(populated: Server) -> None:
+    records = json.loads(ok("history", *db_args(populated), "--format", "json", "--limit", "0"))
+    first = records[-1]
+    doc = json.loads(ok("history", "show", first["id"], *db_args(populated), "--format", "json"))
+    assert doc["body"] == fixture_body(TURN1)
+    assert doc["state"] == "written" and doc["failed_attempts"] == []
+    assert doc["inbox_path"].endswith(first["inbox_file"])
+    # by prefix, by file name, and as text
+    assert json.loads(ok("history", "show", first["id"][:20], *db_args(populated),
+                         "--format", "json"))["id"] == first["id"]  # fmt: skip
+    text = ok("history", "show", first["inbox_file"], *db_args(populated))
+    assert "hello from telegram DM" in text and first["id"] in text
+
+    stats = json.loads(ok("history", "stats", *db_args(populated), "--format", "json"))
+    assert stats["total"] == 10
+    assert stats["by_state"] == {"written": 9, "duplicate": 1, "failed": 0}
+    assert stats["backlog"] == 0
+    assert stats["request_to_file_ms"]["count"] == 9
+    assert stats["request_to_file_ms"]["p99"] is not None
+    assert stats["top_contexts"][0] == {
+        "context_id": "api:u0",
+        "requests": 3,
+        "last_at": stats["top_contexts"][0]["last_at"],
+    }
+    assert "by_state" in ok("history", "stats", *db_args(populated))
+
+
+def test_show_lists_failed_attempts(make_server) -> None:
+    server = make_server(start=False)
+    server.inbox.parent.mkdir(parents=True, exist_ok=True)
+    server.inbox.write_text("in the way")
+    server.start()
+    server.post_chat({"messages": [{"role": "user", "content": "stuck"}]})
+    time.sleep(0.5)
+    (rec,) = json.loads(ok("history", *db_args(server), "--format", "json"))
+    assert rec["state"] == "failed"
+    assert json.loads(ok("history", *db_args(server), "--state", "failed", "--format", "json"))
+    doc = json.loads(ok("history", "show", rec["id"], *db_args(server), "--format", "json"))
+    assert doc["failed_attempts"] and "Error" in doc["failed_attempts"][0]["error"]
+    stats = json.loads(ok("history", "stats", *db_args(server), "--format", "json"))
+    assert stats["backlog"] == 1 and stats["by_state"]["failed"] == 1
+
+
+def test_replay_rewrites_the_same_files(populated: Server, tmp_path: Path) -> None:
+    originals = {n: (populated.inbox / n).read_bytes() for n in populated.inbox_names()}
+    populated.stop()  # replay must not need the server
+    shutil.rmtree(populated.inbox)
+    # --inbox alone finds the DB beside it, as the server does
+    r = cli("replay", "--all", "--inbox", str(populated.inbox), "--db", str(populated.db))
+    assert r.returncode == 0, r.stderr
+    assert "wrote 9 file(s)" in r.stderr and "skipped 1 duplicate" in r.stderr
+    assert {n: (populated.inbox / n).read_bytes() for n in populated.inbox_names()} == originals
+    # idempotent: a second run adds nothing and changes nothing
+    ok("replay", "--all", "--inbox", str(populated.inbox), "--db", str(populated.db))
+    assert sorted(os.listdir(populated.inbox)) == sorted(originals)
+    assert {n: (populated.inbox / n).read_bytes() for n in populated.inbox_names()} == originals
+
+
+def test_replay_selection_full_and_dry_run(populated: Server, tmp_path: Path) -> None:
+    out = tmp_path / "elsewhere"
+    compact = [json.loads(b) for b in
+               ((populated.inbox / n).read_bytes() for n in populated.inbox_names())
+               if "request_id" in json.loads(b)]  # fmt: skip
+    target = compact[0]["request_id"]
+    r = cli("replay", target, "--full", "--inbox", str(out), "--db", str(populated.db))
+    assert r.returncode == 0, r.stderr
+    (name,) = os.listdir(out)
+    assert name.endswith(f"-{target}.json")
+    payload = json.loads((out / name).read_text())
+    assert payload["messages"] and payload["tools"]  # expanded
+    assert payload["latest-user-prompt"] == compact[0]["latest-user-prompt"]
+
+    listing = ok("replay", "--context-id", "api:u1", "--dry-run", "--inbox", str(tmp_path / "d"),
+                 "--db", str(populated.db))  # fmt: skip
+    assert len(listing.splitlines()) == 3
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["history", "show", "0123456789abcdef"], "no request with id"),
+        (["history", "show", "xyz"], "is not a request id"),
+        (["history", "--since", "last tuesday"], "cannot read time"),
+        (["history", "--state", "lost"], "unknown --state"),
+        (["history", "--format", "xml"], "unknown --format"),
+        (["replay", "0123456789abcdef"], "no request with id"),
+        (["replay"], "say what to replay"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(populated: Server, args: list[str], needle: str) -> None:
+    r = cli(*args, "--db", str(populated.db))
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_and_newer_db(tmp_path: Path) -> None:
+    r = cli("history", "--db", str(tmp_path / "none.db"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    db = tmp_path / "future.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE schema_migrations (version INTEGER, name TEXT, applied_at)")
+        conn.execute("INSERT INTO schema_migrations VALUES (42, 'x', 'y')")
+    for args in (["history"], ["history", "stats"], ["replay", "--all"]):
+        r = cli(*args, "--db", str(db))
+        assert r.returncode == 2 and "newer than this ai-agent-proxy" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    (tmp_path / "text.db").write_text("not a database at all")
+    r = cli("history", "--db", str(tmp_path / "text.db"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
