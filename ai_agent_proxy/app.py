@@ -7,7 +7,6 @@ Everything slower (payload building, file writes) happens later in the flusher.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 import time
@@ -27,7 +26,7 @@ from . import wire
 from .config import Settings
 from .context import extract_context
 from .flusher import Flusher
-from .ids import inbox_file_name, new_request_id
+from .ids import new_request_id
 from .inbox import loads
 from .relay import (
     BackendError,
@@ -207,9 +206,7 @@ def create_app(settings: Settings) -> Sanic:
         row = NewRequest(
             id=request_id,
             received_ms=received_ms,
-            inbox_file=inbox_file_name(request_id, received_ms),
             body=raw_body,
-            body_hash=hashlib.blake2b(raw_body, digest_size=16).hexdigest(),
             context_id=ctx.context_id,
             channel=ctx.channel,
             target=ctx.target,

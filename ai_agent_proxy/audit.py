@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .bodies import join_segments, unpack_ids
+from .ids import inbox_file_name
 from .migrations import SchemaError, check_version
 from .store import PENDING_COLUMNS, PendingRow
 
@@ -24,9 +26,9 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 RECORD_COLUMNS = (
     "id, received_ms, context_id, channel, target, state, payload_kind, duplicate_of,"
-    " inbox_file, latest_user_prompt, backend_status, backend_error, attempts, last_error,"
-    " written_ms"
+    " latest_user_prompt, backend_status, backend_error, attempts, last_error, written_ms"
 )
+SEGMENT_CACHE_SIZE = 20_000
 
 
 class AuditError(Exception):
@@ -108,10 +110,11 @@ class Selection:
 def record(row: sqlite3.Row) -> dict[str, Any]:
     """A history record as shown to users (json, csv, table)."""
     out = dict(row)
-    out["received_at"] = iso(out.pop("received_ms"))
+    received_ms = out.pop("received_ms")
+    out["inbox_file"] = inbox_file_name(out["id"], received_ms)
     out["written_at"] = iso(out.pop("written_ms"))
     out["state"] = display_state(out["state"], out.get("last_error"))
-    return {"id": out.pop("id"), "received_at": out.pop("received_at"), **out}
+    return {"id": out.pop("id"), "received_at": iso(received_ms), **out}
 
 
 def display_state(state: str, last_error: str | None) -> str:
@@ -136,6 +139,7 @@ class Audit:
         except sqlite3.Error as exc:
             raise AuditError(f"cannot open database {db_path}: {exc}") from None
         self.path = db_path
+        self._segments: dict[int, bytes] = {}
 
     def close(self) -> None:
         self.conn.close()
@@ -171,7 +175,23 @@ class Audit:
             sql = inner + " ORDER BY seq"
         for r in self._stream(sql, params):
             values = tuple(r)
-            yield PendingRow(*values[:-1]), values[-1]
+            body = self.body(values[3])
+            yield PendingRow(*values[:3], body, *values[4:-1]), values[-1]
+
+    def body(self, segments_blob: bytes) -> bytes:
+        """Join a body's segments; they repeat across rows, so recent ones are cached."""
+        ids = unpack_ids(segments_blob)
+        missing = [i for i in dict.fromkeys(ids) if i not in self._segments]
+        for start in range(0, len(missing), 500):
+            chunk = missing[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            self._segments.update(
+                self.conn.execute(f"SELECT id, data FROM segments WHERE id IN ({marks})", chunk)
+            )
+        body = join_segments(ids, self._segments)
+        if len(self._segments) > SEGMENT_CACHE_SIZE:
+            self._segments.clear()
+        return body
 
     def resolve_id(self, text: str) -> str:
         """A full request id, an unambiguous prefix of one (8+ hex), or an inbox file name."""
@@ -198,9 +218,11 @@ class Audit:
             (out["seq"],),
         ).fetchall()
         out["state"] = display_state(out["state"], out["last_error"])
+        out["inbox_file"] = inbox_file_name(rid, out["received_ms"])
         out["received_at"] = iso(out.pop("received_ms"))
         out["written_at"] = iso(out.pop("written_ms"))
         out["failed_attempts"] = [{"at": iso(f[0]), "error": f[1]} for f in failures]
+        out["body"] = self.body(out.pop("body_segments"))
         for key in ("seq", "claimed_until_ms", "body_hash"):
             out.pop(key, None)
         return out

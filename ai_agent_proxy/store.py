@@ -14,13 +14,16 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+from .bodies import digest, join_segments, pack_ids, split_body, unpack_ids
+from .ids import inbox_file_name
 
 log = logging.getLogger("ai_agent_proxy.store")
 
@@ -37,9 +40,7 @@ class StoreError(Exception):
 class NewRequest:
     id: str
     received_ms: int
-    inbox_file: str
     body: bytes
-    body_hash: str
     context_id: str | None
     channel: str | None
     target: str | None
@@ -55,7 +56,6 @@ class PendingRow:
     seq: int
     id: str
     received_ms: int
-    inbox_file: str
     body: bytes
     context_id: str | None
     channel: str | None
@@ -65,13 +65,17 @@ class PendingRow:
     backend_instruction: str | None
     backend_reply: str | None
 
+    @property
+    def inbox_file(self) -> str:
+        return inbox_file_name(self.id, self.received_ms)
+
 
 _INSERT = """
 INSERT INTO requests (
-    id, received_ms, inbox_file, body, body_hash, context_id, channel, target, message_id,
+    id, received_ms, body_segments, body_hash, context_id, channel, target, message_id,
     latest_user_prompt, payload_kind, state, duplicate_of)
 SELECT
-    :id, :received_ms, :inbox_file, :body, :body_hash, :context_id, :channel, :target,
+    :id, :received_ms, :body_segments, :body_hash, :context_id, :channel, :target,
     :message_id, :latest_user_prompt,
     CASE WHEN :context_id IS NOT NULL AND EXISTS (
         SELECT 1 FROM requests WHERE context_id = :context_id AND state != 'duplicate'
@@ -79,16 +83,24 @@ SELECT
     CASE WHEN repeat.of IS NULL THEN :state ELSE 'duplicate' END,
     repeat.of
 FROM (
-    -- A client retry (same body soon after) or an OpenClaw retry of the same turn.
-    SELECT (
-        SELECT id FROM requests
-        WHERE context_id = :context_id AND state != 'duplicate'
-          AND ((body_hash = :body_hash AND received_ms >= :dedup_since_ms)
-               OR message_id = :message_id)
-        ORDER BY seq LIMIT 1
+    SELECT coalesce(
+        -- an OpenClaw retry of the same turn
+        (SELECT id FROM requests
+         WHERE context_id = :context_id AND message_id = :message_id AND state != 'duplicate'
+         ORDER BY seq LIMIT 1),
+        -- a client re-sending the same body soon after
+        (SELECT id FROM requests
+         WHERE context_id = :context_id AND body_hash = :body_hash
+           AND received_ms >= :dedup_since_ms AND state != 'duplicate'
+         ORDER BY seq LIMIT 1)
     ) AS of
 ) AS repeat
 """
+
+_MARK_WRITTEN = (
+    "UPDATE requests SET state = 'written', written_ms = ?, claimed_until_ms = NULL,"
+    " attempts = attempts + 1 WHERE seq = ?"
+)
 
 _FINISH_BACKEND = """
 UPDATE requests SET backend_instruction = ?, backend_reply = ?, backend_status = ?,
@@ -98,16 +110,27 @@ WHERE id = ?
 """
 
 PENDING_COLUMNS = (
-    "seq, id, received_ms, inbox_file, body, context_id, channel, target, latest_user_prompt, "
+    "seq, id, received_ms, body_segments, context_id, channel, target, latest_user_prompt, "
     "payload_kind, backend_instruction, backend_reply"
 )
+
+SEGMENT_CACHE_SIZE = 50_000
+_SQL_VARS = 500  # parameters per IN (...) query, well under SQLite's limit
+
+
+Work = Callable[[aiosqlite.Connection], Awaitable[Any]]
 
 
 @dataclass
 class _Waiting:
-    sql: str
-    params: dict[str, Any] | tuple[Any, ...]
-    done: asyncio.Future[None]
+    """One statement (or one piece of work) waiting for the next group commit."""
+
+    done: asyncio.Future[Any]
+    sql: str = ""
+    params: dict[str, Any] | tuple[Any, ...] = ()
+    segments: list[tuple[bytes, bytes]] | None = None  # (hash, data) of a body, in order
+    work: Work | None = None  # instead of sql: runs in the transaction, result for the caller
+    result: Any = None
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:
@@ -121,7 +144,9 @@ async def _connect(path: Path) -> aiosqlite.Connection:
 
 
 class Store:
-    """Async outbox over two connections: one for the group-commit loop, one for the rest."""
+    """Async outbox over two connections. Every write goes through the group-commit loop on
+    the first, so writers in one process never wait on each other's locks (SQLite's busy
+    handler sleeps for milliseconds); the second only reads."""
 
     def __init__(self, path: Path, dedup_window_s: float) -> None:
         self.path = path
@@ -131,7 +156,8 @@ class Store:
         self._queue: asyncio.Queue[_Waiting] = asyncio.Queue()
         self._commit_task: asyncio.Task[None] | None = None
         self._on_commit: list[Callable[[], None]] = []
-        self._conn_lock = asyncio.Lock()  # one transaction at a time on the shared connection
+        self._segment_ids: dict[bytes, int] = {}  # hash -> id of committed segments
+        self._recent_segments: dict[tuple[int, bytes, bytes], tuple[bytes, bytes]] = {}
 
     async def open(self) -> None:
         try:
@@ -159,12 +185,14 @@ class Store:
 
     async def record(self, req: NewRequest) -> None:
         """Return once the request row is committed; raise StoreError if it cannot be."""
+        segments = [(self._segment_hash(part), part) for part in split_body(req.body)]
+        # The body's own hash, from its segments' (hashing 60 KB twice costs more).
+        body_hash = digest(b"".join(h for h, _ in segments))
         params = {
             "id": req.id,
             "received_ms": req.received_ms,
-            "inbox_file": req.inbox_file,
-            "body": req.body,
-            "body_hash": req.body_hash,
+            "body_segments": None,  # filled in by the commit, once segment ids are known
+            "body_hash": body_hash,
             "context_id": req.context_id,
             "channel": req.channel,
             "target": req.target,
@@ -173,13 +201,34 @@ class Store:
             "state": "awaiting_backend" if req.awaiting_backend else "pending",
             "dedup_since_ms": req.received_ms - self.dedup_window_ms,
         }
-        await self._group_commit(_INSERT, params)
+        await self._group_commit(_INSERT, params, segments)
 
-    async def _group_commit(self, sql: str, params: dict[str, Any] | tuple[Any, ...]) -> None:
-        """Queue one statement for the next group commit; return once it is committed."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Waiting(sql, params, done))
-        await done
+    def _segment_hash(self, part: bytes) -> bytes:
+        """digest(part), skipping the hashing for a piece equal to one seen recently: the
+        49 KB system prompt compares in microseconds but hashes in ~70."""
+        if len(part) < 4096:
+            return digest(part)
+        key = (len(part), part[:64], part[-64:])
+        seen = self._recent_segments.get(key)
+        if seen is not None and seen[1] == part:
+            return seen[0]
+        h = digest(part)
+        if len(self._recent_segments) >= 256:
+            self._recent_segments.clear()
+        self._recent_segments[key] = (h, part)
+        return h
+
+    async def _group_commit(
+        self,
+        sql: str = "",
+        params: dict[str, Any] | tuple[Any, ...] = (),
+        segments: list[tuple[bytes, bytes]] | None = None,
+        work: Work | None = None,
+    ) -> Any:
+        """Queue a statement (or work) for the next group commit; return once committed."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Waiting(done, sql, params, segments, work))
+        return await done
 
     async def _commit_loop(self) -> None:
         assert self._ingest is not None
@@ -187,8 +236,9 @@ class Store:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < MAX_COMMIT_BATCH:
                 batch.append(self._queue.get_nowait())
+            learned: dict[bytes, int] = {}
             try:
-                await self._in_transaction(self._ingest, partial(_execute_in_order, batch))
+                await self._in_transaction(self._ingest, partial(self._write_batch, batch, learned))
             except Exception as exc:
                 log.error("outbox_commit_failed rows=%d error=%s", len(batch), exc)
                 error = StoreError(str(exc))
@@ -196,11 +246,37 @@ class Store:
                     if not w.done.done():
                         w.done.set_exception(error)
                 continue
+            # Only committed segments may be referenced without being inserted again.
+            if len(self._segment_ids) + len(learned) > SEGMENT_CACHE_SIZE:
+                self._segment_ids.clear()
+            self._segment_ids.update(learned)
             for w in batch:
                 if not w.done.done():
-                    w.done.set_result(None)
+                    w.done.set_result(w.result)
             for callback in self._on_commit:
                 callback()
+
+    async def _write_batch(
+        self, batch: list[_Waiting], learned: dict[bytes, int], conn: aiosqlite.Connection
+    ) -> None:
+        """Inside the group transaction: store unseen segments, then run the statements."""
+        known = self._segment_ids
+        unseen = {h: data for w in batch for h, data in w.segments or () if h not in known}
+        if unseen:
+            await conn.executemany(
+                "INSERT OR IGNORE INTO segments (hash, data) VALUES (?, ?)", unseen.items()
+            )
+            hashes = list(unseen)
+            for i in range(0, len(hashes), _SQL_VARS):
+                chunk = hashes[i : i + _SQL_VARS]
+                marks = ", ".join("?" * len(chunk))
+                sql = f"SELECT hash, id FROM segments WHERE hash IN ({marks})"
+                learned.update(await conn.execute_fetchall(sql, chunk))
+        for w in batch:
+            if w.segments is not None:
+                ids = [known.get(h) or learned[h] for h, _ in w.segments]
+                w.params["body_segments"] = pack_ids(ids)  # type: ignore[index]
+        await _execute_in_order(batch, conn)
 
     @staticmethod
     async def _in_transaction(conn: aiosqlite.Connection, work: Callable[[Any], Any]) -> None:
@@ -227,28 +303,39 @@ class Store:
                 ORDER BY seq LIMIT ?)
             RETURNING {PENDING_COLUMNS}
         """
-        rows = await self._write_returning(sql, (now + CLAIM_LEASE_MS, now, limit))
-        return sorted((PendingRow(*r) for r in rows), key=lambda r: r.seq)
+        params = (now + CLAIM_LEASE_MS, now, limit)
+        rows = list(await self._group_commit(work=lambda c: c.execute_fetchall(sql, params)))
+        rows.sort(key=lambda r: r[0])
+        # Compact payloads carry no body: join segments only for the full ones.
+        ids = [unpack_ids(r[3]) if r[8] == "full" else [] for r in rows]
+        data = await self._segment_data({i for row_ids in ids for i in row_ids})
+        return [
+            PendingRow(*r[:3], join_segments(row_ids, data), *r[4:])
+            for r, row_ids in zip(rows, ids, strict=True)
+        ]
+
+    async def _segment_data(self, ids: set[int]) -> dict[int, bytes]:
+        wanted, out = list(ids), {}
+        for i in range(0, len(wanted), _SQL_VARS):
+            chunk = wanted[i : i + _SQL_VARS]
+            marks = ", ".join("?" * len(chunk))
+            out.update(
+                await self._read(f"SELECT id, data FROM segments WHERE id IN ({marks})", chunk)
+            )
+        return out
 
     async def mark_written(self, seqs: Iterable[int]) -> None:
         now = _now_ms()
         params = [(now, seq) for seq in seqs]
-        if not params:
-            return
-        await self._run(
-            lambda c: c.executemany(
-                "UPDATE requests SET state = 'written', written_ms = ?, claimed_until_ms = NULL,"
-                " attempts = attempts + 1 WHERE seq = ?",
-                params,
-            )
-        )
+        if params:
+            await self._group_commit(work=lambda c: c.executemany(_MARK_WRITTEN, params))
 
     async def mark_failed(self, seq: int, error: str, release: Iterable[int]) -> None:
         """Record a failed write of row `seq` and give back the lease on the other rows."""
         now = _now_ms()
         others = [(s,) for s in release]
 
-        async def work(c: Any) -> None:
+        async def work(c: aiosqlite.Connection) -> None:
             await c.execute(
                 "UPDATE requests SET attempts = attempts + 1, last_error = ?,"
                 " claimed_until_ms = NULL WHERE seq = ?",
@@ -260,7 +347,7 @@ class Store:
             )
             await c.executemany("UPDATE requests SET claimed_until_ms = NULL WHERE seq = ?", others)
 
-        await self._run(work)
+        await self._group_commit(work=work)
 
     async def finish_backend(
         self,
@@ -280,67 +367,34 @@ class Store:
         """Rows whose backend call outlived any timeout (their worker died, or recording
         the outcome failed) are delivered without a reply."""
         cutoff = _now_ms() - older_than_ms
-        count = 0
 
-        async def work(c: Any) -> None:
-            nonlocal count
+        async def work(c: aiosqlite.Connection) -> int:
             cur = await c.execute(
                 "UPDATE requests SET state = 'pending', backend_error = 'interrupted'"
                 " WHERE state = 'awaiting_backend' AND received_ms < ?",
                 (cutoff,),
             )
-            count = cur.rowcount
+            return cur.rowcount
 
-        await self._run(work)
-        return count
+        return int(await self._group_commit(work=work))
 
     async def backlog(self) -> tuple[int, int | None]:
         """(rows not yet in the inbox, receipt time in ms of the oldest one)."""
-        row = await self._fetchone(
+        ((count, oldest),) = await self._read(
             "SELECT count(*), min(received_ms) FROM requests"
             " WHERE state IN ('pending', 'awaiting_backend')"
         )
-        return (row[0], row[1]) if row else (0, None)
+        return count, oldest
 
     async def counts_by_state(self) -> dict[str, int]:
-        assert self._conn is not None
-        try:
-            async with self._conn.execute(
-                "SELECT state, count(*) FROM requests GROUP BY state"
-            ) as cur:
-                return {state: n async for state, n in cur}
-        except sqlite3.Error as exc:
-            raise StoreError(str(exc)) from None
-
-    async def ping(self) -> None:
-        await self._fetchone("SELECT 1")
+        return dict(await self._read("SELECT state, count(*) FROM requests GROUP BY state"))
 
     # -- helpers --------------------------------------------------------------------------
 
-    async def _run(self, work: Callable[[Any], Any]) -> None:
+    async def _read(self, sql: str, params: Any = ()) -> list[Any]:
         assert self._conn is not None
         try:
-            async with self._conn_lock:
-                await self._in_transaction(self._conn, work)
-        except sqlite3.Error as exc:
-            raise StoreError(str(exc)) from None
-
-    async def _write_returning(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
-        assert self._conn is not None
-        rows: list[Any] = []
-
-        async def work(c: Any) -> None:
-            async with c.execute(sql, params) as cur:
-                rows.extend(await cur.fetchall())
-
-        await self._run(work)
-        return rows
-
-    async def _fetchone(self, sql: str) -> Any:
-        assert self._conn is not None
-        try:
-            async with self._conn.execute(sql) as cur:
-                return await cur.fetchone()
+            return list(await self._conn.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from None
 
@@ -349,8 +403,12 @@ async def _execute_in_order(batch: list[_Waiting], conn: aiosqlite.Connection) -
     """Runs of the same statement go to SQLite as one executemany (one thread hop)."""
     i = 0
     while i < len(batch):
+        if batch[i].work is not None:
+            batch[i].result = await batch[i].work(conn)
+            i += 1
+            continue
         j = i
-        while j < len(batch) and batch[j].sql == batch[i].sql:
+        while j < len(batch) and batch[j].work is None and batch[j].sql == batch[i].sql:
             j += 1
         await conn.executemany(batch[i].sql, [w.params for w in batch[i:j]])
         i = j

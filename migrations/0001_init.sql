@@ -1,11 +1,18 @@
+-- Content-addressed pieces of request bodies. OpenClaw re-sends the same ~58 KB (system
+-- prompt, tools, conversation so far) on every request; each piece is stored once.
+CREATE TABLE segments (
+    id   INTEGER PRIMARY KEY,
+    hash BLOB    NOT NULL UNIQUE,  -- blake2b-128 of data
+    data BLOB    NOT NULL
+);
+
 -- The outbox: one row per accepted chat request, in arrival order.
 CREATE TABLE requests (
     seq                 INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order, never reused
     id                  TEXT    NOT NULL UNIQUE,             -- 32 hex, time ordered (UUIDv7)
     received_ms         INTEGER NOT NULL,                    -- unix ms, UTC
-    inbox_file          TEXT    NOT NULL,                    -- file name the row becomes
-    body                BLOB    NOT NULL,                    -- request body exactly as received
-    body_hash           TEXT    NOT NULL,
+    body_segments       BLOB    NOT NULL,  -- segment ids (u32 LE); their data joined = the body
+    body_hash           BLOB    NOT NULL,  -- blake2b-128 of the whole body, for repeat checks
     context_id          TEXT,
     channel             TEXT,
     target              TEXT,
@@ -27,10 +34,11 @@ CREATE TABLE requests (
     written_ms          INTEGER
 );
 
--- The flusher's work queue stays small whatever the history holds.
-CREATE INDEX requests_unwritten ON requests (seq) WHERE state IN ('pending', 'awaiting_backend');
--- Compaction and repeat detection look up earlier rows of one context.
-CREATE INDEX requests_context ON requests (context_id, seq) WHERE context_id IS NOT NULL;
+-- The flusher's queue and the backlog, whatever the history holds.
+CREATE INDEX requests_state ON requests (state, seq);
+-- Compaction and the two repeat checks each look up one context with one index.
+CREATE INDEX requests_context_turn ON requests (context_id, message_id);
+CREATE INDEX requests_context_body ON requests (context_id, body_hash);
 CREATE INDEX requests_received ON requests (received_ms);
 
 -- Failed inbox writes, for `history show`.

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +153,14 @@ class Server:
             f"expected {count} inbox files, have {len(self.inbox_names())}\n{self.log()[-3000:]}"
         )
         return names
+
+    def body(self, request_id: str) -> bytes:
+        """A stored body, joined from its segments straight from the DB file."""
+        (row,) = self.rows("SELECT body_segments FROM requests WHERE id = ?", request_id)
+        ids = array("I")
+        ids.frombytes(row["body_segments"])
+        data = {r["id"]: r["data"] for r in self.rows("SELECT id, data FROM segments")}
+        return b"".join(data[i] for i in ids)
 
     def rows(self, sql: str = "SELECT * FROM requests ORDER BY seq", *params: Any) -> list[Any]:
         conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)

@@ -119,7 +119,7 @@ def test_openclaw_retry_of_a_turn_makes_no_second_file(make_server) -> None:
     rows = server.rows()
     assert [r["state"] for r in rows] == ["written", "duplicate", "written"]
     assert rows[1]["duplicate_of"] == rows[0]["id"]
-    assert json.loads(rows[1]["body"]) == retry  # stored all the same
+    assert json.loads(server.body(rows[1]["id"])) == retry  # stored all the same
 
 
 def test_identical_body_within_window_is_a_client_retry(make_server) -> None:

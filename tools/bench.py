@@ -1,0 +1,442 @@
+"""Benchmark ai-agent-proxy against a bare Sanic handler on real OpenClaw bodies.
+
+    python tools/bench.py                 # ~90 s: throughput, latency at a fixed rate, DB size
+    python tools/bench.py --duration 5    # quicker
+    python tools/bench.py --driver httpx  # without wrk (apt-get install wrk)
+
+Each run starts the bare handler (tools/bare_sanic.py) and then ai-agent-proxy (fresh inbox
+and DB in a temp dir), drives both with the same bodies over loopback and prints one table
+with the ratio to bare Sanic. Bodies: the OpenClaw fixtures in tests/fixtures, made unique
+per request (message_id and text carry a counter, so nothing is dropped as a repeat), and
+a synthetic 100-turn OpenClaw conversation for the DB-bytes-per-request figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+MARK = "__N__"
+console = Console(stderr=True)
+
+
+# -- bodies ---------------------------------------------------------------------------------
+
+
+def unique_template(body: dict[str, Any]) -> str:
+    """The body as JSON text with MARK where a counter makes each request distinct."""
+    body = json.loads(json.dumps(body))
+    for msg in body["messages"]:
+        content = msg.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    part["text"] = re.sub(
+                        r'(\\"message_id\\":\\")(\d+)', rf"\g<1>{MARK}", part["text"]
+                    )
+    # the person's latest text
+    for msg in reversed(body["messages"]):
+        if msg["role"] == "user" and isinstance(msg["content"], str):
+            msg["content"] = msg["content"].replace("\n\nRuntime:", f" #{MARK}\n\nRuntime:", 1)
+            if MARK not in msg["content"]:
+                msg["content"] += f" #{MARK}"
+            break
+    return json.dumps(body, ensure_ascii=False)
+
+
+def fixture_templates() -> list[str]:
+    return [unique_template(json.loads(p.read_text())) for p in sorted(FIXTURES.glob("*.json"))]
+
+
+def conversation(turns: int, chat: str = "555000111") -> list[bytes]:
+    """A `turns`-long OpenClaw conversation: each request replays the history so far."""
+    base = json.loads((FIXTURES / "openclaw-2026.9-telegram-dm-turn2.json").read_text())
+    system, first_user = base["messages"][0], base["messages"][1]
+    internal = base["messages"][-1]["content"][0]["text"]
+    bodies, history = [], [first_user]
+    for turn in range(1, turns + 1):
+        text = internal.replace("123456789", chat).replace(
+            '\\"message_id\\":\\"12\\"', f'\\"message_id\\":\\"{1000 + turn}\\"'
+        )
+        person = {
+            "role": "user",
+            "content": f"[Tue 2026-11-24 21:21 UTC] Conversation info: ⟦openclaw:ctx⟧\n```json\n"
+            f'{{"sender":{{"id":"{chat}","name":"Bench"}}}}\n```\n\nturn {turn}: please look '
+            "into the build failure and tell me what broke",
+        }
+        context = {"role": "user", "content": [{"type": "text", "text": text}]}
+        body = {**base, "messages": [system, *history, person, context]}
+        bodies.append(json.dumps(body, ensure_ascii=False).encode())
+        history += [person, {"role": "assistant", "content": f"On it (turn {turn})."}]
+    return bodies
+
+
+# -- servers --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Target:
+    name: str
+    cmd: list[str]
+    port: int
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    startup_s: float = 0.0
+
+    def start(self) -> None:
+        t0 = time.perf_counter()
+        log = open(self.workdir / f"{self.name}.log", "wb")  # noqa: SIM115 - lives with proc
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
+        )
+        body = b'{"messages":[{"role":"user","content":"warm-up"}]}'
+        while True:
+            if self.proc.poll() is not None:
+                sys.exit(f"{self.name} exited: {(self.workdir / f'{self.name}.log').read_text()}")
+            try:
+                r = httpx.post(f"{self.url}/v1/chat/completions", content=body, timeout=1)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.01)
+        self.startup_s = time.perf_counter() - t0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def rss_mb(self) -> float:
+        assert self.proc
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+# -- load -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    requests: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+WRK_SCRIPT = """
+local paths = {%s}
+PACE_MS = %s
+local templates = {}
+for i, p in ipairs(paths) do
+  local f = assert(io.open(p, "rb")); templates[i] = f:read("*a"); f:close()
+end
+local counter = 0
+local tid = 0
+function setup(thread) tid = tid + 1; thread:set("tid", tid) end
+function init(args) counter = 0 end
+request = function()
+  counter = counter + 1
+  local n = tostring(tid * 100000000 + counter)
+  local body = string.gsub(templates[(counter %% #templates) + 1], "%s", n)
+  return wrk.format("POST", "/v1/chat/completions",
+    {["Content-Type"] = "application/json"}, body)
+end
+if PACE_MS > 0 then delay = function() return PACE_MS end end
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %%d %%d %%d %%.3f %%.3f\\n", summary.requests,
+    summary.errors.status + summary.errors.connect + summary.errors.read
+      + summary.errors.write + summary.errors.timeout,
+    summary.duration, latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+end
+"""
+
+
+def run_wrk(
+    url: str, templates: list[Path], duration: int, connections: int, rate: float = 0
+) -> LoadResult:
+    """wrk as fast as it goes, or near `rate` req/s by pausing each connection between
+    requests (wrk has no exact pacing; the req/s column shows what it achieved)."""
+    pace_ms = int(connections * 1000 / rate) if rate else 0
+    script = templates[0].parent / "bench.lua"
+    paths = ", ".join(f'"{p}"' for p in templates)
+    script.write_text(WRK_SCRIPT % (paths, pace_ms, MARK))
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s",
+         str(script), url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    m = re.search(r"RESULT (\d+) (\d+) (\d+) ([\d.]+) ([\d.]+)", out)
+    assert m, out
+    return LoadResult(
+        requests=int(m.group(1)), errors=int(m.group(2)), seconds=int(m.group(3)) / 1e6,
+        p50_ms=float(m.group(4)), p99_ms=float(m.group(5)),
+    )  # fmt: skip
+
+
+async def run_httpx(
+    url: str, templates: list[str], duration: float, connections: int, rate: float | None = None
+) -> LoadResult:
+    """Closed loop over `connections` clients, or open loop at `rate` requests/s."""
+    result = LoadResult()
+    counter = 0
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10) as client:
+
+        async def one() -> None:
+            nonlocal counter
+            counter += 1
+            body = templates[counter % len(templates)].replace(MARK, str(counter)).encode()
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(
+                    "/v1/chat/completions", content=body,
+                    headers={"content-type": "application/json"},
+                )  # fmt: skip
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            result.latencies_ms.append((time.perf_counter() - t0) * 1000)
+            result.requests += 1
+            result.errors += not ok
+
+        start = time.perf_counter()
+        end = start + duration
+        if rate:
+            tasks: set[asyncio.Task[None]] = set()
+            sent = 0
+            while (now := time.perf_counter()) < end:
+                due = int((now - start) * rate)
+                while sent < due:
+                    t = asyncio.create_task(one())
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                    sent += 1
+                await asyncio.sleep(0.001)
+            await asyncio.gather(*tasks)
+        else:
+
+            async def worker() -> None:
+                while time.perf_counter() < end:
+                    await one()
+
+            await asyncio.gather(*(worker() for _ in range(connections)))
+        result.seconds = time.perf_counter() - start
+    lat = sorted(result.latencies_ms)
+    result.p50_ms = lat[len(lat) // 2] if lat else None
+    result.p99_ms = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None
+    return result
+
+
+# -- measurements on the proxy's own files ---------------------------------------------------
+
+
+def wait_drained(db: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            (left,) = conn.execute(
+                "SELECT count(*) FROM requests WHERE state IN ('pending', 'awaiting_backend')"
+            ).fetchone()
+        if not left:
+            return
+        time.sleep(0.1)
+    console.print(f"[red]backlog not drained after {timeout}s: {left} rows")
+
+
+def file_latency(db: Path, since_ms: int) -> tuple[float | None, float | None]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        values = sorted(
+            r[0]
+            for r in conn.execute(
+                "SELECT written_ms - received_ms FROM requests"
+                " WHERE state = 'written' AND received_ms >= ?",
+                (since_ms,),
+            )
+        )
+    if not values:
+        return None, None
+    return values[len(values) // 2], values[min(len(values) - 1, int(len(values) * 0.99))]
+
+
+def db_bytes(db: Path) -> int:
+    """DB plus WAL, after a checkpoint so the WAL does not count twice."""
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return sum(p.stat().st_size for p in db.parent.glob(db.name + "*"))
+
+
+def db_rows(db: Path) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--duration", type=int, default=15, help="seconds per throughput run")
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--rate", type=float, default=1000, help="req/s for the file-latency run")
+    ap.add_argument("--turns", type=int, default=100, help="turns of the synthetic conversation")
+    ap.add_argument("--driver", choices=("auto", "wrk", "httpx"), default="auto")
+    ap.add_argument("--extra", nargs="*", default=[], help="extra flags for ai-agent-proxy")
+    args = ap.parse_args()
+    driver = args.driver
+    if driver == "auto":
+        driver = "wrk" if shutil.which("wrk") else "httpx"
+
+    work = Path(tempfile.mkdtemp(prefix="aiap-bench-"))
+    templates = fixture_templates()
+    template_files = []
+    for i, t in enumerate(templates):
+        path = work / f"body{i}.json"
+        path.write_text(t)
+        template_files.append(path)
+    size_kb = statistics.mean(len(t.encode()) for t in templates) / 1024
+    console.print(
+        f"bodies: {len(templates)} OpenClaw fixtures, {size_kb:.0f} KB on average; driver "
+        f"{driver}; {args.connections} connections; {args.duration}s per run; work dir {work}"
+    )
+
+    def throughput(target: Target) -> LoadResult:
+        if driver == "wrk":
+            return run_wrk(target.url, template_files, args.duration, args.connections)
+        return asyncio.run(run_httpx(target.url, templates, args.duration, args.connections))
+
+    rows: dict[str, dict[str, str]] = {}
+    # 1. bare Sanic
+    bare = Target("bare", [sys.executable, str(ROOT / "tools" / "bare_sanic.py"),
+                           str(free_port())], 0, work)  # fmt: skip
+    bare.port = int(bare.cmd[-1])
+    bare.start()
+    base = throughput(bare)
+    rows["bare Sanic"] = {
+        "req/s": fmt(base.rps, 0), "p50 ms": fmt(base.p50_ms), "p99 ms": fmt(base.p99_ms),
+        "errors": str(base.errors), "RSS MB": fmt(bare.rss_mb()), "start s": fmt(bare.startup_s, 2),
+    }  # fmt: skip
+    bare.stop()
+
+    # 2. ai-agent-proxy
+    port = free_port()
+    db = work / "proxy" / "outbox.db"
+    proxy = Target(
+        "proxy",
+        [sys.executable, "-m", "ai_agent_proxy", "--port", str(port), "--inbox",
+         str(work / "proxy" / "inbox"), "--db", str(db), "--reply", "on it", *args.extra],
+        port, work,
+    )  # fmt: skip
+    (work / "proxy").mkdir()
+    proxy.start()
+    t0_ms = int(time.time() * 1000)
+    ours = throughput(proxy)
+    wait_drained(db)
+    f50, f99 = file_latency(db, t0_ms)
+    rows["ai-agent-proxy"] = {
+        "req/s": fmt(ours.rps, 0), "p50 ms": fmt(ours.p50_ms), "p99 ms": fmt(ours.p99_ms),
+        "errors": str(ours.errors), "RSS MB": fmt(proxy.rss_mb()),
+        "start s": fmt(proxy.startup_s, 2), "file p50 ms": fmt(f50), "file p99 ms": fmt(f99),
+        "ratio": f"{ours.rps / base.rps:.2f}x" if base.rps else "-",
+    }  # fmt: skip
+
+    # 3. request->file latency at a fixed rate (open loop)
+    t0_ms = int(time.time() * 1000)
+    if driver == "wrk":
+        paced = run_wrk(proxy.url, template_files, min(args.duration, 10), 32, args.rate)
+    else:
+        paced = asyncio.run(run_httpx(proxy.url, templates, min(args.duration, 10), 32, args.rate))
+    wait_drained(db)
+    f50, f99 = file_latency(db, t0_ms)
+    rows[f"proxy @ {args.rate:.0f} req/s"] = {
+        "req/s": fmt(paced.rps, 0), "p50 ms": fmt(paced.p50_ms), "p99 ms": fmt(paced.p99_ms),
+        "errors": str(paced.errors), "file p50 ms": fmt(f50), "file p99 ms": fmt(f99),
+        "RSS MB": fmt(proxy.rss_mb()),
+    }  # fmt: skip
+    total_rows = db_rows(db)
+    proxy.stop()
+
+    # 4. DB bytes per request over a long conversation (fresh DB)
+    port = free_port()
+    db2 = work / "conv" / "outbox.db"
+    (work / "conv").mkdir()
+    conv = Target(
+        "conv",
+        [sys.executable, "-m", "ai_agent_proxy", "--port", str(port), "--inbox",
+         str(work / "conv" / "inbox"), "--db", str(db2), "--reply", "on it", *args.extra],
+        port, work,
+    )  # fmt: skip
+    conv.start()
+    before = db_bytes(db2)
+    bodies = conversation(args.turns)
+    with httpx.Client(base_url=conv.url, timeout=10) as c:
+        for b in bodies:
+            c.post("/v1/chat/completions", content=b, headers={"content-type": "application/json"})
+    wait_drained(db2)
+    conv.stop()
+    per_request = (db_bytes(db2) - before) / len(bodies)
+    mean_body = statistics.mean(len(b) for b in bodies)
+
+    table = Table(title="ai-agent-proxy vs bare Sanic (loopback, same bodies, same run)")
+    cols = ["req/s", "ratio", "p50 ms", "p99 ms", "errors", "file p50 ms", "file p99 ms",
+            "RSS MB", "start s"]  # fmt: skip
+    table.add_column("server")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for name, row in rows.items():
+        table.add_row(name, *(row.get(c, "") for c in cols))
+    Console().print(table)
+    Console().print(
+        f"DB bytes per request over a {args.turns}-turn conversation: {per_request / 1024:.1f} KB"
+        f" (mean body {mean_body / 1024:.1f} KB); rows stored in the throughput DB: {total_rows:,}"
+    )
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
