@@ -1,4 +1,4 @@
-"""Inbox files: the payload a row becomes (full or compact) and the atomic write.
+"""Inbox files: the payload a row becomes (full or compact) and the atomic writes.
 
 Shared by the flusher and by `replay`, so both write byte-identical files. The write
 functions are blocking; callers run them in a worker thread.
@@ -7,11 +7,13 @@ functions are blocking; callers run them in a worker thread.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,31 +78,70 @@ def ensure_dir(inbox: Path) -> None:
         raise NotADirectoryError(f"inbox {inbox} is not a directory")
 
 
-def write_atomically(inbox: Path, name: str, data: bytes) -> Path:
-    """Dot-named temp file in the same directory, fsync, rename: readers never see a
-    partial file, and a re-write after a crash replaces the same name."""
-    final = inbox / name
-    temp = inbox / f".{name}.{os.getpid()}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _load_syncfs() -> Callable[[int], int] | None:
+    """Linux syncfs(2): one flush for a whole batch of files instead of one fsync each
+    (each fsync of a new file is a journal commit, ~1.5 ms on ext4)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    return final
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syncfs  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+_syncfs = _load_syncfs()
+
+
+def write_files(inbox: Path, files: Sequence[tuple[str, bytes]]) -> tuple[int, OSError | None]:
+    """Write files atomically and durably: each goes to a dot-named temp file in the same
+    directory, the data is flushed, then it is renamed into place and the directory is
+    flushed. Readers never see a partial file; re-writing a name replaces it. Returns how
+    many files (in order) are in place, and the error that stopped the rest, if any."""
+    staged: list[tuple[Path, Path]] = []
+    error: OSError | None = None
+    for name, data in files:
+        temp = inbox / f".{name}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if _syncfs is None:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            _unlink_quietly(temp)
+            error = exc
+            break
+        staged.append((temp, inbox / name))
+    if not staged:
+        return 0, error
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        dir_fd = os.open(inbox, os.O_RDONLY)
+        try:
+            if _syncfs is not None and _syncfs(dir_fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            done = 0
+            for temp, final in staged:
+                os.replace(temp, final)
+                done += 1
+            os.fsync(dir_fd)  # the renames themselves
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        for temp, _ in staged:
+            _unlink_quietly(temp)
+        return 0, exc
+    return done, error
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 @dataclass
@@ -112,27 +153,21 @@ class BatchResult:
 
 def write_batch(inbox: Path, rows: Sequence[PendingRow], settings: Settings) -> BatchResult:
     """Write rows in arrival order; stop at the first failure so order is kept on retry."""
-    result = BatchResult(written=[])
+    if not rows:
+        return BatchResult(written=[])
     try:
         ensure_dir(inbox)
     except OSError as exc:
-        if rows:
-            result.failed_seq, result.error = rows[0].seq, _describe(exc)
-        return result
-    for row in rows:
-        try:
-            data = render(row, settings)
-            path = write_atomically(inbox, row.inbox_file, data)
-        except (OSError, ValueError, TypeError) as exc:
-            result.failed_seq, result.error = row.seq, _describe(exc)
-            break
-        log.info("chat_completion request inbox file_size=%d inbox_path=%s", len(data), path)
-        result.written.append(row.seq)
-    if result.written:
-        try:
-            fsync_dir(inbox)  # make the renames durable before rows are marked written
-        except OSError as exc:
-            return BatchResult([], rows[0].seq, _describe(exc))
+        return BatchResult([], rows[0].seq, _describe(exc))
+    files = [(row.inbox_file, render(row, settings)) for row in rows]
+    done, error = write_files(inbox, files)
+    for name, data in files[:done]:
+        log.info(
+            "chat_completion request inbox file_size=%d inbox_path=%s", len(data), inbox / name
+        )
+    result = BatchResult(written=[row.seq for row in rows[:done]])
+    if error is not None:
+        result.failed_seq, result.error = rows[done].seq, _describe(error)
     return result
 
 

@@ -9,7 +9,9 @@ from rich.progress import Progress
 
 from .audit import Audit, Selection
 from .config import Settings
-from .inbox import ensure_dir, fsync_dir, render, write_atomically
+from .inbox import ensure_dir, render, write_files
+
+CHUNK = 256  # files per durable batch
 
 
 def replay_rows(
@@ -23,6 +25,14 @@ def replay_rows(
     show_progress = sys.stderr.isatty() and not dry_run
     if not dry_run:
         ensure_dir(inbox)
+    pending: list[tuple[str, bytes]] = []
+
+    def flush() -> None:
+        _, error = write_files(inbox, pending)
+        if error is not None:
+            raise error
+        pending.clear()
+
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task("replaying", total=total)
         for row, state in audit.pending_rows(selection):
@@ -34,9 +44,11 @@ def replay_rows(
             if dry_run:
                 print(f"{inbox / row.inbox_file}\t{kind}\t{state}")
             else:
-                write_atomically(inbox, row.inbox_file, render(row, settings, full=full))
+                pending.append((row.inbox_file, render(row, settings, full=full)))
+                if len(pending) >= CHUNK:
+                    flush()
             written += 1
-    if written and not dry_run:
-        fsync_dir(inbox)
+        if pending:
+            flush()
     verb = "would write" if dry_run else "wrote"
     return f"replay: {verb} {written} file(s) to {inbox}; skipped {skipped} duplicate(s)"
