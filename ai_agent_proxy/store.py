@@ -14,9 +14,8 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +117,7 @@ SEGMENT_CACHE_SIZE = 50_000
 _SQL_VARS = 500  # parameters per IN (...) query, well under SQLite's limit
 
 
-Work = Callable[[aiosqlite.Connection], Awaitable[Any]]
+Work = Callable[[sqlite3.Connection], Any]  # runs in the DB thread, inside the transaction
 
 
 @dataclass
@@ -236,9 +235,10 @@ class Store:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < MAX_COMMIT_BATCH:
                 batch.append(self._queue.get_nowait())
-            learned: dict[bytes, int] = {}
             try:
-                await self._in_transaction(self._ingest, partial(self._write_batch, batch, learned))
+                learned = await run_in_db_thread(
+                    self._ingest, _commit_batch, batch, self._segment_ids
+                )
             except Exception as exc:
                 log.error("outbox_commit_failed rows=%d error=%s", len(batch), exc)
                 error = StoreError(str(exc))
@@ -256,40 +256,6 @@ class Store:
             for callback in self._on_commit:
                 callback()
 
-    async def _write_batch(
-        self, batch: list[_Waiting], learned: dict[bytes, int], conn: aiosqlite.Connection
-    ) -> None:
-        """Inside the group transaction: store unseen segments, then run the statements."""
-        known = self._segment_ids
-        unseen = {h: data for w in batch for h, data in w.segments or () if h not in known}
-        if unseen:
-            await conn.executemany(
-                "INSERT OR IGNORE INTO segments (hash, data) VALUES (?, ?)", unseen.items()
-            )
-            hashes = list(unseen)
-            for i in range(0, len(hashes), _SQL_VARS):
-                chunk = hashes[i : i + _SQL_VARS]
-                marks = ", ".join("?" * len(chunk))
-                sql = f"SELECT hash, id FROM segments WHERE hash IN ({marks})"
-                learned.update(await conn.execute_fetchall(sql, chunk))
-        for w in batch:
-            if w.segments is not None:
-                ids = [known.get(h) or learned[h] for h, _ in w.segments]
-                w.params["body_segments"] = pack_ids(ids)  # type: ignore[index]
-        await _execute_in_order(batch, conn)
-
-    @staticmethod
-    async def _in_transaction(conn: aiosqlite.Connection, work: Callable[[Any], Any]) -> None:
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            await work(conn)
-            await conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    await conn.execute("ROLLBACK")
-            raise
-
     # -- flusher side ---------------------------------------------------------------------
 
     async def claim_pending(self, limit: int) -> list[PendingRow]:
@@ -304,7 +270,7 @@ class Store:
             RETURNING {PENDING_COLUMNS}
         """
         params = (now + CLAIM_LEASE_MS, now, limit)
-        rows = list(await self._group_commit(work=lambda c: c.execute_fetchall(sql, params)))
+        rows = await self._group_commit(work=lambda c: c.execute(sql, params).fetchall())
         rows.sort(key=lambda r: r[0])
         # Compact payloads carry no body: join segments only for the full ones.
         ids = [unpack_ids(r[3]) if r[8] == "full" else [] for r in rows]
@@ -335,17 +301,17 @@ class Store:
         now = _now_ms()
         others = [(s,) for s in release]
 
-        async def work(c: aiosqlite.Connection) -> None:
-            await c.execute(
+        def work(c: sqlite3.Connection) -> None:
+            c.execute(
                 "UPDATE requests SET attempts = attempts + 1, last_error = ?,"
                 " claimed_until_ms = NULL WHERE seq = ?",
                 (error, seq),
             )
-            await c.execute(
+            c.execute(
                 "INSERT INTO inbox_failures (request_seq, at_ms, error) VALUES (?, ?, ?)",
                 (seq, now, error),
             )
-            await c.executemany("UPDATE requests SET claimed_until_ms = NULL WHERE seq = ?", others)
+            c.executemany("UPDATE requests SET claimed_until_ms = NULL WHERE seq = ?", others)
 
         await self._group_commit(work=work)
 
@@ -368,13 +334,12 @@ class Store:
         the outcome failed) are delivered without a reply."""
         cutoff = _now_ms() - older_than_ms
 
-        async def work(c: aiosqlite.Connection) -> int:
-            cur = await c.execute(
+        def work(c: sqlite3.Connection) -> int:
+            return c.execute(
                 "UPDATE requests SET state = 'pending', backend_error = 'interrupted'"
                 " WHERE state = 'awaiting_backend' AND received_ms < ?",
                 (cutoff,),
-            )
-            return cur.rowcount
+            ).rowcount
 
         return int(await self._group_commit(work=work))
 
@@ -399,19 +364,58 @@ class Store:
             raise StoreError(str(exc)) from None
 
 
-async def _execute_in_order(batch: list[_Waiting], conn: aiosqlite.Connection) -> None:
-    """Runs of the same statement go to SQLite as one executemany (one thread hop)."""
-    i = 0
-    while i < len(batch):
-        if batch[i].work is not None:
-            batch[i].result = await batch[i].work(conn)
-            i += 1
-            continue
-        j = i
-        while j < len(batch) and batch[j].work is None and batch[j].sql == batch[i].sql:
-            j += 1
-        await conn.executemany(batch[i].sql, [w.params for w in batch[i:j]])
-        i = j
+async def run_in_db_thread(conn: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(sqlite3_connection, *args)` in the connection's own thread, in one hop.
+
+    A group commit is several statements; as separate aiosqlite calls each would wait for a
+    turn of a busy event loop. aiosqlite has no public call for this, so this one function
+    uses its internals (`_execute`, `_conn`); the dependency is pinned to a tested range."""
+    return await conn._execute(lambda: fn(conn._conn, *args))
+
+
+def _commit_batch(
+    db: sqlite3.Connection, batch: list[_Waiting], known: dict[bytes, int]
+) -> dict[bytes, int]:
+    """One group commit, in the DB thread: store unseen body segments, then the batch's
+    statements in order. Returns the segment ids it learned."""
+    learned: dict[bytes, int] = {}
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        unseen = {h: data for w in batch for h, data in w.segments or () if h not in known}
+        if unseen:
+            db.executemany(
+                "INSERT OR IGNORE INTO segments (hash, data) VALUES (?, ?)", unseen.items()
+            )
+            hashes = list(unseen)
+            for i in range(0, len(hashes), _SQL_VARS):
+                chunk = hashes[i : i + _SQL_VARS]
+                marks = ", ".join("?" * len(chunk))
+                learned.update(
+                    db.execute(f"SELECT hash, id FROM segments WHERE hash IN ({marks})", chunk)
+                )
+        for w in batch:
+            if w.segments is not None:
+                ids = [known.get(h) or learned[h] for h, _ in w.segments]
+                w.params["body_segments"] = pack_ids(ids)  # type: ignore[index]
+        i = 0
+        while i < len(batch):
+            if batch[i].work is not None:
+                batch[i].result = batch[i].work(db)  # type: ignore[misc]
+                i += 1
+                continue
+            # Runs of the same statement go to SQLite as one executemany.
+            j = i
+            while j < len(batch) and batch[j].work is None and batch[j].sql == batch[i].sql:
+                j += 1
+            db.executemany(batch[i].sql, [w.params for w in batch[i:j]])
+            i = j
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
+    return learned
 
 
 def _now_ms() -> int:
