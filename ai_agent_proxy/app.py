@@ -28,6 +28,7 @@ from .context import extract_context
 from .flusher import Flusher
 from .ids import new_request_id
 from .inbox import loads
+from .logs import setup_logging
 from .relay import (
     BackendError,
     Relay,
@@ -160,6 +161,7 @@ class Metrics:
 
 
 def create_app(settings: Settings) -> Sanic:
+    setup_logging(settings.debug)
     app = Sanic("ai_agent_proxy", configure_logging=False)
     app.config.REQUEST_MAX_SIZE = settings.max_body
     app.config.ACCESS_LOG = settings.debug

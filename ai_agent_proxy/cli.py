@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from .config import ConfigError, Settings, load_settings
+from .logs import setup_logging
 from .migrations import SchemaError, migrate
 
 cli = typer.Typer(
@@ -45,16 +46,6 @@ def _opt(help_: str, *names: str) -> Any:
 def fail(message: str, code: int = 2) -> typer.Exit:
     typer.echo(f"ai-agent-proxy: {message}", err=True)
     return typer.Exit(code)
-
-
-def setup_logging(debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # httpx logs full URLs per request at INFO; keep it quiet unless debugging.
-    logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def settings_or_exit(config: str | None, flags: dict[str, Any]) -> Settings:

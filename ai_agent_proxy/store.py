@@ -130,6 +130,7 @@ class _Waiting:
     segments: list[tuple[bytes, bytes]] | None = None  # (hash, data) of a body, in order
     work: Work | None = None  # instead of sql: runs in the transaction, result for the caller
     result: Any = None
+    new_work: bool = False  # committing it gives the flusher something to do
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:
@@ -200,7 +201,7 @@ class Store:
             "state": "awaiting_backend" if req.awaiting_backend else "pending",
             "dedup_since_ms": req.received_ms - self.dedup_window_ms,
         }
-        await self._group_commit(_INSERT, params, segments)
+        await self._group_commit(_INSERT, params, segments, new_work=not req.awaiting_backend)
 
     def _segment_hash(self, part: bytes) -> bytes:
         """digest(part), skipping the hashing for a piece equal to one seen recently: the
@@ -223,10 +224,11 @@ class Store:
         params: dict[str, Any] | tuple[Any, ...] = (),
         segments: list[tuple[bytes, bytes]] | None = None,
         work: Work | None = None,
+        new_work: bool = False,
     ) -> Any:
         """Queue a statement (or work) for the next group commit; return once committed."""
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Waiting(done, sql, params, segments, work))
+        await self._queue.put(_Waiting(done, sql, params, segments, work, new_work=new_work))
         return await done
 
     async def _commit_loop(self) -> None:
@@ -253,8 +255,11 @@ class Store:
             for w in batch:
                 if not w.done.done():
                     w.done.set_result(w.result)
-            for callback in self._on_commit:
-                callback()
+            # Only new rows wake the flusher: its own claims and marks also pass through
+            # here, and must not wake it again.
+            if any(w.new_work for w in batch):
+                for callback in self._on_commit:
+                    callback()
 
     # -- flusher side ---------------------------------------------------------------------
 
@@ -327,7 +332,7 @@ class Store:
     ) -> None:
         """Record the backend's outcome; the row becomes pending for the flusher."""
         params = (instruction, reply, status, error, latency_ms, usage, request_id)
-        await self._group_commit(_FINISH_BACKEND, params)
+        await self._group_commit(_FINISH_BACKEND, params, new_work=True)
 
     async def release_stale_backend_waits(self, older_than_ms: int) -> int:
         """Rows whose backend call outlived any timeout (their worker died, or recording

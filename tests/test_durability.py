@@ -165,3 +165,18 @@ def test_locked_db_answers_503_then_recovers(server: Server) -> None:
     server.wait_files(1)
     assert [p["latest-user-prompt"] for p in server.inbox_payloads()] == ["prompt 2"]
     assert len(server.rows()) == 1  # the refused request was not recorded
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_server_does_not_spin(server: Server) -> None:
+    assert server.post_chat(prompt_body(1)).status_code == 200
+    server.wait_files(1)
+    assert server.proc is not None
+    before = cpu_seconds(server.proc.pid)
+    time.sleep(2)
+    used = cpu_seconds(server.proc.pid) - before
+    assert used < 0.2, f"idle server used {used:.2f} s of CPU in 2 s"
