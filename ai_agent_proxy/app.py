@@ -39,6 +39,7 @@ from .relay import (
     prepare_body,
     reply_from_completion,
 )
+from .retention import Pruner
 from .store import NewRequest, Store, StoreError
 
 log = logging.getLogger("ai_agent_proxy")
@@ -180,9 +181,14 @@ def create_app(settings: Settings) -> Sanic:
         flusher.start()
         app.ctx.store, app.ctx.flusher = store, flusher
         app.ctx.relay = Relay(settings) if settings.url else None
+        app.ctx.pruner = Pruner(store, settings.retention_days) if settings.retention_days else None
+        if app.ctx.pruner:
+            app.ctx.pruner.start()
 
     @app.after_server_stop
     async def close_outbox(app: Sanic) -> None:
+        if app.ctx.pruner is not None:
+            await app.ctx.pruner.stop()
         if app.ctx.relay is not None:
             await app.ctx.relay.close()
         await app.ctx.flusher.stop()

@@ -108,23 +108,26 @@ def serve(
 
 
 def prepare_storage(settings: Settings) -> None:
-    """Migrations, crash recovery and temp clean-up: once, before any worker starts."""
+    """Migrations, crash recovery and clean-up: once, before any worker starts."""
+    import sqlite3
+
     from .inbox import remove_stale_temps
-    from .store import recover_on_start
+    from .store import collect_segment_garbage, recover_on_start
 
     try:
         applied = migrate(settings.db_path)
         interrupted, pending = recover_on_start(settings.db_path)
-    except (SchemaError, OSError) as exc:
+        # Pruned rows leave body segments behind; reclaim them while no worker caches ids.
+        garbage = collect_segment_garbage(settings.db_path) if settings.retention_days else 0
+    except SchemaError as exc:
         raise fail(str(exc)) from None
+    except (OSError, sqlite3.Error) as exc:
+        raise fail(f"cannot prepare database {settings.db_path}: {exc}") from None
     removed = remove_stale_temps(settings.inbox)
     log.info(
-        "outbox_ready db=%s migrations_applied=%d pending=%d interrupted=%d stale_temps=%d",
-        settings.db_path,
-        applied,
-        pending,
-        interrupted,
-        removed,
+        "outbox_ready db=%s migrations_applied=%d pending=%d interrupted=%d stale_temps=%d"
+        " unused_segments_removed=%d",
+        *(settings.db_path, applied, pending, interrupted, removed, garbage),
     )
 
 

@@ -27,7 +27,7 @@ from .ids import inbox_file_name
 log = logging.getLogger("ai_agent_proxy.store")
 
 BUSY_TIMEOUT_MS = 5000
-CLAIM_LEASE_MS = 30_000
+CLAIM_LEASE_MS = 10_000  # a dead worker's claimed rows go to another flusher after this
 MAX_COMMIT_BATCH = 512
 
 
@@ -348,6 +348,19 @@ class Store:
 
         return int(await self._group_commit(work=work))
 
+    async def prune_written(self, cutoff_ms: int, limit: int = 1000) -> int:
+        """Delete up to `limit` delivered (written or duplicate) rows received before
+        `cutoff_ms`. Rows not yet in the inbox are never pruned."""
+
+        def work(c: sqlite3.Connection) -> int:
+            return c.execute(
+                "DELETE FROM requests WHERE seq IN (SELECT seq FROM requests"
+                " WHERE received_ms < ? AND state IN ('written', 'duplicate') LIMIT ?)",
+                (cutoff_ms, limit),
+            ).rowcount
+
+        return int(await self._group_commit(work=work))
+
     async def backlog(self) -> tuple[int, int | None]:
         """(rows not yet in the inbox, receipt time in ms of the oldest one)."""
         ((count, oldest),) = await self._read(
@@ -446,5 +459,22 @@ def recover_on_start(db_path: Path) -> tuple[int, int]:
         ]
         conn.execute("COMMIT")
         return interrupted, pending
+    finally:
+        conn.close()
+
+
+def collect_segment_garbage(db_path: Path) -> int:
+    """Delete segments no row refers to any more (after pruning). Only safe while no server
+    process runs: workers cache segment ids. Called at start-up, before workers exist."""
+    conn = sqlite3.connect(db_path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        used: set[int] = set()
+        for (blob,) in conn.execute("SELECT body_segments FROM requests"):
+            used.update(unpack_ids(blob))
+        unused = [(i,) for (i,) in conn.execute("SELECT id FROM segments") if i not in used]
+        conn.executemany("DELETE FROM segments WHERE id = ?", unused)
+        conn.execute("COMMIT")
+        return len(unused)
     finally:
         conn.close()

@@ -1,0 +1,382 @@
+"""Faults a skeptical reviewer would try: full disks, read-only DB, vanished inbox, several
+workers, kill -9 at several moments, fuzzed bodies, hostile context values, retention."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .conftest import Server, fixture_body, wait_until
+from .load import start_load
+
+KEY = "fault-test-key-0123456789"
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
+    """mount a small tmpfs (root only; CI runs as root on the same kind of machine)."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str = "2m") -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(directory: Path) -> Path:
+    """Use up every free byte of the file system holding `directory`."""
+    filler = directory / "filler.bin"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 16, 512, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def delivered(server: Server) -> Counter[str]:
+    return Counter(p["latest-user-prompt"] for p in server.inbox_payloads())
+
+
+def body(i: int | str, channel: str = "fault") -> dict:
+    return {"channel": channel, "messages": [{"role": "user", "content": f"prompt {i}"}]}
+
+
+def assert_all_once(server: Server, acked: list[str], sent: set[str], timeout: float = 30) -> None:
+    """Every acknowledged prompt is in the inbox exactly once; nothing unsent appears."""
+    assert wait_until(lambda: set(acked) <= set(delivered(server)), timeout=timeout), (
+        f"missing: {sorted(set(acked) - set(delivered(server)))[:10]}\n{server.log()[-2000:]}"
+    )
+    seen = delivered(server)
+    assert set(seen) <= sent, sorted(set(seen) - sent)[:10]
+    assert max(seen.values()) == 1, [p for p, n in seen.items() if n > 1][:10]
+    assert not [n for n in os.listdir(server.inbox) if not n.endswith(".json")]
+    print(f"\n  sent={len(sent)} acknowledged={len(acked)} delivered={len(seen)} lost=0 dup=0")
+
+
+def metric(server: Server, name: str) -> float:
+    text = server.get("/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics:\n{text}")
+
+
+# -- inbox outages --------------------------------------------------------------------------
+
+
+def test_inbox_disk_full_then_recovers_in_order(make_server, small_fs) -> None:
+    disk = small_fs("inboxfs", "1m")
+    server = make_server("--inbox", str(disk / "inbox"))
+    server.inbox = disk / "inbox"
+    assert server.post_chat(body(0)).status_code == 200
+    server.wait_files(1)
+    filler = fill(disk)
+    for i in range(1, 31):
+        assert server.post_chat(body(i)).status_code == 200
+    ready = wait_until(lambda: (r := server.get("/readyz")).status_code == 503 and r.json())
+    assert ready and "No space left" in ready["inbox"]
+    assert ready["backlog"] == 30 and ready["retry_in_s"] > 0
+    assert metric(server, "aiap_inbox_write_failures") >= 1
+    assert metric(server, "aiap_backlog_rows") == 30
+    assert metric(server, "aiap_backlog_oldest_age_seconds") > 0
+    filler.unlink()
+    names = server.wait_files(31)
+    assert [p["latest-user-prompt"] for p in server.inbox_payloads()] == [
+        f"prompt {i}" for i in range(31)
+    ]
+    mtimes = [os.stat(server.inbox / n).st_mtime_ns for n in names]
+    assert mtimes == sorted(mtimes)
+    assert wait_until(lambda: server.get("/readyz").status_code == 200)
+
+
+def test_inbox_directory_removed_while_running(server: Server) -> None:
+    assert server.post_chat(body(0)).status_code == 200
+    server.wait_files(1)
+    for name in os.listdir(server.inbox):
+        os.unlink(server.inbox / name)
+    server.inbox.rmdir()  # e.g. the agent's workspace was re-created
+    for i in range(1, 6):
+        assert server.post_chat(body(i)).status_code == 200
+    server.wait_files(5)
+    assert sorted(delivered(server)) == [f"prompt {i}" for i in range(1, 6)]
+
+
+# -- DB faults ------------------------------------------------------------------------------
+
+
+def test_db_disk_full_answers_503_then_recovers(make_server, small_fs) -> None:
+    disk = small_fs("dbfs", "4m")
+    server = make_server("--db", str(disk / "outbox.db"))
+    server.db = disk / "outbox.db"
+    assert server.post_chat(body("before")).status_code == 200
+    filler = fill(disk)
+    refused = [server.post_chat(fixture_body("openclaw-2026.9-telegram-group.json"))
+               for _ in range(3)]  # fmt: skip
+    for r in refused:
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["type"] == "service_unavailable"
+        assert "full" in r.json()["error"]["message"]
+    filler.unlink()
+    assert wait_until(lambda: server.post_chat(body("after")).status_code == 200, timeout=10)
+    server.wait_files(2)
+    assert sorted(delivered(server)) == ["prompt after", "prompt before"]
+
+
+def chattr(flag: str, *paths: Path) -> None:
+    r = subprocess.run(["chattr", flag, *map(str, paths)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"chattr {flag} is not possible here: {r.stderr.strip()}")
+
+
+def test_db_read_only_answers_503_then_recovers(server: Server) -> None:
+    assert server.post_chat(body("before")).status_code == 200
+    server.wait_files(1)
+    files = [p for p in server.db.parent.glob(server.db.name + "*")]
+    chattr("+i", *files)  # immutable: even root's open descriptors cannot write
+    try:
+        for _ in range(2):
+            r = server.post_chat(body("refused"))
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["type"] == "service_unavailable"
+    finally:
+        chattr("-i", *files)
+    assert wait_until(lambda: server.post_chat(body("after")).status_code == 200, timeout=10)
+    server.wait_files(2)
+    assert sorted(delivered(server)) == ["prompt after", "prompt before"]
+
+
+# -- several workers ------------------------------------------------------------------------
+
+
+def worker_pids(server: Server) -> list[int]:
+    assert server.proc is not None
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text()
+    pids = []
+    for pid in map(int, children.split()):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            pids.append(pid)
+    return pids
+
+
+@pytest.mark.slow
+def test_two_workers_under_load_and_one_killed(make_server) -> None:
+    server = make_server("--worker", "2")
+    record, _, thread = start_load(server.port, total=3000, connections=32)
+    thread.join(120)
+    assert record.statuses == {200: 3000}  # never a 503 ("database is locked") under WORKER=2
+    assert_all_once(server, record.acked, record.sent)
+
+    pids = worker_pids(server)
+    assert len(pids) >= 2, pids
+    record2, _, thread2 = start_load(server.port, total=4000, connections=32, tag="second")
+    wait_until(lambda: len(record2.acked) >= 500, timeout=30)
+    os.kill(pids[0], signal.SIGKILL)  # one worker dies mid-load
+    thread2.join(120)
+    # the survivor keeps serving and delivers the dead worker's claimed rows too
+    assert_all_once(server, record.acked + record2.acked, record.sent | record2.sent)
+    assert len(record2.acked) >= 3000
+
+
+# -- kill -9 at several moments ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["early", "mid-load", "mid-flush"])
+def test_kill_9_at_several_moments(make_server, moment: str) -> None:
+    server = make_server(start=False)
+    if moment == "mid-flush":  # build a backlog the flusher is busy with when killed
+        server.inbox.parent.mkdir(parents=True, exist_ok=True)
+        server.inbox.write_text("blocked")
+    server.start()
+    record, stop, thread = start_load(server.port, total=4000, connections=32)
+    if moment == "early":
+        wait_until(lambda: len(record.acked) >= 100, timeout=30)
+    elif moment == "mid-load":
+        wait_until(lambda: len(record.acked) >= 2000, timeout=60)
+    else:
+        wait_until(lambda: len(record.acked) >= 2500, timeout=60)
+        server.inbox.unlink()  # the flusher starts on 2,500 rows ...
+        wait_until(lambda: len(server.inbox_names()) >= 300, timeout=30, step=0.002)
+    server.kill()  # ... and dies partway
+    stop.set()
+    thread.join(30)
+    acked = list(record.acked)
+    assert len(acked) >= 100
+    server.start()
+    assert_all_once(server, acked, record.sent)
+    rows = server.rows("SELECT count(*) AS n FROM requests")[0]["n"]
+    assert rows == len(delivered(server))
+
+
+# -- hostile and random input -------------------------------------------------------------------
+
+json_leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+json_value = st.recursive(
+    json_leaf,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner,
+                                                                max_size=5),
+    max_leaves=40,
+)  # fmt: skip
+odd_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=2000) | st.sampled_from(
+    ["\x00", "\u202e", "\ud7ff", "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>", "```json\n{", "𝕏" * 50]
+)
+message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "tool", 7, None])},
+    optional={"content": odd_text | json_value | st.lists(
+        st.fixed_dictionaries({"type": st.just("text"), "text": odd_text}), max_size=3)},
+)  # fmt: skip
+bodies = st.fixed_dictionaries(
+    {}, optional={"messages": st.lists(message, max_size=4) | json_value, "stream": json_value,
+                  "model": json_value, "channel": json_value, "target": json_value},
+) | json_value  # fmt: skip
+raw_bodies = st.binary(max_size=300) | st.sampled_from(
+    [b"[" * 3000, b'{"a":' * 2000, b'{"messages": [' + b"1," * 10000 + b"1]}", b'"\xff"']
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    workdir = tmp_path_factory.mktemp("fuzz")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
+    server = Server(workdir, workdir / "inbox", workdir / "outbox.db", ["--key", KEY], env,
+                    key=KEY).start()  # fmt: skip
+    yield server
+    server.stop()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(bodies)
+def test_fuzzed_json_bodies(fuzz_server: Server, value: object) -> None:
+    r = fuzz_server.post_chat(json.dumps(value), headers={**fuzz_server.headers(),
+                                                          "content-type": "application/json"})  # fmt: skip
+    assert r.status_code == (200 if isinstance(value, dict) else 400), r.text
+    if r.status_code == 200 and isinstance(value, dict) and value.get("stream") is True:
+        assert r.text.rstrip().endswith("data: [DONE]")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(raw_bodies)
+def test_fuzzed_raw_bodies(fuzz_server: Server, raw: bytes) -> None:
+    r = fuzz_server.post_chat(raw, headers=fuzz_server.headers())
+    assert r.status_code in (200, 400), r.text
+    assert r.json()["status"] == "error" if r.status_code == 400 else r.json()["choices"]
+
+
+def test_fuzzing_left_only_whole_files(fuzz_server: Server) -> None:
+    """Runs after the fuzz tests (file order): every accepted body is a whole JSON file."""
+    written = wait_until(
+        lambda: fuzz_server.rows("SELECT count(*) AS n FROM requests WHERE state = 'pending'")[0][
+            "n"] == 0,
+    )  # fmt: skip
+    assert written
+    names = os.listdir(fuzz_server.inbox) if fuzz_server.inbox.exists() else []
+    assert all(n.endswith(".json") and not n.startswith(".") for n in names)
+    for n in names:
+        assert isinstance(json.loads((fuzz_server.inbox / n).read_bytes()), dict)
+    states = Counter(r["state"] for r in fuzz_server.rows())
+    assert len(names) == states["written"]
+    assert fuzz_server.get("/healthz").status_code == 200
+    assert KEY not in fuzz_server.log()
+
+
+def test_no_path_is_built_from_request_data(make_server, tmp_path: Path) -> None:
+    server = make_server(key=KEY)
+    before = set(os.listdir(server.workdir))
+    hostile = {
+        "channel": "../../../../tmp/evil", "user_id": "/etc/passwd", "model": "../x",
+        "messages": [{"role": "user", "content": "../../escape\x00.json"}],
+    }  # fmt: skip
+    assert server.post_chat(hostile).status_code == 200
+    (name,) = server.wait_files(1)
+    assert name.endswith(".json") and "/" not in name and ".." not in name
+    assert set(os.listdir(server.workdir)) - before <= {"inbox"}
+    assert not Path("/tmp/evil").exists()
+    payload = server.inbox_payloads()[0]
+    assert payload["context_id"] == "../../../../tmp/evil:/etc/passwd"  # data, not a path
+    assert (server.inbox / name).stat().st_mode & 0o777 == 0o600
+    assert server.inbox.stat().st_mode & 0o777 == 0o700
+    # the key is nowhere on disk or in the logs
+    assert KEY not in server.log()
+    assert KEY.encode() not in server.db.read_bytes()
+    assert all(KEY not in (server.inbox / n).read_text() for n in server.inbox_names())
+
+
+def test_default_bind_is_loopback(tmp_path: Path) -> None:
+    from ai_agent_proxy.config import load_settings
+
+    s = load_settings(None, {}, {})
+    assert s.host == "127.0.0.1" and s.is_loopback
+
+
+# -- retention ----------------------------------------------------------------------------------
+
+
+def test_retention_prunes_delivered_rows_only(make_server) -> None:
+    # 0.00002 days = 1.7 s
+    server = make_server("--retention-days", "0.00002", start=False)
+    server.inbox.parent.mkdir(parents=True, exist_ok=True)
+    server.start()
+    for i in range(5):
+        assert server.post_chat(body(i, channel=f"c{i}")).status_code == 200
+    server.wait_files(5)
+    server.inbox.rename(server.inbox.with_name("moved"))
+    server.inbox.write_text("blocked")  # the next rows cannot be delivered
+    for i in range(5, 8):
+        assert server.post_chat(body(i, channel=f"c{i}")).status_code == 200
+    assert wait_until(lambda: len(server.rows()) == 3, timeout=15), server.rows()
+    assert {r["state"] for r in server.rows()} == {"pending"}  # undelivered rows stay
+    assert "retention_pruned rows=5" in server.log()
+    server.inbox.unlink()
+    server.wait_files(3)
+    # segments of pruned rows are reclaimed at the next start
+    segments_before = server.rows("SELECT count(*) AS n FROM segments")[0]["n"]
+    assert wait_until(lambda: not server.rows(), timeout=15)
+    server.restart()
+    assert server.rows("SELECT count(*) AS n FROM segments")[0]["n"] < segments_before
+    assert "unused_segments_removed=" in server.log()
+
+
+def test_metrics_is_prometheus_text(server: Server) -> None:
+    server.post_chat(body(1))
+    server.wait_files(1)
+    r = server.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {f.name for f in text_string_to_metric_families(r.text)}
+    assert {"aiap_http_requests", "aiap_rows", "aiap_backlog_rows",
+            "aiap_request_to_file_seconds", "aiap_inbox_write_failures"} <= names  # fmt: skip
+    assert metric(server, 'aiap_rows{state="written"}') == 1
+    assert httpx.get(server.base_url + "/readyz").json()["status"] == "ready"
