@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -279,8 +278,8 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(bodies)
 def test_fuzzed_json_bodies(fuzz_server: Server, value: object) -> None:
-    r = fuzz_server.post_chat(json.dumps(value), headers={**fuzz_server.headers(),
-                                                          "content-type": "application/json"})  # fmt: skip
+    headers = {**fuzz_server.headers(), "content-type": "application/json"}
+    r = fuzz_server.post_chat(json.dumps(value), headers=headers)
     assert r.status_code == (200 if isinstance(value, dict) else 400), r.text
     if r.status_code == 200 and isinstance(value, dict) and value.get("stream") is True:
         assert r.text.rstrip().endswith("data: [DONE]")
