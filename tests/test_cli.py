@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,13 +26,16 @@ TURN2 = "openclaw-2026.9-telegram-dm-turn2.json"
 GROUP = "openclaw-2026.9-telegram-group.json"
 
 
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed CLI from an empty directory, as the server fixture does (from the
+    repo root, `python -m` would import the source tree instead of the installed package)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
     env["COLUMNS"] = "200"
-    return subprocess.run(
-        [sys.executable, "-m", "ai_agent_proxy", *args],
-        capture_output=True, text=True, timeout=60, env=env, cwd=cwd,
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run(
+            [sys.executable, "-m", "ai_agent_proxy", *args],
+            capture_output=True, text=True, timeout=60, env=env, cwd=cwd,
+        )  # fmt: skip
 
 
 def ok(*args: str) -> str:
