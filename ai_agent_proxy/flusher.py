@@ -50,6 +50,7 @@ class Flusher:
         self.store = store
         self.settings = settings
         self._on_written = on_written  # gets request->file latency in seconds
+        self._unmarked: list[int] = []
         self.status = FlusherStatus()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -106,13 +107,20 @@ class Flusher:
 
     async def flush_once(self) -> bool:
         """Write one batch; True if all of it was written (so there may be more to do)."""
+        if self._unmarked:
+            # Files already in place whose rows could not be marked (DB full, locked, ...):
+            # mark them, rather than writing them again when their lease runs out.
+            await self.store.mark_written(self._unmarked)
+            self._unmarked = []
         rows = await self.store.claim_pending(BATCH)
         if not rows:
             return False
         inbox = self.settings.inbox
         result = await asyncio.to_thread(write_batch, inbox, rows, self.settings)
-        await self.store.mark_written(result.written)
         self.status.files_written += len(result.written)
+        self._unmarked = result.written
+        await self.store.mark_written(result.written)
+        self._unmarked = []
         if self._on_written and result.written:
             now_ms = time.time() * 1000
             received = {r.seq: r.received_ms for r in rows}

@@ -213,7 +213,7 @@ class Store:
         if seen is not None and seen[1] == part:
             return seen[0]
         h = digest(part)
-        if len(self._recent_segments) >= 256:
+        if len(self._recent_segments) >= 64:
             self._recent_segments.clear()
         self._recent_segments[key] = (h, part)
         return h

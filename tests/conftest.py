@@ -148,7 +148,17 @@ class Server:
         return [json.loads((self.inbox / n).read_text("utf-8")) for n in self.inbox_names()]
 
     def wait_files(self, count: int, timeout: float = 10.0) -> list[str]:
-        names = wait_until(lambda: len(self.inbox_names()) >= count and self.inbox_names(), timeout)
+        """Wait for `count` inbox files and for their rows to be marked written (the flusher
+        renames files first and marks rows in its next commit)."""
+
+        def done() -> list[str] | None:
+            names = self.inbox_names()
+            if len(names) < count:
+                return None
+            marked = self.rows("SELECT count(*) AS n FROM requests WHERE state = 'written'")
+            return names if marked[0]["n"] >= count else None
+
+        names = wait_until(done, timeout)
         assert names and len(names) == count, (
             f"expected {count} inbox files, have {len(self.inbox_names())}\n{self.log()[-3000:]}"
         )
