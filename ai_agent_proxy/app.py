@@ -1,4 +1,4 @@
-"""The Sanic app: routes, auth, error shapes, and the start/stop of store and flusher.
+"""The Sanic app: routes, auth, error shapes, and the start/stop of store, flusher, relay.
 
 Hot path of a chat request: parse -> extract context (pure) -> group commit -> answer.
 Everything slower (payload building, file writes) happens later in the flusher.
@@ -6,47 +6,32 @@ Everything slower (payload building, file writes) happens later in the flusher.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import time
-from dataclasses import dataclass, replace
 from typing import Any
 
-import httpx
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, raw
 
 from . import wire
+from .answers import Answer, json_response, relay_chat
 from .config import Settings
 from .context import extract_context
 from .flusher import Flusher
 from .ids import new_request_id
 from .inbox import loads
 from .logs import setup_logging
-from .relay import (
-    BackendError,
-    Relay,
-    RelayOutcome,
-    SSEReader,
-    backend_instruction,
-    iterate,
-    prepare_body,
-    reply_from_completion,
-)
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .relay import Relay
 from .retention import Pruner
 from .store import NewRequest, Store, StoreError
 
 log = logging.getLogger("ai_agent_proxy")
 
-JSON = "application/json"
-SSE = "text/event-stream"
-SSE_HEADERS = {"cache-control": "no-cache"}
 PUBLIC_PATHS = frozenset({"/healthz"})
 
 _ERROR_TYPES = {
@@ -66,10 +51,6 @@ class ApiError(SanicException):
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message, status_code=status, quiet=True)
-
-
-def json_response(body: bytes, status: int = 200) -> HTTPResponse:
-    return raw(body, status=status, content_type=JSON)
 
 
 def error_response(status: int, message: str) -> HTTPResponse:
@@ -121,44 +102,6 @@ def parse_body(raw_body: bytes, remote: str) -> dict[str, Any]:
         log.warning("invalid_json remote=%s bytes=%d error=not an object", remote, len(raw_body))
         raise ApiError(400, "request body must be a JSON object")
     return body
-
-
-class Metrics:
-    """Prometheus metrics of one worker process; DB gauges are read at scrape time."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "aiap_http_requests",
-            "HTTP requests answered",
-            ["route", "status"],
-            registry=self.registry,
-        )
-        self.rows = Gauge("aiap_rows", "Outbox rows by state", ["state"], registry=self.registry)
-        self.backlog = Gauge(
-            "aiap_backlog_rows", "Rows not yet in the inbox", registry=self.registry
-        )
-        self.backlog_age = Gauge(
-            "aiap_backlog_oldest_age_seconds",
-            "Age of the oldest row not yet in the inbox",
-            registry=self.registry,
-        )
-        self.files = Gauge(
-            "aiap_inbox_files_written",
-            "Inbox files written by this process",
-            registry=self.registry,
-        )
-        self.failures = Gauge(
-            "aiap_inbox_write_failures",
-            "Failed inbox writes in this process",
-            registry=self.registry,
-        )
-        self.flush_latency = Histogram(
-            "aiap_request_to_file_seconds",
-            "Time from receipt to inbox file",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-            registry=self.registry,
-        )
 
 
 def create_app(settings: Settings) -> Sanic:
@@ -255,151 +198,11 @@ def create_app(settings: Settings) -> Sanic:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> HTTPResponse:
-        m: Metrics = request.app.ctx.metrics
-        try:
-            counts = await request.app.ctx.store.counts_by_state()
-            backlog, oldest = await request.app.ctx.store.backlog()
-        except StoreError:
-            counts, backlog, oldest = {}, -1, None
-        for state in ("awaiting_backend", "pending", "written", "duplicate"):
-            m.rows.labels(state).set(counts.get(state, 0))
-        m.backlog.set(backlog)
-        m.backlog_age.set(0 if oldest is None else max(0.0, time.time() - oldest / 1000))
-        status = request.app.ctx.flusher.status
-        m.files.set(status.files_written)
-        m.failures.set(status.write_failures)
-        return raw(generate_latest(m.registry), content_type=CONTENT_TYPE_LATEST)
+        ctx = request.app.ctx
+        text = await ctx.metrics.scrape(ctx.store, ctx.flusher.status)
+        return raw(text, content_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-@dataclass(frozen=True)
-class Answer:
-    """How to answer one chat request locally: model name, stream or not, usage chunk."""
-
-    model: str
-    stream: bool
-    include_usage: bool
-    reply: str
-
-    @classmethod
-    def for_body(cls, body: dict[str, Any], settings: Settings) -> Answer:
-        model = body.get("model")
-        options = body.get("stream_options")
-        return cls(
-            model=model if isinstance(model, str) else settings.model_id,
-            stream=body.get("stream") is True,
-            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
-            reply=settings.reply,
-        )
-
-    def fallback(self) -> HTTPResponse:
-        """The local answer: REPLY (default empty) as JSON or as a complete SSE stream."""
-        if self.stream:
-            return raw(
-                wire.chat_completion_stream(self.model, self.reply, self.include_usage),
-                content_type=SSE,
-                headers=SSE_HEADERS,
-            )
-        return json_response(wire.chat_completion(self.model, self.reply))
-
-
-async def relay_chat(
-    request: Request,
-    relay: Relay,
-    body: dict[str, Any],
-    context_id: str | None,
-    request_id: str,
-    answer: Answer,
-) -> HTTPResponse | None:
-    """Forward to the backend, answer the client, record the outcome whatever happens."""
-    settings: Settings = request.app.ctx.settings
-    instruction = backend_instruction(settings, context_id)
-    prepared = prepare_body(body, instruction, settings.backend_model)
-    outcome = RelayOutcome()
-    try:
-        if answer.stream:
-            return await relay_stream(request, relay, prepared, outcome, answer)
-        try:
-            return json_response(await relay.complete(prepared, outcome))
-        except BackendError as exc:
-            outcome.fail(str(exc))
-            return answer.fallback()
-    except asyncio.CancelledError:
-        outcome.fail("client disconnected before the backend answer was complete")
-        raise
-    finally:
-        outcome.done()
-        if outcome.error:
-            log.warning("backend_forward_failed request_id=%s error=%s", request_id, outcome.error)
-        # Shielded: a client that hangs up must not stop the outcome being recorded.
-        await asyncio.shield(record_outcome(request.app, request_id, instruction, outcome))
-
-
-async def relay_stream(
-    request: Request,
-    relay: Relay,
-    prepared: dict[str, Any],
-    outcome: RelayOutcome,
-    answer: Answer,
-) -> HTTPResponse | None:
-    try:
-        resp = await relay.open_stream(prepared, outcome)
-    except BackendError as exc:
-        outcome.fail(str(exc))
-        return answer.fallback()
-    try:
-        if not resp.headers.get("content-type", "").startswith("text/event-stream"):
-            # The backend ignored "stream": answer its completion as a stream ourselves.
-            content = await resp.aread()
-            try:
-                outcome.reply, outcome.usage = reply_from_completion(orjson.loads(content))
-            except ValueError as exc:
-                raise BackendError(f"unusable backend answer: {exc}") from None
-            return replace(answer, reply=outcome.reply).fallback()
-        response = await request.respond(content_type=SSE, headers=SSE_HEADERS)
-        reader = SSEReader()
-        try:
-            async for chunk in iterate(resp):
-                reader.feed(chunk)
-                await response.send(chunk)
-            if not reader.finished:
-                raise BackendError("backend stream ended before a finish_reason")
-            outcome.reply, outcome.usage = reader.text, reader.usage
-        except (httpx.HTTPError, BackendError) as exc:
-            outcome.fail(relay.describe(exc) if isinstance(exc, httpx.HTTPError) else str(exc))
-            # Close the client's stream cleanly: a finish_reason, then [DONE].
-            await response.send(wire.stream_close(answer.model))
-        await response.eof()
-        return None
-    except BackendError as exc:
-        outcome.fail(str(exc))
-        return answer.fallback()
-    finally:
-        await resp.aclose()
-
-
-async def record_outcome(
-    app: Sanic, request_id: str, instruction: str, outcome: RelayOutcome
-) -> None:
-    usage = orjson.dumps(outcome.usage).decode() if outcome.usage else None
-    for attempt in range(3):
-        try:
-            await app.ctx.store.finish_backend(
-                request_id,
-                instruction,
-                outcome.reply,
-                outcome.status,
-                outcome.error,
-                outcome.latency_ms,
-                usage,
-            )
-            break
-        except StoreError as exc:
-            # The flusher delivers the row anyway once the wait is deemed stale.
-            log.error("backend_outcome_not_recorded request_id=%s error=%s", request_id, exc)
-            await asyncio.sleep(0.2 * (attempt + 1))
-    app.ctx.flusher.wake()
 
 
 async def models(app: Sanic) -> list[dict[str, Any]]:

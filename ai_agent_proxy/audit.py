@@ -74,7 +74,7 @@ class Selection:
     def is_empty(self) -> bool:
         return not (
             self.context_id or self.since_ms or self.until_ms or self.state or self.search
-            or self.ids
+            or self.ids or self.limit
         )  # fmt: skip
 
     def where(self) -> tuple[str, list[Any]]:

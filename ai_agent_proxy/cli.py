@@ -359,7 +359,7 @@ def replay(
         resolved = [audit.resolve_id(i) for i in ids or []]
         selection = make_selection(context_id, since, until, state, search, limit, resolved)
         if selection.is_empty() and not all_rows:
-            raise fail("say what to replay: request ids, a filter (--since, --context-id, ...) "
+            raise fail("say what to replay: request ids, a filter (--since, --limit, ...) "
                        "or --all")  # fmt: skip
         report = replay_rows(audit, selection, settings, full=full, dry_run=dry_run)
     except AuditError as exc:

@@ -155,6 +155,7 @@ class Store:
         self._conn: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_Waiting] = asyncio.Queue()
         self._commit_task: asyncio.Task[None] | None = None
+        self._committing = False
         self._on_commit: list[Callable[[], None]] = []
         self._segment_ids: dict[bytes, int] = {}  # hash -> id of committed segments
         self._recent_segments: dict[tuple[int, bytes, bytes], tuple[bytes, bytes]] = {}
@@ -172,8 +173,8 @@ class Store:
 
     async def close(self) -> None:
         if self._commit_task:
-            # Let queued requests finish committing before the connection goes.
-            while not self._queue.empty():
+            # Let queued and committing requests finish before the connection goes.
+            while not self._queue.empty() or self._committing:
                 await asyncio.sleep(0.005)
             self._commit_task.cancel()
             await asyncio.gather(self._commit_task, return_exceptions=True)
@@ -237,6 +238,7 @@ class Store:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < MAX_COMMIT_BATCH:
                 batch.append(self._queue.get_nowait())
+            self._committing = True
             try:
                 learned = await run_in_db_thread(
                     self._ingest, _commit_batch, batch, self._segment_ids
@@ -248,6 +250,8 @@ class Store:
                     if not w.done.done():
                         w.done.set_exception(error)
                 continue
+            finally:
+                self._committing = False
             # Only committed segments may be referenced without being inserted again.
             if len(self._segment_ids) + len(learned) > SEGMENT_CACHE_SIZE:
                 self._segment_ids.clear()

@@ -172,9 +172,10 @@ for i, p in ipairs(paths) do
   local f = assert(io.open(p, "rb")); templates[i] = f:read("*a"); f:close()
 end
 local counter = 0
-local tid = 0
-function setup(thread) tid = tid + 1; thread:set("tid", tid) end
-function init(args) counter = 0 end
+local threads = 0
+-- setup runs in the main Lua state; thread:set makes `tid` a global of each thread's own
+-- state, so each thread counts in its own range and no two requests are alike.
+function setup(thread) threads = threads + 1; thread:set("tid", threads) end
 request = function()
   counter = counter + 1
   local n = tostring(tid * 100000000 + counter)

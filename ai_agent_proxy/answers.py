@@ -1,0 +1,172 @@
+"""What the client hears once its request is committed: the local answer (REPLY, as JSON
+or as a complete SSE stream), or the backend's answer relayed as it arrives, with its
+outcome recorded on the row whatever happens."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+import httpx
+import orjson
+from sanic import Request
+from sanic.response import HTTPResponse, raw
+
+from . import wire
+from .config import Settings
+from .flusher import Flusher
+from .relay import (
+    BackendError,
+    Relay,
+    RelayOutcome,
+    SSEReader,
+    backend_instruction,
+    iterate,
+    prepare_body,
+    reply_from_completion,
+)
+from .store import Store, StoreError
+
+log = logging.getLogger("ai_agent_proxy")
+
+JSON = "application/json"
+SSE = "text/event-stream"
+SSE_HEADERS = {"cache-control": "no-cache"}
+
+
+def json_response(body: bytes, status: int = 200) -> HTTPResponse:
+    return raw(body, status=status, content_type=JSON)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How to answer one chat request locally: model name, stream or not, usage chunk."""
+
+    model: str
+    stream: bool
+    include_usage: bool
+    reply: str
+
+    @classmethod
+    def for_body(cls, body: dict[str, Any], settings: Settings) -> Answer:
+        model = body.get("model")
+        options = body.get("stream_options")
+        return cls(
+            model=model if isinstance(model, str) else settings.model_id,
+            stream=body.get("stream") is True,
+            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+            reply=settings.reply,
+        )
+
+    def fallback(self) -> HTTPResponse:
+        """The local answer: REPLY (default empty) as JSON or as a complete SSE stream."""
+        if self.stream:
+            return raw(
+                wire.chat_completion_stream(self.model, self.reply, self.include_usage),
+                content_type=SSE,
+                headers=SSE_HEADERS,
+            )
+        return json_response(wire.chat_completion(self.model, self.reply))
+
+
+async def relay_chat(
+    request: Request,
+    relay: Relay,
+    body: dict[str, Any],
+    context_id: str | None,
+    request_id: str,
+    answer: Answer,
+) -> HTTPResponse | None:
+    """Forward to the backend, answer the client, record the outcome whatever happens."""
+    ctx = request.app.ctx
+    settings: Settings = ctx.settings
+    instruction = backend_instruction(settings, context_id)
+    prepared = prepare_body(body, instruction, settings.backend_model)
+    outcome = RelayOutcome()
+    try:
+        if answer.stream:
+            return await relay_stream(request, relay, prepared, outcome, answer)
+        try:
+            return json_response(await relay.complete(prepared, outcome))
+        except BackendError as exc:
+            outcome.fail(str(exc))
+            return answer.fallback()
+    except asyncio.CancelledError:
+        outcome.fail("client disconnected before the backend answer was complete")
+        raise
+    finally:
+        outcome.done()
+        if outcome.error:
+            log.warning("backend_forward_failed request_id=%s error=%s", request_id, outcome.error)
+        # Shielded: a client that hangs up must not stop the outcome being recorded.
+        await asyncio.shield(
+            record_outcome(ctx.store, ctx.flusher, request_id, instruction, outcome)
+        )
+
+
+async def relay_stream(
+    request: Request,
+    relay: Relay,
+    prepared: dict[str, Any],
+    outcome: RelayOutcome,
+    answer: Answer,
+) -> HTTPResponse | None:
+    try:
+        resp = await relay.open_stream(prepared, outcome)
+    except BackendError as exc:
+        outcome.fail(str(exc))
+        return answer.fallback()
+    try:
+        if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+            # The backend ignored "stream": answer its completion as a stream ourselves.
+            content = await resp.aread()
+            try:
+                outcome.reply, outcome.usage = reply_from_completion(orjson.loads(content))
+            except ValueError as exc:
+                raise BackendError(f"unusable backend answer: {exc}") from None
+            return replace(answer, reply=outcome.reply).fallback()
+        response = await request.respond(content_type=SSE, headers=SSE_HEADERS)
+        reader = SSEReader()
+        try:
+            async for chunk in iterate(resp):
+                reader.feed(chunk)
+                await response.send(chunk)
+            if not reader.finished:
+                raise BackendError("backend stream ended before a finish_reason")
+            outcome.reply, outcome.usage = reader.text, reader.usage
+        except (httpx.HTTPError, BackendError) as exc:
+            outcome.fail(relay.describe(exc) if isinstance(exc, httpx.HTTPError) else str(exc))
+            # Close the client's stream cleanly: a finish_reason, then [DONE].
+            await response.send(wire.stream_close(answer.model))
+        await response.eof()
+        return None
+    except BackendError as exc:
+        outcome.fail(str(exc))
+        return answer.fallback()
+    finally:
+        await resp.aclose()
+
+
+async def record_outcome(
+    store: Store, flusher: Flusher, request_id: str, instruction: str, outcome: RelayOutcome
+) -> None:
+    usage = orjson.dumps(outcome.usage).decode() if outcome.usage else None
+    for attempt in range(3):
+        try:
+            await store.finish_backend(
+                request_id,
+                instruction,
+                outcome.reply,
+                outcome.status,
+                outcome.error,
+                outcome.latency_ms,
+                usage,
+            )
+            break
+        except StoreError as exc:
+            # The flusher delivers the row anyway once the wait is deemed stale.
+            log.error("backend_outcome_not_recorded request_id=%s error=%s", request_id, exc)
+            await asyncio.sleep(0.2 * (attempt + 1))
+    flusher.wake()

@@ -1,0 +1,67 @@
+"""Prometheus metrics of one worker process (prometheus-client, text format)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .flusher import FlusherStatus
+from .store import Store, StoreError
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+
+class Metrics:
+    """Prometheus metrics of one worker process; DB gauges are read at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "aiap_http_requests",
+            "HTTP requests answered",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.rows = Gauge("aiap_rows", "Outbox rows by state", ["state"], registry=self.registry)
+        self.backlog = Gauge(
+            "aiap_backlog_rows", "Rows not yet in the inbox", registry=self.registry
+        )
+        self.backlog_age = Gauge(
+            "aiap_backlog_oldest_age_seconds",
+            "Age of the oldest row not yet in the inbox",
+            registry=self.registry,
+        )
+        self.files = Gauge(
+            "aiap_inbox_files_written",
+            "Inbox files written by this process",
+            registry=self.registry,
+        )
+        self.failures = Gauge(
+            "aiap_inbox_write_failures",
+            "Failed inbox writes in this process",
+            registry=self.registry,
+        )
+        self.flush_latency = Histogram(
+            "aiap_request_to_file_seconds",
+            "Time from receipt to inbox file",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+
+    async def scrape(self, store: Store, flusher: FlusherStatus) -> bytes:
+        """Prometheus text; the row gauges are read from the DB now, so every worker
+        reports the same, current numbers."""
+        try:
+            counts = await store.counts_by_state()
+            backlog, oldest = await store.backlog()
+        except StoreError:
+            counts, backlog, oldest = {}, -1, None
+        for state in ("awaiting_backend", "pending", "written", "duplicate"):
+            self.rows.labels(state).set(counts.get(state, 0))
+        self.backlog.set(backlog)
+        self.backlog_age.set(0 if oldest is None else max(0.0, time.time() - oldest / 1000))
+        self.files.set(flusher.files_written)
+        self.failures.set(flusher.write_failures)
+        return generate_latest(self.registry)
