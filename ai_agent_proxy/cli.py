@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Annotated, Any
 
@@ -198,16 +200,28 @@ StateOpt = Annotated[
 ]
 SearchOpt = Annotated[str | None, _opt("Text in the person's prompt.", "--search")]
 FormatOpt = Annotated[str, typer.Option("--format", help="table, json, jsonl or csv.")]
+DocFormatOpt = Annotated[str, typer.Option("--format", help="text or json.")]
+DOC_FORMATS = ("text", "json")
 
 
-def open_audit(config: str | None, db: str | None, inbox: str | None = None) -> tuple[Any, Any]:
+@contextmanager
+def audit_session(
+    config: str | None, db: str | None, inbox: str | None = None
+) -> Iterator[tuple[Settings, Any]]:
+    """Settings and a read-only Audit of the DB; any AuditError becomes one line, exit 2."""
     from .audit import Audit, AuditError
 
     settings = settings_or_exit(config, {"db": db, "inbox": inbox})
     try:
-        return settings, Audit(settings.db_path)
+        audit = Audit(settings.db_path)
     except AuditError as exc:
         raise fail(str(exc)) from None
+    try:
+        yield settings, audit
+    except AuditError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        audit.close()
 
 
 def make_selection(
@@ -274,18 +288,12 @@ def history(
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"config": config, "db": db, "inbox": inbox}
         return
-    from .audit import AuditError
     from .output import FORMATS, write_records
 
     check_format(fmt, FORMATS)
     selection = make_selection(context_id, since, until, state, search, limit)
-    _, audit = open_audit(config, db, inbox)
-    try:
+    with audit_session(config, db, inbox) as (_, audit):
         write_records(audit.records(selection), fmt)
-    except AuditError as exc:
-        raise fail(str(exc)) from None
-    finally:
-        audit.close()
 
 
 @history_cli.command("show")
@@ -295,21 +303,15 @@ def history_show(
     config: ConfigOpt = None,
     db: DbOpt = None,
     inbox: InboxOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+    fmt: DocFormatOpt = "text",
 ) -> None:
     """Everything about one request: body, backend reply or error, inbox file, attempts."""
-    from .audit import AuditError
     from .inbox import loads
     from .output import write_document
 
-    check_format(fmt, ("text", "json"))
-    settings, audit = open_audit(*inherited(ctx, config, db, inbox))
-    try:
+    check_format(fmt, DOC_FORMATS)
+    with audit_session(*inherited(ctx, config, db, inbox)) as (settings, audit):
         doc = audit.show(request_id)
-    except AuditError as exc:
-        raise fail(str(exc)) from None
-    finally:
-        audit.close()
     doc["inbox_path"] = str(settings.inbox / doc["inbox_file"])
     doc["body"] = loads(doc.pop("body"))  # last: it is by far the longest part
     write_document(doc, fmt)
@@ -321,17 +323,14 @@ def history_stats(
     config: ConfigOpt = None,
     db: DbOpt = None,
     inbox: InboxOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+    fmt: DocFormatOpt = "text",
 ) -> None:
     """Counts by state, backlog, request->file latency percentiles, top contexts."""
     from .output import write_document
 
-    check_format(fmt, ("text", "json"))
-    _, audit = open_audit(*inherited(ctx, config, db, inbox))
-    try:
+    check_format(fmt, DOC_FORMATS)
+    with audit_session(*inherited(ctx, config, db, inbox)) as (_, audit):
         write_document(audit.stats(), fmt)
-    finally:
-        audit.close()
 
 
 @cli.command()
@@ -351,23 +350,18 @@ def replay(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List, write nothing.")] = False,
 ) -> None:
     """Rewrite inbox files from the DB: same names and content as the flusher writes."""
-    from .audit import AuditError
     from .replay import replay_rows
 
-    settings, audit = open_audit(config, db, inbox)
-    try:
+    with audit_session(config, db, inbox) as (settings, audit):
         resolved = [audit.resolve_id(i) for i in ids or []]
         selection = make_selection(context_id, since, until, state, search, limit, resolved)
         if selection.is_empty() and not all_rows:
             raise fail("say what to replay: request ids, a filter (--since, --limit, ...) "
                        "or --all")  # fmt: skip
-        report = replay_rows(audit, selection, settings, full=full, dry_run=dry_run)
-    except AuditError as exc:
-        raise fail(str(exc)) from None
-    except OSError as exc:
-        raise fail(f"cannot write to {settings.inbox}: {exc}", 1) from None
-    finally:
-        audit.close()
+        try:
+            report = replay_rows(audit, selection, settings, full=full, dry_run=dry_run)
+        except OSError as exc:
+            raise fail(f"cannot write to {settings.inbox}: {exc}", 1) from None
     typer.echo(report, err=True)
 
 
