@@ -215,23 +215,28 @@ async def models(app: Sanic) -> list[dict[str, Any]]:
 
 
 async def readiness(app: Sanic) -> tuple[dict[str, Any], bool]:
+    """Ready when the DB answers and takes commits, and inbox files can be written."""
+    store: Store = app.ctx.store
     report: dict[str, Any] = {"status": "ready", "db": "ok", "inbox": "ok"}
-    ready = True
     try:
-        backlog, oldest = await app.ctx.store.backlog()
+        backlog, oldest = await store.backlog()
         report["backlog"] = backlog
         report["oldest_unwritten_age_s"] = (
             None if oldest is None else round(max(0.0, time.time() - oldest / 1000), 3)
         )
     except StoreError as exc:
         report["db"] = f"error: {exc}"
-        ready = False
+    if store.last_commit_error:
+        report["db"] = f"error: {store.last_commit_error}"
+    inbox = app.ctx.settings.inbox
     status = app.ctx.flusher.status
     if status.consecutive_failures:
         report["inbox"] = f"error: {status.last_error}"
         report["retry_in_s"] = status.retry_in_s
         report["consecutive_failures"] = status.consecutive_failures
-        ready = False
+    elif inbox.exists() and not inbox.is_dir():  # found before the next write fails
+        report["inbox"] = f"error: {inbox} is not a directory"
+    ready = report["db"] == "ok" and report["inbox"] == "ok"
     if not ready:
         report["status"] = "not_ready"
     return report, ready

@@ -156,6 +156,7 @@ class Store:
         self._queue: asyncio.Queue[_Waiting] = asyncio.Queue()
         self._commit_task: asyncio.Task[None] | None = None
         self._committing = False
+        self.last_commit_error: str | None = None  # cleared by the next successful commit
         self._on_commit: list[Callable[[], None]] = []
         self._segment_ids: dict[bytes, int] = {}  # hash -> id of committed segments
         self._recent_segments: dict[tuple[int, bytes, bytes], tuple[bytes, bytes]] = {}
@@ -245,6 +246,7 @@ class Store:
                 )
             except Exception as exc:
                 log.error("outbox_commit_failed rows=%d error=%s", len(batch), exc)
+                self.last_commit_error = str(exc)
                 error = StoreError(str(exc))
                 for w in batch:
                     if not w.done.done():
@@ -252,6 +254,7 @@ class Store:
                 continue
             finally:
                 self._committing = False
+            self.last_commit_error = None
             # Only committed segments may be referenced without being inserted again.
             if len(self._segment_ids) + len(learned) > SEGMENT_CACHE_SIZE:
                 self._segment_ids.clear()

@@ -36,6 +36,8 @@ def test_broken_inbox_keeps_accepting_then_delivers_in_order(make_server) -> Non
     server = make_server(start=False)
     break_inbox(server)
     server.start()
+    idle = server.get("/readyz")  # seen before any write is even tried
+    assert idle.status_code == 503 and "not a directory" in idle.json()["inbox"]
     for i in range(25):
         assert server.post_chat(prompt_body(i, "api")).status_code == 200
     assert server.inbox.is_file()

@@ -168,11 +168,14 @@ def test_db_read_only_answers_503_then_recovers(server: Server) -> None:
             r = server.post_chat(body("refused"))
             assert r.status_code == 503, r.text
             assert r.json()["error"]["type"] == "service_unavailable"
+        ready = server.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["db"].startswith("error:")
     finally:
         chattr("-i", *files)
     assert wait_until(lambda: server.post_chat(body("after")).status_code == 200, timeout=10)
     server.wait_files(2)
     assert sorted(delivered(server)) == ["prompt after", "prompt before"]
+    assert server.get("/readyz").status_code == 200
 
 
 # -- several workers ------------------------------------------------------------------------
