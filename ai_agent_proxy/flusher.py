@@ -114,6 +114,7 @@ class Flusher:
             self._unmarked = []
         rows = await self.store.claim_pending(BATCH)
         if not rows:
+            self._recovered()  # the DB answers and nothing is left failing
             return False
         inbox = self.settings.inbox
         result = await asyncio.to_thread(write_batch, inbox, rows, self.settings)
@@ -127,9 +128,7 @@ class Flusher:
             for seq in result.written:
                 self._on_written(max(0.0, (now_ms - received[seq]) / 1000))
         if result.failed_seq is None:
-            self.status.consecutive_failures = 0
-            self.status.last_error = None
-            self.status.retry_in_s = 0.0
+            self._recovered()
             return True
         done = set(result.written)
         release = [r.seq for r in rows if r.seq not in done and r.seq != result.failed_seq]
@@ -143,6 +142,11 @@ class Flusher:
             delay,
         )
         return False
+
+    def _recovered(self) -> None:
+        self.status.consecutive_failures = 0
+        self.status.last_error = None
+        self.status.retry_in_s = 0.0
 
     def _fail(self, error: str) -> float:
         self.status.write_failures += 1
