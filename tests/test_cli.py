@@ -218,3 +218,12 @@ def test_missing_and_newer_db(tmp_path: Path) -> None:
     (tmp_path / "text.db").write_text("not a database at all")
     r = cli("history", "--db", str(tmp_path / "text.db"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_replay_into_an_unwritable_inbox(populated: Server, tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, not a directory")
+    r = cli("replay", "--all", "--db", str(populated.db), "--inbox", str(blocked))
+    assert r.returncode == 1, r.stderr
+    assert "cannot write to" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
