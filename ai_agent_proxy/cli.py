@@ -189,7 +189,7 @@ history_cli = typer.Typer(
 )
 cli.add_typer(history_cli, name="history")
 
-DbOpt = Annotated[str | None, _opt("Outbox DB (default: from config / beside INBOX).", "--db")]
+DbOpt = Annotated[str | None, _opt("Outbox DB (default: the one for INBOX).", "--db")]
 InboxOpt = Annotated[str | None, _opt("Inbox directory (INBOX).", "--inbox")]
 ContextOpt = Annotated[str | None, _opt("Only this context_id.", "--context-id")]
 SinceOpt = Annotated[str | None, _opt("Received at or after: 90s, 2h, 3d or ISO time.", "--since")]

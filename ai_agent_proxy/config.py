@@ -6,6 +6,7 @@ naming the key, the value and its source (exit code 2).
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -113,11 +114,14 @@ class Settings(BaseModel):
 
     @property
     def db_path(self) -> Path:
-        """The DB defaults to a hidden folder beside the inbox, so two proxies with
-        different inboxes never share (and cross-deliver) one outbox."""
+        """By default one DB per inbox, under the user's state directory: two proxies with
+        different inboxes never share (and cross-deliver) one outbox, and the agent's
+        workspace (often a git repository) gets no database file in it."""
         if self.db is not None:
             return self.db
-        return self.inbox.parent / ".ai-agent-proxy" / "outbox.db"
+        state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+        key = hashlib.sha256(str(self.inbox).encode()).hexdigest()[:12]
+        return state / "ai-agent-proxy" / f"{self.inbox.name}-{key}" / "outbox.db"
 
     @property
     def is_loopback(self) -> bool:

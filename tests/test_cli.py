@@ -154,7 +154,6 @@ def test_replay_rewrites_the_same_files(populated: Server, tmp_path: Path) -> No
     originals = {n: (populated.inbox / n).read_bytes() for n in populated.inbox_names()}
     populated.stop()  # replay must not need the server
     shutil.rmtree(populated.inbox)
-    # --inbox alone finds the DB beside it, as the server does
     r = cli("replay", "--all", "--inbox", str(populated.inbox), "--db", str(populated.db))
     assert r.returncode == 0, r.stderr
     assert "wrote 9 file(s)" in r.stderr and "skipped 1 duplicate" in r.stderr

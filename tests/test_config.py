@@ -39,7 +39,14 @@ def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path, monkeyp
     s = load_settings(None, {}, {})  # no ./.ai-agent-proxy.conf in cwd
     assert (s.port, s.host, s.reply) == (7011, "127.0.0.1", "")
     assert s.inbox == Path("~/.openclaw/workspace/inbox").expanduser()
-    assert s.db_path == s.inbox.parent / ".ai-agent-proxy" / "outbox.db"
+    assert s.db_path.name == "outbox.db" and s.db_path.parent.name.startswith("inbox-")
+    assert s.inbox.parent not in s.db_path.parents  # not inside the agent's workspace
+    other = load_settings(None, {"inbox": str(tmp_path / "other" / "inbox")}, {})
+    assert other.db_path != s.db_path  # one outbox per inbox
+    before = s.db_path
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # honoured
+    after = load_settings(None, {}, {}).db_path
+    assert after.parent.parent == tmp_path / "state" / "ai-agent-proxy" and after != before
 
 
 def test_default_config_file_is_read_from_cwd(tmp_path: Path, monkeypatch) -> None:
