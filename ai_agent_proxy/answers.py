@@ -25,7 +25,6 @@ from .relay import (
     backend_instruction,
     iterate,
     prepare_body,
-    reply_from_completion,
 )
 from .store import Store, StoreError
 
@@ -121,12 +120,8 @@ async def relay_stream(
     try:
         if not resp.headers.get("content-type", "").startswith("text/event-stream"):
             # The backend ignored "stream": answer its completion as a stream ourselves.
-            content = await resp.aread()
-            try:
-                outcome.reply, outcome.usage = reply_from_completion(orjson.loads(content))
-            except ValueError as exc:
-                raise BackendError(f"unusable backend answer: {exc}") from None
-            return replace(answer, reply=outcome.reply).fallback()
+            relay.read_completion(await resp.aread(), outcome)
+            return replace(answer, reply=outcome.reply or "").fallback()
         response = await request.respond(content_type=SSE, headers=SSE_HEADERS)
         reader = SSEReader()
         try:

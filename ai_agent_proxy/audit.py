@@ -18,7 +18,7 @@ from typing import Any
 from .bodies import join_segments, unpack_ids
 from .ids import inbox_file_name
 from .migrations import SchemaError, check_version
-from .store import PENDING_COLUMNS, PendingRow
+from .store import PENDING_COLUMNS, SEGMENT_DATA, PendingRow, body_needed, in_chunks
 
 STATES = ("pending", "written", "failed", "duplicate", "awaiting-backend")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.I)
@@ -165,8 +165,9 @@ class Audit:
             sql += f" LIMIT {int(sel.limit)}"
         return (record(r) for r in self._stream(sql, params))
 
-    def pending_rows(self, sel: Selection) -> Iterator[tuple[PendingRow, str]]:
-        """Rows as the flusher sees them (with their state), oldest first, for replay."""
+    def pending_rows(self, sel: Selection, full: bool = False) -> Iterator[tuple[PendingRow, str]]:
+        """Rows as the flusher sees them (with their state), oldest first, for replay; the
+        body is joined only where the payload will carry it."""
         where, params = sel.where()
         inner = f"SELECT {PENDING_COLUMNS}, state FROM requests{where}"
         if sel.limit:  # the newest N, written oldest first
@@ -175,19 +176,15 @@ class Audit:
             sql = inner + " ORDER BY seq"
         for r in self._stream(sql, params):
             values = tuple(r)
-            body = self.body(values[3])
+            body = self.body(values[3]) if body_needed(values[8], full) else b""
             yield PendingRow(*values[:3], body, *values[4:-1]), values[-1]
 
     def body(self, segments_blob: bytes) -> bytes:
         """Join a body's segments; they repeat across rows, so recent ones are cached."""
         ids = unpack_ids(segments_blob)
         missing = [i for i in dict.fromkeys(ids) if i not in self._segments]
-        for start in range(0, len(missing), 500):
-            chunk = missing[start : start + 500]
-            marks = ", ".join("?" * len(chunk))
-            self._segments.update(
-                self.conn.execute(f"SELECT id, data FROM segments WHERE id IN ({marks})", chunk)
-            )
+        for marks, chunk in in_chunks(missing):
+            self._segments.update(self.conn.execute(SEGMENT_DATA % marks, chunk))
         body = join_segments(ids, self._segments)
         if len(self._segments) > SEGMENT_CACHE_SIZE:
             self._segments.clear()

@@ -224,10 +224,8 @@ def _validate(sources: dict[str, Source]) -> Settings:
     data: dict[str, Any] = {}
     for key, src in sources.items():
         value: Any = src.value
-        # An empty value means "unset" for optional keys (e.g. URL= in a file).
-        if value == "" and key not in ("REPLY", "KEY"):
-            continue
-        if key == "KEY" and value == "":
+        # An empty value means "unset" (e.g. URL= in a file); only REPLY may be empty text.
+        if value == "" and key != "REPLY":
             continue
         data[key.lower()] = value
     try:

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from .config import Settings
-from .store import PendingRow
+from .store import PendingRow, body_needed
 
 log = logging.getLogger("ai_agent_proxy.inbox")
 
@@ -43,7 +43,7 @@ def build_payload(row: PendingRow, settings: Settings, *, full: bool = False) ->
     if row.backend_reply is not None:
         common["backend-llm-reply"] = row.backend_reply
         common["backend-llm-instruction"] = row.backend_instruction
-    if row.payload_kind == "compact" and not full:
+    if not body_needed(row.payload_kind, full):
         return {**common, "request_id": row.id}
     body = loads(row.body)
     payload = body if isinstance(body, dict) else {"body": body}

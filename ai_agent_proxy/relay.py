@@ -6,7 +6,6 @@ decides what the client sees and the store records the outcome.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -77,7 +76,6 @@ class SSEReader:
         self.parts: list[str] = []
         self.usage: dict[str, Any] | None = None
         self.finished = False  # a finish_reason or [DONE] was seen
-        self.done = False
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -88,7 +86,7 @@ class SSEReader:
                 continue
             payload = line[5:].strip()
             if payload == b"[DONE]":
-                self.done = self.finished = True
+                self.finished = True
                 continue
             try:
                 event = orjson.loads(payload)
@@ -154,11 +152,15 @@ class Relay:
         outcome.status = resp.status_code
         if not resp.is_success:
             raise BackendError(self._status_error(resp.status_code, resp.content))
+        self.read_completion(resp.content, outcome)
+        return resp.content
+
+    def read_completion(self, content: bytes, outcome: RelayOutcome) -> None:
+        """Take the reply and usage of a chat.completion body; BackendError if it is not one."""
         try:
-            outcome.reply, outcome.usage = reply_from_completion(json.loads(resp.content))
+            outcome.reply, outcome.usage = reply_from_completion(orjson.loads(content))
         except ValueError as exc:
             raise BackendError(self.redact(f"unusable backend answer: {exc}")) from None
-        return resp.content
 
     async def open_stream(self, body: dict[str, Any], outcome: RelayOutcome) -> httpx.Response:
         """Start a streaming call; the caller must `aclose()` the response. Raises

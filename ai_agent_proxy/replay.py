@@ -35,7 +35,7 @@ def replay_rows(
 
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task("replaying", total=total)
-        for row, state in audit.pending_rows(selection):
+        for row, state in audit.pending_rows(selection, full):
             progress.advance(task)
             if state == "duplicate":
                 skipped += 1

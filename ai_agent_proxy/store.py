@@ -14,7 +14,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,19 @@ class PendingRow:
         return inbox_file_name(self.id, self.received_ms)
 
 
+def body_needed(payload_kind: str, full: bool = False) -> bool:
+    """Only full payloads carry the body; compact rows never need it joined."""
+    return full or payload_kind == "full"
+
+
+def in_chunks(values: Sequence[Any]) -> Iterator[tuple[str, list[Any]]]:
+    """(placeholders, values) for `... IN (placeholders)` queries of at most _SQL_VARS."""
+    values = list(values)
+    for i in range(0, len(values), _SQL_VARS):
+        chunk = values[i : i + _SQL_VARS]
+        yield ", ".join("?" * len(chunk)), chunk
+
+
 _INSERT = """
 INSERT INTO requests (
     id, received_ms, body_segments, body_hash, context_id, channel, target, message_id,
@@ -114,6 +127,7 @@ PENDING_COLUMNS = (
 )
 
 SEGMENT_CACHE_SIZE = 50_000
+SEGMENT_DATA = "SELECT id, data FROM segments WHERE id IN (%s)"
 _SQL_VARS = 500  # parameters per IN (...) query, well under SQLite's limit
 
 
@@ -284,8 +298,7 @@ class Store:
         params = (now + CLAIM_LEASE_MS, now, limit)
         rows = await self._group_commit(work=lambda c: c.execute(sql, params).fetchall())
         rows.sort(key=lambda r: r[0])
-        # Compact payloads carry no body: join segments only for the full ones.
-        ids = [unpack_ids(r[3]) if r[8] == "full" else [] for r in rows]
+        ids = [unpack_ids(r[3]) if body_needed(r[8]) else [] for r in rows]
         data = await self._segment_data({i for row_ids in ids for i in row_ids})
         return [
             PendingRow(*r[:3], join_segments(row_ids, data), *r[4:])
@@ -293,13 +306,9 @@ class Store:
         ]
 
     async def _segment_data(self, ids: set[int]) -> dict[int, bytes]:
-        wanted, out = list(ids), {}
-        for i in range(0, len(wanted), _SQL_VARS):
-            chunk = wanted[i : i + _SQL_VARS]
-            marks = ", ".join("?" * len(chunk))
-            out.update(
-                await self._read(f"SELECT id, data FROM segments WHERE id IN ({marks})", chunk)
-            )
+        out: dict[int, bytes] = {}
+        for marks, chunk in in_chunks(ids):
+            out.update(await self._read(SEGMENT_DATA % marks, chunk))
         return out
 
     async def mark_written(self, seqs: Iterable[int]) -> None:
@@ -411,10 +420,7 @@ def _commit_batch(
             db.executemany(
                 "INSERT OR IGNORE INTO segments (hash, data) VALUES (?, ?)", unseen.items()
             )
-            hashes = list(unseen)
-            for i in range(0, len(hashes), _SQL_VARS):
-                chunk = hashes[i : i + _SQL_VARS]
-                marks = ", ".join("?" * len(chunk))
+            for marks, chunk in in_chunks(list(unseen)):
                 learned.update(
                     db.execute(f"SELECT hash, id FROM segments WHERE hash IN ({marks})", chunk)
                 )

@@ -138,5 +138,6 @@ def test_migrations_recorded(server: Server) -> None:
 
 def test_port_in_use_is_one_line(server: Server, tmp_path: Path) -> None:
     r = run_cli("--port", str(server.port), "--inbox", str(tmp_path / "i"), cwd=tmp_path)
-    assert r.returncode != 0
+    assert r.returncode == 1
+    assert f"cannot serve on 127.0.0.1:{server.port}" in r.stderr.strip().splitlines()[-1]
     assert "Traceback" not in r.stderr
