@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import sqlite3
 import statistics
 import threading
 import time
+from array import array
 from collections.abc import Iterator
 
 import httpx
@@ -256,3 +258,26 @@ def test_slow_backend_does_not_block_other_requests(make_server, backend) -> Non
     median, worst = statistics.median(latencies), max(latencies)
     print(f"\n/healthz, 40 backend calls in flight: median {median:.2f} ms, max {worst:.2f} ms")
     assert median < 20
+
+
+def test_abandoned_backend_wait_is_delivered(make_server, backend: FakeBackend) -> None:
+    """A row left awaiting the backend by a worker that died (as another worker sees it)
+    is delivered without a reply once the wait is far past any timeout."""
+    server = relay_server(make_server, backend.url, "--backend-timeout", "1")
+    body = json.dumps({"messages": [{"role": "user", "content": "orphan"}]}).encode()
+    hour_ago = int((time.time() - 3600) * 1000)
+    with sqlite3.connect(server.db) as conn:
+        seg = conn.execute(
+            "INSERT INTO segments (hash, data) VALUES (?, ?)", (b"orphan-hash-0001", body)
+        ).lastrowid
+        conn.execute(
+            "INSERT INTO requests (id, received_ms, body_segments, body_hash, payload_kind,"
+            " state, latest_user_prompt) VALUES (?, ?, ?, ?, 'full', 'awaiting_backend', ?)",
+            ("0" * 20 + "abandoned000", hour_ago, array("I", [seg]).tobytes(), b"h" * 16,
+             "orphan"),
+        )  # fmt: skip
+    server.wait_files(1)  # picked up by the flusher's idle pass, no restart
+    (row,) = server.rows()
+    assert (row["state"], row["backend_error"]) == ("written", "interrupted")
+    assert server.inbox_payloads()[0]["latest-user-prompt"] == "orphan"
+    assert "backend_wait_expired rows=1" in server.log()
