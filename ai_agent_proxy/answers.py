@@ -93,7 +93,8 @@ async def relay_chat(
             outcome.fail(str(exc))
             return answer.fallback()
     except asyncio.CancelledError:
-        outcome.fail("client disconnected before the backend answer was complete")
+        if outcome.reply is None:  # a client leaving after the finish keeps the reply
+            outcome.fail("client disconnected before the backend answer was complete")
         raise
     finally:
         outcome.done()
@@ -127,6 +128,8 @@ async def relay_stream(
         try:
             async for chunk in iterate(resp):
                 reader.feed(chunk)
+                if reader.finished:  # complete: keep it even if the client hangs up now
+                    outcome.reply, outcome.usage = reader.text, reader.usage
                 await response.send(chunk)
             if not reader.finished:
                 raise BackendError("backend stream ended before a finish_reason")

@@ -27,6 +27,7 @@ class FakeBackend:
         self.finished = threading.Event()  # set when a stream was sent to the end
         self.aborted = threading.Event()  # set when the proxy hung up on us
         self.delay = 0.0
+        self.linger = 0.0
         backend = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -127,6 +128,7 @@ class FakeBackend:
             usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
             send(event({**chunk(model, {}), "choices": [], "usage": usage}))
             send(b"data: [DONE]\n\n")
+            time.sleep(self.linger)  # some backends end the stream a little later
             h.wfile.write(b"0\r\n\r\n")
             h.wfile.flush()
             self.finished.set()

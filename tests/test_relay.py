@@ -281,3 +281,23 @@ def test_abandoned_backend_wait_is_delivered(make_server, backend: FakeBackend) 
     assert (row["state"], row["backend_error"]) == ("written", "interrupted")
     assert server.inbox_payloads()[0]["latest-user-prompt"] == "orphan"
     assert "backend_wait_expired rows=1" in server.log()
+
+
+def test_client_leaving_right_after_done_keeps_the_reply(make_server, backend) -> None:
+    """OpenClaw closes the connection once it has [DONE]; the backend may end its stream a
+    moment later. The reply was complete, so it must still be recorded."""
+    server = relay_server(make_server, backend.url)
+    backend.linger = 0.5
+    body = json.dumps({"stream": True, "messages": [{"role": "user", "content": "quick"}]})
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        received = b""
+        while b"data: [DONE]" not in received:
+            received += s.recv(65536)
+    server.wait_files(1)
+    (row,) = server.rows()
+    assert (row["backend_reply"], row["backend_error"]) == (FULL_REPLY, None)
+    assert server.inbox_payloads()[0]["backend-llm-reply"] == FULL_REPLY
