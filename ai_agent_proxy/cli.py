@@ -6,6 +6,7 @@ stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Iterator
@@ -177,7 +178,9 @@ def run_server(settings: Settings) -> None:
         )
         Sanic.serve(primary=app, app_loader=loader)
     except OSError as exc:
-        raise fail(f"cannot serve on {settings.host}:{settings.port}: {exc}", 1) from None
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise fail(f"cannot serve on {settings.host}:{settings.port}: {exc}", 1) from None
+        raise fail(f"server on {settings.host}:{settings.port} stopped: {exc}", 1) from None
 
 
 # -- history and replay ---------------------------------------------------------------------

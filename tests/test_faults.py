@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from collections import Counter
@@ -79,7 +80,11 @@ def assert_all_once(server: Server, acked: list[str], sent: set[str], timeout: f
     seen = delivered(server)
     assert set(seen) <= sent, sorted(set(seen) - sent)[:10]
     assert max(seen.values()) == 1, [p for p, n in seen.items() if n > 1][:10]
-    assert not [n for n in os.listdir(server.inbox) if not n.endswith(".json")]
+    # only *.json and dot-temps (a killed writer's leftovers, removed at the next start)
+    assert all(
+        n.endswith(".json") or (n.startswith(".") and n.endswith(".tmp"))
+        for n in os.listdir(server.inbox)
+    )
     print(f"\n  sent={len(sent)} acknowledged={len(acked)} delivered={len(seen)} lost=0 dup=0")
 
 
@@ -182,14 +187,9 @@ def test_db_read_only_answers_503_then_recovers(server: Server) -> None:
 
 
 def worker_pids(server: Server) -> list[int]:
-    assert server.proc is not None
-    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text()
-    pids = []
-    for pid in map(int, children.split()):
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
-            pids.append(pid)
-    return pids
+    """The Sanic worker processes, as the server logs them (the main process also has
+    multiprocessing helpers as children; killing those is not killing a worker)."""
+    return [int(pid) for pid in re.findall(r"Starting worker \[(\d+)\]", server.log())]
 
 
 @pytest.mark.slow
@@ -201,11 +201,12 @@ def test_two_workers_under_load_and_one_killed(make_server) -> None:
     assert_all_once(server, record.acked, record.sent)
 
     pids = worker_pids(server)
-    assert len(pids) >= 2, pids
+    assert len(pids) == 2, pids
     record2, _, thread2 = start_load(server.port, total=4000, connections=32, tag="second")
     wait_until(lambda: len(record2.acked) >= 500, timeout=30)
     os.kill(pids[0], signal.SIGKILL)  # one worker dies mid-load
     thread2.join(120)
+    assert server.proc is not None and server.proc.poll() is None  # still serving
     # the survivor keeps serving and delivers the dead worker's claimed rows too
     assert_all_once(server, record.acked + record2.acked, record.sent | record2.sent)
     assert len(record2.acked) >= 3000
