@@ -120,7 +120,7 @@ def create_app(settings: Settings) -> Sanic:
         store = Store(settings.db_path, settings.dedup_window)
         await store.open()
         flusher = Flusher(store, settings, on_written=app.ctx.metrics.flush_latency.observe)
-        store.on_commit(flusher.wake)
+        store.listen(flusher.hand, flusher.wake)
         flusher.start()
         app.ctx.store, app.ctx.flusher = store, flusher
         app.ctx.relay = Relay(settings) if settings.url else None

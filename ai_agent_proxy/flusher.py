@@ -1,7 +1,12 @@
 """Pending outbox rows -> inbox files, in arrival order, retried with backoff.
 
-Woken right after each group commit, so a file usually appears within milliseconds of the
-answer. File writes run in a worker thread; the event loop only waits on them.
+Rows come two ways. Each group commit hands over its new rows in memory, already leased
+to this process, so a file usually appears within milliseconds of the answer. Everything
+else (rows left from before a restart or by a dead worker, rows whose backend outcome has
+just been recorded, rows after a failed write) is claimed from the DB, oldest first; while
+claims are in charge, handed rows wait, and those the claims took are dropped.
+The files are rendered and written by the inbox writer process; the event loop only
+waits on it.
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import Settings
-from .inbox import write_batch
-from .store import Store, StoreError
+from .inbox_writer import InboxWriter, WriterOptions
+from .store import CLAIM_LEASE_MS, PendingRow, Store, StoreError
 
 log = logging.getLogger("ai_agent_proxy.flusher")
 
@@ -51,12 +57,29 @@ class Flusher:
         self.settings = settings
         self._on_written = on_written  # gets request->file latency in seconds
         self._unmarked: list[int] = []
+        self._handed: deque[PendingRow] = deque()
+        self._claiming = True  # at start: whatever is pending from before
+        self.writer = InboxWriter(
+            WriterOptions(
+                settings.inbox,
+                settings.instruction,
+                settings.openclaw_message_cli_skill_path,
+                settings.debug,
+            )
+        )
         self.status = FlusherStatus()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    def hand(self, rows: list[PendingRow]) -> None:
+        """New rows just committed, leased to this process."""
+        self._handed.extend(rows)
+        self._wake.set()
+
     def wake(self) -> None:
+        """Rows became pending that only a claim finds."""
+        self._claiming = True
         self._wake.set()
 
     def start(self) -> None:
@@ -68,6 +91,7 @@ class Flusher:
         if self._task:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self.writer.close()
 
     async def run(self) -> None:
         while not self._stopping.is_set():
@@ -76,10 +100,12 @@ class Flusher:
                 progressed = await self.flush_once()
             except StoreError as exc:
                 log.warning("flusher_db_error error=%s", exc)
+                self._claiming = True  # what was handed over may not be marked: re-claim
                 await self._sleep(self._fail(f"database: {exc}"))
                 continue
             except Exception:  # never let the flusher die silently
                 log.exception("flusher_crashed; restarting in 1s")
+                self._claiming = True
                 await self._sleep(1.0)
                 continue
             if progressed:
@@ -90,6 +116,7 @@ class Flusher:
             try:
                 await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
             except asyncio.TimeoutError:
+                self._claiming = True  # rows a dead worker held, once their lease ends
                 await self._release_stale_backend_waits()
 
     async def _release_stale_backend_waits(self) -> None:
@@ -112,12 +139,11 @@ class Flusher:
             # mark them, rather than writing them again when their lease runs out.
             await self.store.mark_written(self._unmarked)
             self._unmarked = []
-        rows = await self.store.claim_pending(BATCH)
+        rows = await self._next_rows()
         if not rows:
             self._recovered()  # the DB answers and nothing is left failing
             return False
-        inbox = self.settings.inbox
-        result = await asyncio.to_thread(write_batch, inbox, rows, self.settings)
+        result = await self.writer.write(rows)
         self.status.files_written += len(result.written)
         self._unmarked = result.written
         await self.store.mark_written(result.written)
@@ -132,6 +158,7 @@ class Flusher:
             return True
         done = set(result.written)
         release = [r.seq for r in rows if r.seq not in done and r.seq != result.failed_seq]
+        self._claiming = True  # the retry must start from the failed row
         error = result.error or "unknown error"
         await self.store.mark_failed(result.failed_seq, error, release)
         delay = self._fail(error)
@@ -142,6 +169,26 @@ class Flusher:
             delay,
         )
         return False
+
+    async def _next_rows(self) -> list[PendingRow]:
+        """The next batch, in arrival order: handed rows, or claimed ones while claims
+        are in charge (until a claim comes back short: then every row committed before
+        it was in it, and the handed rows after it follow on)."""
+        handed = self._handed
+        # A handed row near the end of its lease is re-leased by a claim first, so that
+        # another worker does not take it over while it is being written.
+        if handed and handed[0].received_ms < time.time() * 1000 - CLAIM_LEASE_MS / 2:
+            self._claiming = True
+        if self._claiming:
+            rows = await self.store.claim_pending(BATCH)
+            self._claiming = len(rows) == BATCH
+            if rows:
+                # Handed rows up to here were pending and leased to us: the claim took them.
+                last = rows[-1].seq
+                while handed and handed[0].seq <= last:
+                    handed.popleft()
+            return rows
+        return [handed.popleft() for _ in range(min(BATCH, len(handed)))]
 
     def _recovered(self) -> None:
         self.status.consecutive_failures = 0

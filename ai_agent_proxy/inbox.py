@@ -1,7 +1,8 @@
 """Inbox files: the payload a row becomes (full or compact) and the atomic writes.
 
-Shared by the flusher and by `replay`, so both write byte-identical files. The write
-functions are blocking; callers run them in a worker thread.
+Shared by the inbox writer process (for the flusher) and by `replay`, so both write
+byte-identical files. The write functions are blocking: the server never calls them on its
+event loop.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
-from .config import Settings
 from .store import PendingRow, body_needed
 
 log = logging.getLogger("ai_agent_proxy.inbox")
@@ -28,7 +28,19 @@ log = logging.getLogger("ai_agent_proxy.inbox")
 _TEMP = re.compile(r"^\.\d{14}-[0-9a-f]{32}\.json\.\d+\.tmp$")
 
 
-def build_payload(row: PendingRow, settings: Settings, *, full: bool = False) -> dict[str, Any]:
+class PayloadSettings(Protocol):
+    """The settings a payload is made from (Settings has them; so does the writer process)."""
+
+    @property
+    def instruction(self) -> str: ...
+
+    @property
+    def openclaw_message_cli_skill_path(self) -> Path: ...
+
+
+def build_payload(
+    row: PendingRow, settings: PayloadSettings, *, full: bool = False
+) -> dict[str, Any]:
     """The JSON object written for a row (SPEC §3). `full` forces the full form."""
     common: dict[str, Any] = {
         "instruction": settings.instruction,
@@ -68,7 +80,7 @@ def dumps(payload: dict[str, Any]) -> bytes:
         return text.encode("utf-8", "surrogatepass") + b"\n"
 
 
-def render(row: PendingRow, settings: Settings, *, full: bool = False) -> bytes:
+def render(row: PendingRow, settings: PayloadSettings, *, full: bool = False) -> bytes:
     return dumps(build_payload(row, settings, full=full))
 
 
@@ -151,7 +163,7 @@ class BatchResult:
     error: str | None = None
 
 
-def write_batch(inbox: Path, rows: Sequence[PendingRow], settings: Settings) -> BatchResult:
+def write_batch(inbox: Path, rows: Sequence[PendingRow], settings: PayloadSettings) -> BatchResult:
     """Write rows in arrival order; stop at the first failure so order is kept on retry."""
     if not rows:
         return BatchResult(written=[])

@@ -4,7 +4,9 @@ Requests (and backend outcomes) are committed by a group-commit loop: one
 transaction for everything that arrived while the previous commit was running, so a
 handler answers only after its row is durable, at one fsync per batch, not per request.
 Compaction and repeat detection are decided by the INSERT itself, inside that
-transaction, so several worker processes sharing the DB agree on them.
+transaction, so several worker processes sharing the DB agree on them. The INSERT also
+leases each new row to this process's flusher, and the committed rows are handed to it in
+memory: the flusher does not have to read back what was just written.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -85,10 +88,10 @@ def in_chunks(values: Sequence[Any]) -> Iterator[tuple[str, list[Any]]]:
 _INSERT = """
 INSERT INTO requests (
     id, received_ms, body_segments, body_hash, context_id, channel, target, message_id,
-    latest_user_prompt, payload_kind, state, duplicate_of)
+    latest_user_prompt, claimed_until_ms, claimed_by, payload_kind, state, duplicate_of)
 SELECT
     :id, :received_ms, :body_segments, :body_hash, :context_id, :channel, :target,
-    :message_id, :latest_user_prompt,
+    :message_id, :latest_user_prompt, :claimed_until_ms, :claimed_by,
     CASE WHEN :context_id IS NOT NULL AND EXISTS (
         SELECT 1 FROM requests WHERE context_id = :context_id AND state != 'duplicate'
     ) THEN 'compact' ELSE 'full' END,
@@ -107,11 +110,12 @@ FROM (
          ORDER BY seq LIMIT 1)
     ) AS of
 ) AS repeat
+RETURNING seq, payload_kind, state
 """
 
 _MARK_WRITTEN = (
     "UPDATE requests SET state = 'written', written_ms = ?, claimed_until_ms = NULL,"
-    " attempts = attempts + 1 WHERE seq = ?"
+    " claimed_by = NULL, attempts = attempts + 1 WHERE seq IN (%s)"
 )
 
 _FINISH_BACKEND = """
@@ -144,7 +148,8 @@ class _Waiting:
     segments: list[tuple[bytes, bytes]] | None = None  # (hash, data) of a body, in order
     work: Work | None = None  # instead of sql: runs in the transaction, result for the caller
     result: Any = None
-    new_work: bool = False  # committing it gives the flusher something to do
+    new_work: bool = False  # committing it makes rows pending that the flusher must claim
+    request: NewRequest | None = None  # an insert: handed to the flusher once committed
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:
@@ -171,7 +176,9 @@ class Store:
         self._commit_task: asyncio.Task[None] | None = None
         self._committing = False
         self.last_commit_error: str | None = None  # cleared by the next successful commit
-        self._on_commit: list[Callable[[], None]] = []
+        self.token = secrets.token_hex(8)  # names this process's flusher in leases
+        self._on_rows: Callable[[list[PendingRow]], None] | None = None
+        self._on_claimable: Callable[[], None] | None = None
         self._segment_ids: dict[bytes, int] = {}  # hash -> id of committed segments
         self._recent_segments: dict[tuple[int, bytes, bytes], tuple[bytes, bytes]] = {}
 
@@ -183,8 +190,13 @@ class Store:
             raise StoreError(f"cannot open database {self.path}: {exc}") from None
         self._commit_task = asyncio.create_task(self._commit_loop(), name="outbox-commit")
 
-    def on_commit(self, callback: Callable[[], None]) -> None:
-        self._on_commit.append(callback)
+    def listen(
+        self, rows: Callable[[list[PendingRow]], None], claimable: Callable[[], None]
+    ) -> None:
+        """`rows` gets the new pending rows of each commit, in arrival order (leased to
+        this process); `claimable` is called when a commit made rows pending that only a
+        claim finds (backend outcomes)."""
+        self._on_rows, self._on_claimable = rows, claimable
 
     async def close(self) -> None:
         if self._commit_task:
@@ -216,8 +228,11 @@ class Store:
             "latest_user_prompt": req.latest_user_prompt,
             "state": "awaiting_backend" if req.awaiting_backend else "pending",
             "dedup_since_ms": req.received_ms - self.dedup_window_ms,
+            # A row waiting for the backend is claimed once its outcome is recorded.
+            "claimed_until_ms": None if req.awaiting_backend else _now_ms() + CLAIM_LEASE_MS,
+            "claimed_by": None if req.awaiting_backend else self.token,
         }
-        await self._group_commit(_INSERT, params, segments, new_work=not req.awaiting_backend)
+        await self._group_commit(_INSERT, params, segments, request=req)
 
     def _segment_hash(self, part: bytes) -> bytes:
         """digest(part), skipping the hashing for a piece equal to one seen recently: the
@@ -241,10 +256,13 @@ class Store:
         segments: list[tuple[bytes, bytes]] | None = None,
         work: Work | None = None,
         new_work: bool = False,
+        request: NewRequest | None = None,
     ) -> Any:
         """Queue a statement (or work) for the next group commit; return once committed."""
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Waiting(done, sql, params, segments, work, new_work=new_work))
+        self._queue.put_nowait(
+            _Waiting(done, sql, params, segments, work, new_work=new_work, request=request)
+        )
         return await done
 
     async def _commit_loop(self) -> None:
@@ -276,26 +294,31 @@ class Store:
             for w in batch:
                 if not w.done.done():
                     w.done.set_result(w.result)
-            # Only new rows wake the flusher: its own claims and marks also pass through
+            # Only new work wakes the flusher: its own claims and marks also pass through
             # here, and must not wake it again.
-            if any(w.new_work for w in batch):
-                for callback in self._on_commit:
-                    callback()
+            handed = [_handed_row(w) for w in batch if w.request is not None]
+            handed = [row for row in handed if row is not None]
+            if handed and self._on_rows is not None:
+                self._on_rows(handed)
+            if any(w.new_work for w in batch) and self._on_claimable is not None:
+                self._on_claimable()
 
     # -- flusher side ---------------------------------------------------------------------
 
     async def claim_pending(self, limit: int) -> list[PendingRow]:
-        """Lease the oldest pending rows to this flusher, in arrival order."""
+        """Lease the oldest pending rows to this flusher, in arrival order: rows nobody
+        holds, rows whose lease ran out, and rows this process already holds."""
         now = _now_ms()
         sql = f"""
-            UPDATE requests SET claimed_until_ms = ?
+            UPDATE requests SET claimed_until_ms = ?, claimed_by = ?
             WHERE seq IN (
                 SELECT seq FROM requests
-                WHERE state = 'pending' AND (claimed_until_ms IS NULL OR claimed_until_ms < ?)
+                WHERE state = 'pending' AND (claimed_until_ms IS NULL OR claimed_until_ms < ?
+                                             OR claimed_by = ?)
                 ORDER BY seq LIMIT ?)
             RETURNING {PENDING_COLUMNS}
         """
-        params = (now + CLAIM_LEASE_MS, now, limit)
+        params = (now + CLAIM_LEASE_MS, self.token, now, self.token, limit)
         rows = await self._group_commit(work=lambda c: c.execute(sql, params).fetchall())
         rows.sort(key=lambda r: r[0])
         ids = [unpack_ids(r[3]) if body_needed(r[8]) else [] for r in rows]
@@ -313,9 +336,14 @@ class Store:
 
     async def mark_written(self, seqs: Iterable[int]) -> None:
         now = _now_ms()
-        params = [(now, seq) for seq in seqs]
-        if params:
-            await self._group_commit(work=lambda c: c.executemany(_MARK_WRITTEN, params))
+        seqs = list(seqs)
+
+        def work(c: sqlite3.Connection) -> None:
+            for marks, chunk in in_chunks(seqs):
+                c.execute(_MARK_WRITTEN % marks, (now, *chunk))
+
+        if seqs:
+            await self._group_commit(work=work)
 
     async def mark_failed(self, seq: int, error: str, release: Iterable[int]) -> None:
         """Record a failed write of row `seq` and give back the lease on the other rows."""
@@ -325,14 +353,17 @@ class Store:
         def work(c: sqlite3.Connection) -> None:
             c.execute(
                 "UPDATE requests SET attempts = attempts + 1, last_error = ?,"
-                " claimed_until_ms = NULL WHERE seq = ?",
+                " claimed_until_ms = NULL, claimed_by = NULL WHERE seq = ?",
                 (error, seq),
             )
             c.execute(
                 "INSERT INTO inbox_failures (request_seq, at_ms, error) VALUES (?, ?, ?)",
                 (seq, now, error),
             )
-            c.executemany("UPDATE requests SET claimed_until_ms = NULL WHERE seq = ?", others)
+            c.executemany(
+                "UPDATE requests SET claimed_until_ms = NULL, claimed_by = NULL WHERE seq = ?",
+                others,
+            )
 
         await self._group_commit(work=work)
 
@@ -434,6 +465,10 @@ def _commit_batch(
                 batch[i].result = batch[i].work(db)  # type: ignore[misc]
                 i += 1
                 continue
+            if batch[i].request is not None:  # an insert: RETURNING what it decided
+                batch[i].result = db.execute(batch[i].sql, batch[i].params).fetchone()
+                i += 1
+                continue
             # Runs of the same statement go to SQLite as one executemany.
             j = i
             while j < len(batch) and batch[j].work is None and batch[j].sql == batch[i].sql:
@@ -447,6 +482,29 @@ def _commit_batch(
                 db.execute("ROLLBACK")
         raise
     return learned
+
+
+def _handed_row(w: _Waiting) -> PendingRow | None:
+    """The flusher's row for a committed insert, or None if it is not for the flusher now
+    (a repeat, or waiting for the backend)."""
+    req = w.request
+    assert req is not None
+    seq, payload_kind, state = w.result
+    if state != "pending":
+        return None
+    return PendingRow(
+        seq,
+        req.id,
+        req.received_ms,
+        req.body if body_needed(payload_kind) else b"",
+        req.context_id,
+        req.channel,
+        req.target,
+        req.latest_user_prompt,
+        payload_kind,
+        None,
+        None,
+    )
 
 
 def _now_ms() -> int:
@@ -465,7 +523,8 @@ def recover_on_start(db_path: Path) -> tuple[int, int]:
             " WHERE state = 'awaiting_backend'"
         ).rowcount
         conn.execute(
-            "UPDATE requests SET claimed_until_ms = NULL WHERE claimed_until_ms IS NOT NULL"
+            "UPDATE requests SET claimed_until_ms = NULL, claimed_by = NULL"
+            " WHERE claimed_until_ms IS NOT NULL"
         )
         pending = conn.execute("SELECT count(*) FROM requests WHERE state = 'pending'").fetchone()[
             0

@@ -1,0 +1,211 @@
+"""The inbox writer process: renders batches of rows and writes them as inbox files.
+
+Each server process keeps one of these beside it. Writing a file durably is a dozen
+system calls; from a thread of the server, each would give up and then wait to take back
+the interpreter lock the request handlers hold, and the files came out slower than the
+requests came in. In its own process the writes use the second core instead. The process
+only renders and writes (the same `write_batch` that `replay` uses): every decision about
+rows (leases, marks, retries) stays with the flusher and the DB. It ignores SIGINT and
+SIGTERM and exits when its stdin closes, so it always finishes the batch in hand and never
+outlives its server.
+
+Wire format, both directions on pipes: a frame is a 4-byte big-endian length, then
+that many bytes. The first frame to the writer holds its options (JSON); each later one a
+batch of rows (see `encode_rows`); the writer answers each batch with one JSON frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import struct
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from .inbox import BatchResult, write_batch
+from .logs import setup_logging
+from .store import PendingRow
+
+log = logging.getLogger("ai_agent_proxy.inbox_writer")
+
+_LEN = struct.Struct("!I")
+
+
+@dataclass(frozen=True)
+class WriterOptions:
+    inbox: Path
+    instruction: str
+    openclaw_message_cli_skill_path: Path
+    debug: bool = False
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "inbox": str(self.inbox),
+                "instruction": self.instruction,
+                "skill_path": str(self.openclaw_message_cli_skill_path),
+                "debug": self.debug,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> WriterOptions:
+        o = orjson.loads(data)
+        return cls(Path(o["inbox"]), o["instruction"], Path(o["skill_path"]), o["debug"])
+
+
+def frame(data: bytes) -> bytes:
+    return _LEN.pack(len(data)) + data
+
+
+def encode_rows(rows: Sequence[PendingRow]) -> bytes:
+    """One frame: the length of the rows' fields as JSON, that JSON, then their bodies
+    back to back."""
+    meta = orjson.dumps(
+        [
+            (
+                r.seq,
+                r.id,
+                r.received_ms,
+                len(r.body),
+                r.context_id,
+                r.channel,
+                r.target,
+                r.latest_user_prompt,
+                r.payload_kind,
+                r.backend_instruction,
+                r.backend_reply,
+            )
+            for r in rows
+        ]
+    )
+    return frame(_LEN.pack(len(meta)) + meta + b"".join(r.body for r in rows))
+
+
+def decode_rows(data: bytes) -> list[PendingRow]:
+    (meta_len,) = _LEN.unpack_from(data)
+    meta = orjson.loads(data[_LEN.size : _LEN.size + meta_len])
+    bodies = memoryview(data)[_LEN.size + meta_len :]
+    rows, at = [], 0
+    for seq, id_, received_ms, size, *rest in meta:
+        rows.append(PendingRow(seq, id_, received_ms, bytes(bodies[at : at + size]), *rest))
+        at += size
+    return rows
+
+
+def encode_result(result: BatchResult) -> bytes:
+    return frame(orjson.dumps(result.__dict__))
+
+
+def _read_frame(stream: IO[bytes]) -> bytes | None:
+    head = stream.read(_LEN.size)
+    if len(head) < _LEN.size:
+        return None
+    (size,) = _LEN.unpack(head)
+    data = stream.read(size)
+    return data if len(data) == size else None
+
+
+def main() -> None:
+    # The server decides when this process ends, by closing its stdin.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    stdin = sys.stdin.buffer
+    # Answers go out on the original stdout; anything printed by mistake goes to stderr.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    first = _read_frame(stdin)
+    if first is None:
+        return
+    options = WriterOptions.decode(first)
+    setup_logging(options.debug)
+    while (data := _read_frame(stdin)) is not None:
+        rows = decode_rows(data)
+        try:
+            result = write_batch(options.inbox, rows, options)
+        except Exception as exc:  # e.g. a payload that cannot be rendered: report, go on
+            log.exception("inbox_batch_failed")
+            result = BatchResult([], rows[0].seq, f"{type(exc).__name__}: {exc}")
+        try:
+            out.write(encode_result(result))
+            out.flush()
+        except BrokenPipeError:  # the server is gone; its rows stay pending for the next
+            return
+
+
+class InboxWriter:
+    """The server's side: starts the writer process on first use (and again after it
+    died), sends it a batch, returns what it wrote."""
+
+    def __init__(self, options: WriterOptions) -> None:
+        self.options = options
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def write(self, rows: Sequence[PendingRow]) -> BatchResult:
+        if not rows:
+            return BatchResult(written=[])
+        try:
+            proc = await self._running()
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(encode_rows(rows))
+            await proc.stdin.drain()
+            (size,) = _LEN.unpack(await proc.stdout.readexactly(_LEN.size))
+            answer: dict[str, Any] = orjson.loads(await proc.stdout.readexactly(size))
+        except (OSError, asyncio.IncompleteReadError, orjson.JSONDecodeError) as exc:
+            # Nothing it wrote in this batch is counted: the rows are written again (same
+            # names, same bytes) by the next attempt.
+            await self._discard()
+            return BatchResult([], rows[0].seq, f"inbox writer process failed: {exc!r}")
+        return BatchResult(**answer)
+
+    async def _running(self) -> asyncio.subprocess.Process:
+        if self._proc is not None and self._proc.returncode is None:
+            return self._proc
+        await self._discard()
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ai_agent_proxy.inbox_writer",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(frame(self.options.encode()))
+        return self._proc
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def _discard(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+    async def close(self) -> None:
+        """Let it finish the batch in hand, then end it (closing its stdin)."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+if __name__ == "__main__":
+    main()
