@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import random
 import threading
 import time
 from datetime import datetime, timezone
@@ -25,10 +25,13 @@ def new_request_id(now_ms: int | None = None) -> tuple[str, int]:
                 ms += 1
                 _counter = 0
         else:
-            _counter = int.from_bytes(os.urandom(1), "big")  # leave room to count up
+            _counter = random.getrandbits(8)  # leave room to count up
         _last_ms = ms
         counter = _counter
-    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    # `random`, not os.urandom: ids need to be unique, not secret, and a system call here
+    # would hand the GIL to the DB thread in the middle of every request. (The module's
+    # generator is seeded from the OS and re-seeded in a forked child.)
+    rand_b = random.getrandbits(62)
     value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand_b
     return f"{value:032x}", ms
 

@@ -131,6 +131,8 @@ PENDING_COLUMNS = (
 )
 
 SEGMENT_CACHE_SIZE = 50_000
+HEAD_MIN = 4096  # first segments at least this long are looked for in later bodies
+HEADS_KEPT = 8  # one per agent (system prompt) sending at the same time
 SEGMENT_DATA = "SELECT id, data FROM segments WHERE id IN (%s)"
 _SQL_VARS = 500  # parameters per IN (...) query, well under SQLite's limit
 
@@ -181,6 +183,7 @@ class Store:
         self._on_claimable: Callable[[], None] | None = None
         self._segment_ids: dict[bytes, int] = {}  # hash -> id of committed segments
         self._recent_segments: dict[tuple[int, bytes, bytes], tuple[bytes, bytes]] = {}
+        self._heads: list[bytes] = []  # recent large first segments, newest first
 
     async def open(self) -> None:
         try:
@@ -213,7 +216,9 @@ class Store:
 
     async def record(self, req: NewRequest) -> None:
         """Return once the request row is committed; raise StoreError if it cannot be."""
-        segments = [(self._segment_hash(part), part) for part in split_body(req.body)]
+        parts = split_body(req.body, self._heads)
+        self._remember_head(parts[0])
+        segments = [(self._segment_hash(part), part) for part in parts]
         # The body's own hash, from its segments' (hashing 60 KB twice costs more).
         body_hash = digest(b"".join(h for h, _ in segments))
         params = {
@@ -233,6 +238,14 @@ class Store:
             "claimed_by": None if req.awaiting_backend else self.token,
         }
         await self._group_commit(_INSERT, params, segments, request=req)
+
+    def _remember_head(self, head: bytes) -> None:
+        if len(head) < HEAD_MIN or (self._heads and self._heads[0] is head):
+            return
+        if head in self._heads:
+            self._heads.remove(head)
+        self._heads.insert(0, head)
+        del self._heads[HEADS_KEPT:]
 
     def _segment_hash(self, part: bytes) -> bytes:
         """digest(part), skipping the hashing for a piece equal to one seen recently: the

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import secrets
+import functools
+import random
 import time
 from typing import Any, Literal
 
@@ -90,14 +91,39 @@ def error_body(status: int, message: str, type_: str) -> bytes:
 
 
 def completion_id() -> str:
-    return "chatcmpl-" + secrets.token_hex(12)
+    # Unique, not secret: `random` spares the event loop a system call per answer.
+    return f"chatcmpl-{random.getrandbits(96):024x}"
+
+
+# Answers differ only in id and time, so the local ones are rendered once per (model,
+# reply) and filled in. The markers below appear only as our own keys: a quote inside any
+# string value is escaped.
+_ID_MARK = "chatcmpl-template"
+_CACHED_TEXT = 1024  # longer models or replies (a backend's) are rendered each time
+
+
+def _fill(template: bytes) -> bytes:
+    return template.replace(
+        b'"id":"' + _ID_MARK.encode() + b'"', b'"id":"' + completion_id().encode() + b'"'
+    ).replace(b'"created":0,', b'"created":%d,' % int(time.time()))
 
 
 def chat_completion(model: str, content: str) -> bytes:
+    if len(model) + len(content) < _CACHED_TEXT:
+        return _fill(_chat_completion_template(model, content))
+    return _render_chat_completion(model, content, completion_id(), int(time.time()))
+
+
+@functools.lru_cache(maxsize=128)
+def _chat_completion_template(model: str, content: str) -> bytes:
+    return _render_chat_completion(model, content, _ID_MARK, 0)
+
+
+def _render_chat_completion(model: str, content: str, id_: str, created: int) -> bytes:
     return (
         ChatCompletion(
-            id=completion_id(),
-            created=int(time.time()),
+            id=id_,
+            created=created,
             model=model,
             choices=[Choice(message=Message(content=content))],
         )
@@ -118,7 +144,17 @@ def sse_event(data: BaseModel | dict[str, Any] | str) -> bytes:
 
 def chat_completion_stream(model: str, content: str, include_usage: bool) -> bytes:
     """The whole SSE body for a locally answered streaming request."""
-    cid, created = completion_id(), int(time.time())
+    if len(model) + len(content) < _CACHED_TEXT:
+        return _fill(_stream_template(model, content, include_usage))
+    return _render_stream(model, content, include_usage, completion_id(), int(time.time()))
+
+
+@functools.lru_cache(maxsize=128)
+def _stream_template(model: str, content: str, include_usage: bool) -> bytes:
+    return _render_stream(model, content, include_usage, _ID_MARK, 0)
+
+
+def _render_stream(model: str, content: str, include_usage: bool, cid: str, created: int) -> bytes:
 
     def chunk(delta: Delta, finish: Literal["stop"] | None = None) -> bytes:
         return sse_event(
