@@ -167,8 +167,10 @@ class InboxWriter:
         return BatchResult(**answer)
 
     async def _running(self) -> asyncio.subprocess.Process:
-        if self._proc is not None and self._proc.returncode is None:
-            return self._proc
+        if self._proc is not None:
+            if self._proc.returncode is None:
+                return self._proc
+            log.warning("inbox_writer_died returncode=%s; starting another", self._proc.returncode)
         await self._discard()
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
