@@ -56,7 +56,8 @@ class Flusher:
         self.store = store
         self.settings = settings
         self._on_written = on_written  # gets request->file latency in seconds
-        self._unmarked: list[int] = []
+        self._unmarked: list[int] = []  # written, not yet marked so in the DB
+        self._marking: asyncio.Task[None] | None = None
         self._handed: deque[PendingRow] = deque()
         self._claiming = True  # at start: whatever is pending from before
         self.writer = InboxWriter(
@@ -94,6 +95,13 @@ class Flusher:
         await self.writer.close()
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            with contextlib.suppress(StoreError):
+                await self._settle_marks()
+
+    async def _run(self) -> None:
         while not self._stopping.is_set():
             self._wake.clear()  # before claiming, so a commit from now on is not missed
             try:
@@ -133,21 +141,19 @@ class Flusher:
             self._wake.set()
 
     async def flush_once(self) -> bool:
-        """Write one batch; True if all of it was written (so there may be more to do)."""
-        if self._unmarked:
-            # Files already in place whose rows could not be marked (DB full, locked, ...):
-            # mark them, rather than writing them again when their lease runs out.
-            await self.store.mark_written(self._unmarked)
-            self._unmarked = []
+        """Write one batch; True if all of it was written (so there may be more to do).
+        The batch is marked written in the DB while the next one is being written."""
         rows = await self._next_rows()
         if not rows:
+            await self._settle_marks()
             self._recovered()  # the DB answers and nothing is left failing
             return False
         result = await self.writer.write(rows)
         self.status.files_written += len(result.written)
-        self._unmarked = result.written
-        await self.store.mark_written(result.written)
-        self._unmarked = []
+        await self._settle_marks()  # the previous batch's, done meanwhile
+        if result.written:
+            self._unmarked.extend(result.written)
+            self._marking = asyncio.create_task(self._mark(list(self._unmarked)))
         if self._on_written and result.written:
             now_ms = time.time() * 1000
             received = {r.seq: r.received_ms for r in rows}
@@ -170,6 +176,18 @@ class Flusher:
         )
         return False
 
+    async def _mark(self, seqs: list[int]) -> None:
+        await self.store.mark_written(seqs)
+        done = set(seqs)
+        self._unmarked = [seq for seq in self._unmarked if seq not in done]
+
+    async def _settle_marks(self) -> None:
+        """Wait for the mark in flight; raise StoreError if it failed (its rows stay in
+        `_unmarked` and are marked before the next claim)."""
+        task, self._marking = self._marking, None
+        if task is not None:
+            await task
+
     async def _next_rows(self) -> list[PendingRow]:
         """The next batch, in arrival order: handed rows, or claimed ones while claims
         are in charge (until a claim comes back short: then every row committed before
@@ -180,6 +198,11 @@ class Flusher:
         if handed and handed[0].received_ms < time.time() * 1000 - CLAIM_LEASE_MS / 2:
             self._claiming = True
         if self._claiming:
+            # A claim takes back this process's own leased rows: first mark those already
+            # in the inbox (also after a DB failure), or they would be written twice.
+            await self._settle_marks()
+            if self._unmarked:
+                await self._mark(list(self._unmarked))
             rows = await self.store.claim_pending(BATCH)
             self._claiming = len(rows) == BATCH
             if rows:
