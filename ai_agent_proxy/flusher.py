@@ -26,6 +26,10 @@ from .store import CLAIM_LEASE_MS, PendingRow, Store, StoreError
 log = logging.getLogger("ai_agent_proxy.flusher")
 
 BATCH = 128
+# Handed rows kept in memory at most; beyond this the flusher is far behind (or failing)
+# and claims take over: the rows are in the DB, leased to this process.
+HANDED_MAX_ROWS = 4096
+HANDED_MAX_BYTES = 32 * 1024 * 1024
 IDLE_POLL_S = 1.0  # also picks up rows whose flusher (another worker) died
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
@@ -59,6 +63,8 @@ class Flusher:
         self._unmarked: list[int] = []  # written, not yet marked so in the DB
         self._marking: asyncio.Task[None] | None = None
         self._handed: deque[PendingRow] = deque()
+        self._handed_bytes = 0
+        self._drops = 0  # times the handed rows were dropped for claims to take over
         self._claiming = True  # at start: whatever is pending from before
         self.writer = InboxWriter(
             WriterOptions(
@@ -76,6 +82,12 @@ class Flusher:
     def hand(self, rows: list[PendingRow]) -> None:
         """New rows just committed, leased to this process."""
         self._handed.extend(rows)
+        self._handed_bytes += sum(len(r.body) for r in rows)
+        if len(self._handed) > HANDED_MAX_ROWS or self._handed_bytes > HANDED_MAX_BYTES:
+            self._handed.clear()
+            self._handed_bytes = 0
+            self._drops += 1
+            self._claiming = True
         self._wake.set()
 
     def wake(self) -> None:
@@ -203,15 +215,20 @@ class Flusher:
             await self._settle_marks()
             if self._unmarked:
                 await self._mark(list(self._unmarked))
+            drops = self._drops
             rows = await self.store.claim_pending(BATCH)
-            self._claiming = len(rows) == BATCH
+            # Claims stay in charge while there may be more, or if rows were dropped from
+            # memory meanwhile (committed after this claim, so not in it).
+            self._claiming = len(rows) == BATCH or self._drops != drops
             if rows:
                 # Handed rows up to here were pending and leased to us: the claim took them.
                 last = rows[-1].seq
                 while handed and handed[0].seq <= last:
-                    handed.popleft()
+                    self._handed_bytes -= len(handed.popleft().body)
             return rows
-        return [handed.popleft() for _ in range(min(BATCH, len(handed)))]
+        rows = [handed.popleft() for _ in range(min(BATCH, len(handed)))]
+        self._handed_bytes -= sum(len(r.body) for r in rows)
+        return rows
 
     def _recovered(self) -> None:
         self.status.consecutive_failures = 0

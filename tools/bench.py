@@ -354,12 +354,18 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=100, help="turns of the synthetic conversation")
     ap.add_argument("--driver", choices=("auto", "wrk", "httpx"), default="auto")
     ap.add_argument("--extra", nargs="*", default=[], help="extra flags for ai-agent-proxy")
+    ap.add_argument(
+        "--dir",
+        default=None,
+        help="where the inbox and DB go (default: the temp dir; creating files is slower on "
+        "a file system that has just deleted many: ext4 skips inodes freed in the last 30 s)",
+    )
     args = ap.parse_args()
     driver = args.driver
     if driver == "auto":
         driver = "wrk" if shutil.which("wrk") else "httpx"
 
-    work = Path(tempfile.mkdtemp(prefix="aiap-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="aiap-bench-", dir=args.dir))
     templates = fixture_templates()
     template_files = []
     for i, t in enumerate(templates):

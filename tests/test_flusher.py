@@ -1,0 +1,71 @@
+"""The flusher with the real store, DB and inbox writer process, in this process: the
+handed-over rows' memory bound, and claims handing back to handed rows."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ai_agent_proxy import flusher as flusher_module
+from ai_agent_proxy.config import load_settings
+from ai_agent_proxy.flusher import Flusher
+from ai_agent_proxy.ids import new_request_id
+from ai_agent_proxy.migrations import migrate
+from ai_agent_proxy.store import NewRequest, Store
+
+
+def request(n: int) -> NewRequest:
+    request_id, received_ms = new_request_id()
+    body = json.dumps({"messages": [{"role": "user", "content": f"prompt {n}"}]}).encode()
+    return NewRequest(request_id, received_ms, body, None, None, None, None, f"prompt {n}")
+
+
+def prompts_in(inbox: Path) -> list[str]:
+    return [json.loads(p.read_text())["latest-user-prompt"] for p in sorted(inbox.glob("*.json"))]
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def test_handed_rows_are_bounded_while_the_inbox_is_broken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the inbox broken, new rows are not piled up in memory without end: past the
+    bound they are dropped and claims take over. Once the inbox works every row is
+    written exactly once, in arrival order, and handed rows take over again."""
+    monkeypatch.setattr(flusher_module, "HANDED_MAX_ROWS", 5)
+    inbox = tmp_path / "inbox"
+    inbox.write_text("in the way")  # a file where the inbox directory should be
+    settings = load_settings(None, {"inbox": str(inbox), "db": str(tmp_path / "o.db")})
+    migrate(settings.db_path)
+
+    async def scenario() -> None:
+        store = Store(settings.db_path, settings.dedup_window)
+        await store.open()
+        flusher = Flusher(store, settings)
+        store.listen(flusher.hand, flusher.wake)
+        flusher.start()
+        try:
+            for n in range(40):
+                await store.record(request(n))
+            await wait_for(lambda: flusher.status.write_failures >= 2)
+            assert len(flusher._handed) <= 5
+            inbox.unlink()  # fixed
+            await wait_for(lambda: len(prompts_in(inbox)) == 40)
+            for n in range(40, 60):  # and on again with rows handed over in memory
+                await store.record(request(n))
+            await wait_for(lambda: len(prompts_in(inbox)) == 60)
+        finally:
+            await flusher.stop()
+            await store.close()
+
+    asyncio.run(scenario())
+    assert prompts_in(inbox) == [f"prompt {n}" for n in range(60)]
