@@ -67,7 +67,7 @@ def test_stream_passes_through_chunk_by_chunk(make_server, backend: FakeBackend)
                 backend.gate.set()
             texts.append(ch.choices[0].delta.content)
     assert "".join(texts) == FULL_REPLY
-    assert backend.finished.is_set()
+    assert backend.finished.wait(5)  # set just after its last write
 
     sent = backend.requests[0]
     assert sent["headers"]["authorization"] == f"Bearer {API_KEY}"
