@@ -107,6 +107,7 @@ class Flusher:
         await self.writer.close()
 
     async def run(self) -> None:
+        await self.writer.start()
         try:
             await self._run()
         finally:

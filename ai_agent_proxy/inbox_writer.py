@@ -166,6 +166,11 @@ class InboxWriter:
             return BatchResult([], rows[0].seq, f"inbox writer process failed: {exc!r}")
         return BatchResult(**answer)
 
+    async def start(self) -> None:
+        """Start the process now, so the first batch does not wait for it to import."""
+        with contextlib.suppress(OSError):
+            await self._running()
+
     async def _running(self) -> asyncio.subprocess.Process:
         if self._proc is not None:
             if self._proc.returncode is None:
