@@ -163,9 +163,9 @@ class Flusher:
             return False
         result = await self.writer.write(rows)
         self.status.files_written += len(result.written)
+        self._unmarked.extend(result.written)  # first: the next line may raise
         await self._settle_marks()  # the previous batch's, done meanwhile
         if result.written:
-            self._unmarked.extend(result.written)
             self._marking = asyncio.create_task(self._mark(list(self._unmarked)))
         if self._on_written and result.written:
             now_ms = time.time() * 1000
