@@ -188,10 +188,6 @@ class InboxWriter:
         self._proc.stdin.write(frame(self.options.encode()))
         return self._proc
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
     async def _discard(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None:

@@ -342,6 +342,17 @@ def db_rows(db: Path) -> int:
 # -- main -----------------------------------------------------------------------------------
 
 
+def proxy_target(name: str, work: Path, extra: list[str]) -> tuple[Target, Path]:
+    """ai-agent-proxy with its own inbox and DB under work/name; returns it and its DB."""
+    (work / name).mkdir()
+    db, port = work / name / "outbox.db", free_port()
+    cmd = [
+        sys.executable, "-m", "ai_agent_proxy", "--port", str(port), "--inbox",
+        str(work / name / "inbox"), "--db", str(db), "--reply", "on it", *extra,
+    ]  # fmt: skip
+    return Target(name, cmd, port, work), db
+
+
 def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
@@ -397,15 +408,7 @@ def main() -> None:
     bare.stop()
 
     # 2. ai-agent-proxy
-    port = free_port()
-    db = work / "proxy" / "outbox.db"
-    proxy = Target(
-        "proxy",
-        [sys.executable, "-m", "ai_agent_proxy", "--port", str(port), "--inbox",
-         str(work / "proxy" / "inbox"), "--db", str(db), "--reply", "on it", *args.extra],
-        port, work,
-    )  # fmt: skip
-    (work / "proxy").mkdir()
+    proxy, db = proxy_target("proxy", work, args.extra)
     proxy.start()
     t0_ms = int(time.time() * 1000)
     ours = throughput(proxy)
@@ -433,15 +436,7 @@ def main() -> None:
     proxy.stop()
 
     # 4. DB bytes per request over a long conversation (fresh DB)
-    port = free_port()
-    db2 = work / "conv" / "outbox.db"
-    (work / "conv").mkdir()
-    conv = Target(
-        "conv",
-        [sys.executable, "-m", "ai_agent_proxy", "--port", str(port), "--inbox",
-         str(work / "conv" / "inbox"), "--db", str(db2), "--reply", "on it", *args.extra],
-        port, work,
-    )  # fmt: skip
+    conv, db2 = proxy_target("conv", work, args.extra)
     conv.start()
     before = db_bytes(db2)
     bodies = conversation(args.turns)
