@@ -1,5 +1,6 @@
 """The flusher with the real store, DB and inbox writer process, in this process: the
-handed-over rows' memory bound, and claims handing back to handed rows."""
+handed-over rows' memory bound, claims handing back to handed rows, and the writer's
+report of a batch it cannot render."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from ai_agent_proxy import flusher as flusher_module
 from ai_agent_proxy.config import load_settings
 from ai_agent_proxy.flusher import Flusher
 from ai_agent_proxy.ids import new_request_id
+from ai_agent_proxy.inbox_writer import InboxWriter, WriterOptions
 from ai_agent_proxy.migrations import migrate
-from ai_agent_proxy.store import NewRequest, Store
+from ai_agent_proxy.store import NewRequest, PendingRow, Store
 
 
 def request(n: int) -> NewRequest:
@@ -69,3 +71,32 @@ def test_handed_rows_are_bounded_while_the_inbox_is_broken(
 
     asyncio.run(scenario())
     assert prompts_in(inbox) == [f"prompt {n}" for n in range(60)]
+
+
+def test_writer_reports_a_batch_it_cannot_render_and_goes_on(tmp_path: Path) -> None:
+    """The writer process over its real pipes: a row it cannot render (a full payload whose
+    body is not JSON) comes back as that batch's failure, and the same process writes the
+    next batch."""
+    inbox = tmp_path / "inbox"
+    options = WriterOptions(inbox, "reply with the skill", Path("/skills/SKILL.md"))
+
+    def row(seq: int, body: bytes) -> PendingRow:
+        request_id, received_ms = new_request_id()
+        return PendingRow(
+            seq, request_id, received_ms, body, "c:1", "c", "1", f"prompt {seq}", "full", None,
+            None,
+        )  # fmt: skip
+
+    async def scenario() -> None:
+        writer = InboxWriter(options)
+        try:
+            bad = await writer.write([row(1, b"{not json")])
+            good = await writer.write([row(2, b'{"messages": []}'), row(3, b"{}")])
+        finally:
+            await writer.close()
+        assert (bad.written, bad.failed_seq) == ([], 1)
+        assert bad.error and "JSON" in bad.error
+        assert (good.written, good.failed_seq) == ([2, 3], None)
+
+    asyncio.run(scenario())
+    assert prompts_in(inbox) == ["prompt 2", "prompt 3"]
