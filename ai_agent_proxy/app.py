@@ -20,11 +20,11 @@ from sanic.response import HTTPResponse, raw
 
 from . import wire
 from .answers import Answer, json_response, relay_chat
+from .bodies import KnownHeads
 from .config import Settings
 from .context import extract_context
 from .flusher import Flusher
 from .ids import new_request_id
-from .inbox import loads
 from .logs import setup_logging
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .relay import Relay
@@ -93,9 +93,9 @@ def is_authorized(request: Request, key: str | None) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
-def parse_body(raw_body: bytes, remote: str) -> dict[str, Any]:
+def parse_body(raw_body: bytes, remote: str, heads: KnownHeads) -> dict[str, Any]:
     try:
-        body = loads(raw_body)
+        body = heads.parse(raw_body)
     except (ValueError, RecursionError) as exc:
         log.warning("invalid_json remote=%s bytes=%d error=%s", remote, len(raw_body), exc)
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
@@ -118,7 +118,9 @@ def create_app(settings: Settings) -> Sanic:
 
     @app.before_server_start
     async def open_outbox(app: Sanic) -> None:
-        store = Store(settings.db_path, settings.dedup_window)
+        # Heads of recent bodies, learnt when storing them, speed up parsing them too.
+        app.ctx.heads = KnownHeads()
+        store = Store(settings.db_path, settings.dedup_window, app.ctx.heads)
         await store.open()
         flusher = Flusher(store, settings, on_written=app.ctx.metrics.flush_latency.observe)
         store.listen(flusher.hand, flusher.wake)
@@ -156,7 +158,7 @@ def create_app(settings: Settings) -> Sanic:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> HTTPResponse | None:
         raw_body = request.body
-        body = parse_body(raw_body, request.client_ip)
+        body = parse_body(raw_body, request.client_ip, request.app.ctx.heads)
         ctx = extract_context(body)
         request_id, received_ms = new_request_id()
         relay: Relay | None = request.app.ctx.relay

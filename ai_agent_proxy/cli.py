@@ -309,7 +309,7 @@ def history_show(
     fmt: DocFormatOpt = "text",
 ) -> None:
     """Everything about one request: body, backend reply or error, inbox file, attempts."""
-    from .inbox import loads
+    from .bodies import loads
     from .output import write_document
 
     check_format(fmt, DOC_FORMATS)

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from .bodies import loads
 from .store import PendingRow, body_needed
 
 log = logging.getLogger("ai_agent_proxy.inbox")
@@ -61,14 +62,6 @@ def build_payload(
     payload = body if isinstance(body, dict) else {"body": body}
     payload.update(common)
     return payload
-
-
-def loads(raw: bytes) -> Any:
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        # orjson refuses integers beyond 64 bits that the stdlib (and JSON) allow.
-        return json.loads(raw)
 
 
 def dumps(payload: dict[str, Any]) -> bytes:

@@ -24,7 +24,7 @@ from typing import Any
 
 import aiosqlite
 
-from .bodies import digest, join_segments, pack_ids, split_body, unpack_ids
+from .bodies import KnownHeads, digest, join_segments, pack_ids, split_body, unpack_ids
 from .ids import inbox_file_name
 
 log = logging.getLogger("ai_agent_proxy.store")
@@ -131,8 +131,6 @@ PENDING_COLUMNS = (
 )
 
 SEGMENT_CACHE_SIZE = 50_000
-HEAD_MIN = 4096  # first segments at least this long are looked for in later bodies
-HEADS_KEPT = 8  # one per agent (system prompt) sending at the same time
 SEGMENT_DATA = "SELECT id, data FROM segments WHERE id IN (%s)"
 _SQL_VARS = 500  # parameters per IN (...) query, well under SQLite's limit
 
@@ -169,7 +167,7 @@ class Store:
     the first, so writers in one process never wait on each other's locks (SQLite's busy
     handler sleeps for milliseconds); the second only reads."""
 
-    def __init__(self, path: Path, dedup_window_s: float) -> None:
+    def __init__(self, path: Path, dedup_window_s: float, heads: KnownHeads | None = None) -> None:
         self.path = path
         self.dedup_window_ms = int(dedup_window_s * 1000)
         self._ingest: aiosqlite.Connection | None = None
@@ -183,7 +181,7 @@ class Store:
         self._on_claimable: Callable[[], None] | None = None
         self._segment_ids: dict[bytes, int] = {}  # hash -> id of committed segments
         self._recent_segments: dict[tuple[int, bytes, bytes], tuple[bytes, bytes]] = {}
-        self._heads: list[bytes] = []  # recent large first segments, newest first
+        self.heads = heads if heads is not None else KnownHeads()
 
     async def open(self) -> None:
         try:
@@ -216,8 +214,8 @@ class Store:
 
     async def record(self, req: NewRequest) -> None:
         """Return once the request row is committed; raise StoreError if it cannot be."""
-        parts = split_body(req.body, self._heads)
-        self._remember_head(parts[0])
+        parts = split_body(req.body, self.heads)
+        self.heads.remember(parts[0])
         segments = [(self._segment_hash(part), part) for part in parts]
         # The body's own hash, from its segments' (hashing 60 KB twice costs more).
         body_hash = digest(b"".join(h for h, _ in segments))
@@ -238,14 +236,6 @@ class Store:
             "claimed_by": None if req.awaiting_backend else self.token,
         }
         await self._group_commit(_INSERT, params, segments, request=req)
-
-    def _remember_head(self, head: bytes) -> None:
-        if len(head) < HEAD_MIN or (self._heads and self._heads[0] is head):
-            return
-        if head in self._heads:
-            self._heads.remove(head)
-        self._heads.insert(0, head)
-        del self._heads[HEADS_KEPT:]
 
     def _segment_hash(self, part: bytes) -> bytes:
         """digest(part), skipping the hashing for a piece equal to one seen recently: the

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ai_agent_proxy import wire
-from ai_agent_proxy.bodies import split_body
+from ai_agent_proxy.bodies import KnownHeads, loads, split_body
 
 from .conftest import FIXTURES
 
@@ -61,3 +62,83 @@ def test_pre_rendered_answers_equal_fresh_ones() -> None:
                 assert _normalized(stream) == _normalized(fresh)
     # two answers never share an id
     assert wire.chat_completion("m", "r") != wire.chat_completion("m", "r")
+
+
+def _turn(body: bytes, text: str) -> bytes:
+    """Another request of the same agent: same head, a different last message."""
+    doc = orjson.loads(body)
+    doc["messages"][-1]["content"] = text
+    return json.dumps(doc, ensure_ascii=False).encode()
+
+
+def test_a_body_with_a_known_head_parses_the_same_and_reuses_its_long_string() -> None:
+    for body in BODIES:
+        heads = KnownHeads()
+        first = _turn(body, "first")
+        assert heads.parse(first) == loads(first)
+        heads.remember(split_body(first)[0])
+        texts = [f'turn {n} \\" ü' for n in range(3)]
+        parsed = [heads.parse(_turn(body, text)) for text in texts]
+        for text, doc in zip(texts, parsed, strict=True):
+            assert doc == loads(_turn(body, text))
+        # the system prompt came from the earlier body, not from parsing this one again
+        assert parsed[1]["messages"][0]["content"] is parsed[2]["messages"][0]["content"]
+        assert len(parsed[2]["messages"][0]["content"]) > 40_000
+
+
+def _outcome(parse: Callable[[bytes], object], raw: bytes) -> object:
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        return str(exc)  # the error's position is in the real body either way
+
+
+def test_a_known_head_with_a_bad_or_odd_rest_gives_what_a_full_parse_gives() -> None:
+    body = _turn(BODIES[0], "x")
+    heads = KnownHeads()
+    heads.remember(split_body(body)[0])
+    heads.parse(_turn(BODIES[0], "y"))
+    cut = len(split_body(body)[0])
+    odd = [
+        body[:-1],  # truncated
+        body[:cut] + b"}",
+        body[:-1] + b', "messages": []}',  # a later key replaces the messages
+        body[:-1] + b', "x": "aiap-head-0"}',
+        body + b" ",
+    ]
+    for raw in odd:
+        assert _outcome(heads.parse, raw) == _outcome(loads, raw)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@given(
+    st.text(min_size=1100, max_size=1400),
+    st.lists(st.tuples(st.sampled_from(["user", "assistant"]), _json), min_size=1, max_size=3),
+    st.dictionaries(st.text(max_size=5), _json, max_size=3),
+    st.integers(min_value=0, max_value=40),
+)
+def test_parsing_past_a_known_head_equals_a_full_parse(
+    prompt: str, turns: list[tuple[str, object]], extra: dict[str, object], damage: int
+) -> None:
+    prompt = prompt * 4  # past the size from which a head is kept
+
+    def body(turns: list[tuple[str, object]]) -> bytes:
+        messages = [{"role": "system", "content": prompt}]
+        messages += [{"role": role, "content": content} for role, content in turns]
+        return json.dumps({"model": "m", "messages": messages, **extra}).encode()
+
+    heads = KnownHeads()
+    heads.remember(split_body(body(turns[:1]))[0])
+    for n in range(len(turns)):
+        raw = body(turns[: n + 1])
+        if damage and n == len(turns) - 1:
+            raw = raw[:-damage]  # and an invalid one
+        assert _outcome(heads.parse, raw) == _outcome(loads, raw)
