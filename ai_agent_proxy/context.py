@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,18 +195,44 @@ def _internal_blocks(text: str) -> Iterator[str]:
         pos = text.find('"', end)
 
 
+def _same_text_memo(fn: Callable[[str], str | None]) -> Callable[[str], str | None]:
+    """Remember `fn`'s answer for the last few string objects. An agent's 49 KB system
+    prompt is one and the same str from request to request (bodies.KnownHeads), so it is
+    searched once, not on every request; looking it up by identity costs no hashing."""
+    memo: dict[int, tuple[str, str | None]] = {}
+
+    def cached(text: str) -> str | None:
+        hit = memo.get(id(text))
+        if hit is not None and hit[0] is text:
+            return hit[1]
+        result = fn(text)
+        if len(text) >= 4096:
+            if len(memo) >= 16:
+                memo.clear()
+            memo[id(text)] = (text, result)  # holding `text` keeps its id from being reused
+        return result
+
+    return cached
+
+
 def _inbound_meta_channel(messages: list[dict[str, Any]]) -> str | None:
     for m in messages:
-        if m.get("role") not in ("system", "developer"):
-            continue
-        text = _message_text(m, skip_internal=False)
-        if "openclaw.inbound_meta" not in text:
-            continue
-        for obj in _fenced_objects(text):
-            if str(obj.get("schema", "")).startswith("openclaw.inbound_meta"):
-                channel = _str(obj.get("channel"))
-                if channel:
-                    return channel
+        if m.get("role") in ("system", "developer"):
+            channel = _inbound_meta_channel_in(_message_text(m, skip_internal=False))
+            if channel:
+                return channel
+    return None
+
+
+@_same_text_memo
+def _inbound_meta_channel_in(text: str) -> str | None:
+    if "openclaw.inbound_meta" not in text:
+        return None
+    for obj in _fenced_objects(text):
+        if str(obj.get("schema", "")).startswith("openclaw.inbound_meta"):
+            channel = _str(obj.get("channel"))
+            if channel:
+                return channel
     return None
 
 
@@ -216,10 +242,16 @@ def _channel_line(messages: list[dict[str, Any]]) -> str | None:
         m for m in messages if m.get("role") != "system"
     ]
     for m in ordered:
-        match = _CHANNEL_LINE.search(_message_text(m, skip_internal=False))
-        if match:
-            return match.group(1)
+        channel = _channel_line_in(_message_text(m, skip_internal=False))
+        if channel:
+            return channel
     return None
+
+
+@_same_text_memo
+def _channel_line_in(text: str) -> str | None:
+    match = _CHANNEL_LINE.search(text)
+    return match.group(1) if match else None
 
 
 def _sender_target(text: str) -> str | None:
