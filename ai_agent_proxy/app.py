@@ -20,7 +20,7 @@ from sanic.response import HTTPResponse, raw
 
 from . import wire
 from .answers import Answer, json_response, relay_chat
-from .bodies import KnownHeads
+from .bodies import RepeatedParts
 from .config import Settings
 from .context import extract_context
 from .flusher import Flusher
@@ -93,9 +93,9 @@ def is_authorized(request: Request, key: str | None) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
-def parse_body(raw_body: bytes, remote: str, heads: KnownHeads) -> dict[str, Any]:
+def parse_body(raw_body: bytes, remote: str, parts: RepeatedParts) -> dict[str, Any]:
     try:
-        body = heads.parse(raw_body)
+        body = parts.parse(raw_body)
     except (ValueError, RecursionError) as exc:
         log.warning("invalid_json remote=%s bytes=%d error=%s", remote, len(raw_body), exc)
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
@@ -118,9 +118,9 @@ def create_app(settings: Settings) -> Sanic:
 
     @app.before_server_start
     async def open_outbox(app: Sanic) -> None:
-        # Heads of recent bodies, learnt when storing them, speed up parsing them too.
-        app.ctx.heads = KnownHeads()
-        store = Store(settings.db_path, settings.dedup_window, app.ctx.heads)
+        # The pieces bodies repeat, learnt when storing them, speed up parsing them too.
+        app.ctx.parts = RepeatedParts()
+        store = Store(settings.db_path, settings.dedup_window, app.ctx.parts)
         await store.open()
         flusher = Flusher(store, settings, on_written=app.ctx.metrics.flush_latency.observe)
         store.listen(flusher.hand, flusher.wake)
@@ -158,7 +158,7 @@ def create_app(settings: Settings) -> Sanic:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> HTTPResponse | None:
         raw_body = request.body
-        body = parse_body(raw_body, request.client_ip, request.app.ctx.heads)
+        body = parse_body(raw_body, request.client_ip, request.app.ctx.parts)
         ctx = extract_context(body)
         request_id, received_ms = new_request_id()
         relay: Relay | None = request.app.ctx.relay

@@ -6,27 +6,29 @@ system prompt, each earlier message and the tool list are segments that repeat v
 one request of a conversation to the next and are stored once. Joining the segments always
 gives back the exact bytes, wherever the cuts fall.
 
-An agent's bodies all start with the same ~50 KB head (its system prompt); `KnownHeads`
-remembers recent heads so that a body starting with one is cut, and parsed, only past it.
+An agent's bodies all start with the same ~50 KB head (its system prompt) and end with the
+same ~10 KB tail (its tools); `RepeatedParts` remembers recent ones so that a body with them
+is cut only past the head, and parsed without parsing them again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import sys
 from array import array
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 MIN_SEGMENT = 192  # smaller pieces cost more to reference than they save
-HEAD_MIN = 4096  # first segments at least this long are looked for in later bodies
-HEADS_KEPT = 8  # one per agent (system prompt) sending at the same time
-SHARED_STRING_MIN = 1024  # a head's longest string is parsed once if at least this long
+PIECE_MIN = 4096  # first and last segments at least this long are looked for in later bodies
+PIECES_KEPT = 8  # one per agent (system prompt, tools) sending at the same time
+SHARED_VALUE_MIN = 1024  # a piece's large value is parsed once if at least this long
 
 
 def loads(raw: bytes) -> Any:
@@ -75,11 +77,16 @@ def _starts(raw: bytes, head: bytes) -> bool:
     return len(raw) > len(head) and raw.startswith(head)
 
 
+def _ends(raw: bytes, tail: bytes) -> bool:
+    return len(raw) > len(tail) and raw.endswith(tail)
+
+
 def _split(raw: bytes) -> list[bytes]:
     parts: list[bytes] = []
     start = 0
     for cut in cut_points(raw):
-        if cut - start >= MIN_SEGMENT:
+        # The tool list is cut off even after a short last message: it repeats, that doesn't.
+        if cut - start >= MIN_SEGMENT or (cut > start and raw.startswith(b'"tools"', cut)):
             parts.append(raw[start:cut])
             start = cut
     parts.append(raw[start:])
@@ -109,105 +116,160 @@ Path = tuple[str | int, ...]
 
 
 @dataclass
-class _Head:
+class _Piece:
+    """A large piece that starts (a head) or ends (a tail) bodies verbatim."""
+
     raw: bytes
-    # Set by `_prepare` on the second body with this head: the head with its longest
-    # string replaced by a sentinel, where that string lands in a parsed body, its value.
+    # Set by `_prepare`, on the second body with this piece: the piece with its large value
+    # swapped for a sentinel string, where the value lands in a parsed body, and the value.
     prepared: bool = False
     skeleton: bytes | None = None
     path: Path = ()
-    sentinel: str = field(default_factory=lambda: "aiap-head-" + secrets.token_hex(8))
+    sentinel: str = field(default_factory=lambda: "aiap-piece-" + secrets.token_hex(8))
     value: Any = None
 
 
-class KnownHeads:
-    """Large first segments of recent bodies, newest first (one per agent sending).
+class RepeatedParts:
+    """Large pieces that recent bodies start or end with, newest first (one per agent
+    sending): the head is the system prompt up to the next message, the tail the tool list
+    to the end.
 
-    Parsing a 60 KB OpenClaw body costs ~100 us, most of it turning the 49 KB system prompt
-    into a Python string. A body that starts with a known head is parsed with the head's
-    longest string swapped for a short sentinel, which is then replaced by the string
-    parsed from an earlier body. Same result: the bytes before and after differ only inside
-    one string token, and JSON tokens are found left to right, so the head's string is the
-    same token with the same value in every body that starts with the head. Anything
-    unexpected (the sentinel not where it was, invalid JSON) falls back to a full parse,
-    which also gives the error message positions in the real body."""
+    Parsing a 60 KB OpenClaw body costs ~90 us, most of it making Python objects of the
+    49 KB system prompt and the 10 KB tool list. A body with a known head or tail is parsed
+    with the piece's large value (the head's longest string, the tail's first value)
+    swapped for a short sentinel string, which is then replaced by the value parsed from an
+    earlier body. Same result: JSON tokens are found left to right, so a string token inside
+    an identical head is the same token with the same value whatever follows; and the tail
+    is one key and its value, then the rest of the top-level object, so in any valid body
+    ending with it the value lands at the same top-level key. Anything unexpected (a
+    sentinel not where it was, invalid JSON) falls back to a full parse, which also gives
+    error messages their positions in the real body."""
 
     def __init__(self) -> None:
-        self._heads: list[_Head] = []
+        self._heads: list[_Piece] = []
+        self._tails: list[_Piece] = []
 
-    def __iter__(self) -> Iterator[bytes]:
+    @property
+    def heads(self) -> Iterator[bytes]:
         return (h.raw for h in self._heads)
 
-    def remember(self, head: bytes) -> None:
-        """`head`: the first segment of a body that parsed as JSON."""
-        if len(head) < HEAD_MIN or (self._heads and self._heads[0].raw is head):
-            return
-        for i, known in enumerate(self._heads):
-            if known.raw == head:
-                self._heads.insert(0, self._heads.pop(i))
-                return
-        self._heads.insert(0, _Head(head))
-        del self._heads[HEADS_KEPT:]
+    def remember(self, parts: Sequence[bytes]) -> None:
+        """`parts`: the segments (split_body) of a body that parsed as JSON."""
+        _remember(self._heads, parts[0])
+        if len(parts) > 1 and parts[-1].startswith(b'"'):
+            _remember(self._tails, parts[-1])
 
     def parse(self, raw: bytes) -> Any:
-        """`loads(raw)`, skipping the parse of a known head's longest string."""
+        """`loads(raw)`, skipping the parse of known heads' and tails' large values."""
         head = next((h for h in self._heads if _starts(raw, h.raw)), None)
-        if head is None:
-            return loads(raw)
-        if not head.prepared:
-            return _prepare(head, raw)
-        if head.skeleton is None:
+        tail = next((t for t in self._tails if _ends(raw, t.raw)), None)
+        if head and tail and len(head.raw) + len(tail.raw) > len(raw):
+            tail = None  # they overlap
+        if (head and not head.prepared) or (tail and not tail.prepared):
+            body = loads(raw)
+            if head and not head.prepared:
+                _prepare(head, body, _longest_string(head.raw), lambda s: s + raw[len(head.raw) :])
+            if tail and not tail.prepared:
+                _prepare(tail, body, _first_value(tail.raw), lambda s: raw[: -len(tail.raw)] + s)
+            return body
+        start, end = 0, len(raw)
+        doc: list[bytes] = []
+        if head and head.skeleton:
+            start = len(head.raw)
+            doc.append(head.skeleton)
+        doc.append(raw[start : end - len(tail.raw) if tail and tail.skeleton else end])
+        if tail and tail.skeleton:
+            doc.append(tail.skeleton)
+        if len(doc) == 1:
             return loads(raw)
         try:
-            body = loads(head.skeleton + raw[len(head.raw) :])
-            parent = _at(body, head.path[:-1])
-            if parent[head.path[-1]] == head.sentinel:
-                parent[head.path[-1]] = head.value
-                return body
+            body = loads(b"".join(doc))
+            for piece in (head, tail):
+                if piece and piece.skeleton and not _put_back(body, piece):
+                    return loads(raw)
+            return body
         except (ValueError, RecursionError, LookupError, TypeError):
-            pass
-        return loads(raw)
+            return loads(raw)
 
 
-def _prepare(head: _Head, raw: bytes) -> Any:
-    """Parse `raw` in full, and learn from it how to parse later bodies with this head."""
-    head.prepared = True
-    body = loads(raw)
-    span = _longest_string(head.raw)
-    if span is None or span[1] - span[0] < SHARED_STRING_MIN:
-        return body
-    start, end = span
-    skeleton = head.raw[: start + 1] + head.sentinel.encode() + head.raw[end:]
+def _put_back(body: Any, piece: _Piece) -> bool:
+    """Replace the piece's sentinel in `body` by its value; False if it is not there."""
+    parent = _at(body, piece.path[:-1])
+    if parent[piece.path[-1]] != piece.sentinel:
+        return False
+    parent[piece.path[-1]] = piece.value
+    return True
+
+
+def _remember(pieces: list[_Piece], raw: bytes) -> None:
+    if len(raw) < PIECE_MIN or (pieces and pieces[0].raw is raw):
+        return
+    for i, known in enumerate(pieces):
+        if known.raw == raw:
+            pieces.insert(0, pieces.pop(i))
+            return
+    pieces.insert(0, _Piece(raw))
+    del pieces[PIECES_KEPT:]
+
+
+def _prepare(
+    piece: _Piece, body: Any, span: tuple[int, int] | None, wrap: Callable[[bytes], bytes]
+) -> None:
+    """Learn from `body` (the parsed body with this piece) how to parse later ones:
+    `span` is where the large value is in the piece, `wrap` puts a piece in the body."""
+    piece.prepared = True
+    if span is None or span[1] - span[0] < SHARED_VALUE_MIN:
+        return
+    skeleton = piece.raw[: span[0]] + orjson.dumps(piece.sentinel) + piece.raw[span[1] :]
     try:
-        sketch = loads(skeleton + raw[len(head.raw) :])
+        sketch = loads(wrap(skeleton))
     except (ValueError, RecursionError):
-        return body
-    paths = list(_paths_to(sketch, head.sentinel, ()))
+        return
+    paths = list(_paths_to(sketch, piece.sentinel, ()))
     if len(paths) != 1:
-        return body
+        return
     path = paths[0]
     _at(sketch, path[:-1])[path[-1]] = value = _at(body, path)
-    if sketch == body:  # checked once per head, for the very unlikely
-        head.skeleton, head.path, head.value = skeleton, path, value
-    return body
+    if sketch == body:  # checked once per piece, for the very unlikely
+        piece.skeleton, piece.path, piece.value = skeleton, path, value
 
 
-def _longest_string(head: bytes) -> tuple[int, int] | None:
-    """Offsets of the quotes around the longest string in `head`, a prefix of a JSON
-    document. Outside strings there are no quotes, and inside one every quote is escaped,
-    so the unescaped quotes pair up into the string tokens."""
+def _string_spans(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each string token in `data`, a piece of a JSON document that starts
+    outside a string, quotes included. Outside strings there are no quotes, and inside one
+    every quote is escaped, so the unescaped quotes pair up into the string tokens."""
     quotes = []
-    at = head.find(b'"')
+    at = data.find(b'"')
     while at != -1:
         before = at
-        while before > 0 and head[before - 1] == 0x5C:  # backslash
+        while before > 0 and data[before - 1] == 0x5C:  # backslash
             before -= 1
         if (at - before) % 2 == 0:
             quotes.append(at)
-        at = head.find(b'"', at + 1)
-    if not quotes or len(quotes) % 2:
+        at = data.find(b'"', at + 1)
+    if len(quotes) % 2:
+        return []
+    return [(a, b + 1) for a, b in zip(quotes[::2], quotes[1::2], strict=True)]
+
+
+def _longest_string(head: bytes) -> tuple[int, int] | None:
+    return max(_string_spans(head), key=lambda s: s[1] - s[0], default=None)
+
+
+def _first_value(tail: bytes) -> tuple[int, int] | None:
+    """Where the value of the key that `tail` starts with is (`"tools": [...]`)."""
+    try:
+        text = tail.decode()
+        key = _KEY.match(text)
+        if key is None:
+            return None
+        _, end = json.JSONDecoder().raw_decode(text, key.end())
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError included
         return None
-    return max(zip(quotes[::2], quotes[1::2], strict=True), key=lambda q: q[1] - q[0])
+    return len(text[: key.end()].encode()), len(text[:end].encode())
+
+
+_KEY = re.compile(r'"(?:[^"\\]|\\.)*"\s*:\s*')
 
 
 def _paths_to(node: Any, value: str, path: Path) -> Iterator[Path]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import aiosqlite
 
-from .bodies import KnownHeads, digest, join_segments, pack_ids, split_body, unpack_ids
+from .bodies import RepeatedParts, digest, join_segments, pack_ids, split_body, unpack_ids
 from .ids import inbox_file_name
 
 log = logging.getLogger("ai_agent_proxy.store")
@@ -167,7 +167,9 @@ class Store:
     the first, so writers in one process never wait on each other's locks (SQLite's busy
     handler sleeps for milliseconds); the second only reads."""
 
-    def __init__(self, path: Path, dedup_window_s: float, heads: KnownHeads | None = None) -> None:
+    def __init__(
+        self, path: Path, dedup_window_s: float, parts: RepeatedParts | None = None
+    ) -> None:
         self.path = path
         self.dedup_window_ms = int(dedup_window_s * 1000)
         self._ingest: aiosqlite.Connection | None = None
@@ -181,7 +183,7 @@ class Store:
         self._on_claimable: Callable[[], None] | None = None
         self._segment_ids: dict[bytes, int] = {}  # hash -> id of committed segments
         self._recent_segments: dict[tuple[int, bytes, bytes], tuple[bytes, bytes]] = {}
-        self.heads = heads if heads is not None else KnownHeads()
+        self.parts = parts if parts is not None else RepeatedParts()
 
     async def open(self) -> None:
         try:
@@ -214,8 +216,8 @@ class Store:
 
     async def record(self, req: NewRequest) -> None:
         """Return once the request row is committed; raise StoreError if it cannot be."""
-        parts = split_body(req.body, self.heads)
-        self.heads.remember(parts[0])
+        parts = split_body(req.body, self.parts.heads)
+        self.parts.remember(parts)
         segments = [(self._segment_hash(part), part) for part in parts]
         # The body's own hash, from its segments' (hashing 60 KB twice costs more).
         body_hash = digest(b"".join(h for h, _ in segments))

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ai_agent_proxy import wire
-from ai_agent_proxy.bodies import KnownHeads, loads, split_body
+from ai_agent_proxy.bodies import RepeatedParts, loads, split_body
 
 from .conftest import FIXTURES
 
@@ -65,25 +65,27 @@ def test_pre_rendered_answers_equal_fresh_ones() -> None:
 
 
 def _turn(body: bytes, text: str) -> bytes:
-    """Another request of the same agent: same head, a different last message."""
+    """Another request of the same agent: same system prompt and tools, another last turn."""
     doc = orjson.loads(body)
     doc["messages"][-1]["content"] = text
     return json.dumps(doc, ensure_ascii=False).encode()
 
 
-def test_a_body_with_a_known_head_parses_the_same_and_reuses_its_long_string() -> None:
+def test_a_body_with_known_pieces_parses_the_same_and_reuses_their_values() -> None:
     for body in BODIES:
-        heads = KnownHeads()
+        parts = RepeatedParts()
         first = _turn(body, "first")
-        assert heads.parse(first) == loads(first)
-        heads.remember(split_body(first)[0])
+        assert parts.parse(first) == loads(first)
+        parts.remember(split_body(first))
         texts = [f'turn {n} \\" ü' for n in range(3)]
-        parsed = [heads.parse(_turn(body, text)) for text in texts]
+        parsed = [parts.parse(_turn(body, text)) for text in texts]
         for text, doc in zip(texts, parsed, strict=True):
             assert doc == loads(_turn(body, text))
-        # the system prompt came from the earlier body, not from parsing this one again
+        # the system prompt and the tools came from an earlier body, not from this one
         assert parsed[1]["messages"][0]["content"] is parsed[2]["messages"][0]["content"]
         assert len(parsed[2]["messages"][0]["content"]) > 40_000
+        assert parsed[1]["tools"] is parsed[2]["tools"]
+        assert len(parsed[2]["tools"]) > 5
 
 
 def _outcome(parse: Callable[[bytes], object], raw: bytes) -> object:
@@ -93,21 +95,32 @@ def _outcome(parse: Callable[[bytes], object], raw: bytes) -> object:
         return str(exc)  # the error's position is in the real body either way
 
 
-def test_a_known_head_with_a_bad_or_odd_rest_gives_what_a_full_parse_gives() -> None:
+def test_known_pieces_in_a_bad_or_odd_body_give_what_a_full_parse_gives() -> None:
     body = _turn(BODIES[0], "x")
-    heads = KnownHeads()
-    heads.remember(split_body(body)[0])
-    heads.parse(_turn(BODIES[0], "y"))
-    cut = len(split_body(body)[0])
+    parts = RepeatedParts()
+    parts.remember(split_body(body))
+    parts.parse(_turn(BODIES[0], "y"))
+    pieces = split_body(body)
+    head, tail = pieces[0], pieces[-1]
+    assert tail.startswith(b'"tools"')
+    middle = body[len(head) : -len(tail)]
     odd = [
         body[:-1],  # truncated
-        body[:cut] + b"}",
-        body[:-1] + b', "messages": []}',  # a later key replaces the messages
-        body[:-1] + b', "x": "aiap-head-0"}',
+        head + b"}",
+        head + middle + b'"tools": [], ' + tail,  # the tail's tools win
+        head + middle + tail[:-1] + b', "tools": 1}',  # a later key wins
+        body[:-1] + b', "messages": []}',
+        body[:-1] + b', "messages": [{"content": "x"}]}',
+        body[:-1] + b', "x": "aiap-piece-0"}',
         body + b" ",
+        head + b'"a": "' + tail,  # the tail starts inside a string
+        head + b'"a": {' + tail + b"}",  # or inside another object
+        b'{"a": [' + tail,
+        b"{" + tail,
+        head + tail,
     ]
     for raw in odd:
-        assert _outcome(heads.parse, raw) == _outcome(loads, raw)
+        assert _outcome(parts.parse, raw) == _outcome(loads, raw)
 
 
 _json = st.recursive(
@@ -123,22 +136,28 @@ _json = st.recursive(
     st.text(min_size=1100, max_size=1400),
     st.lists(st.tuples(st.sampled_from(["user", "assistant"]), _json), min_size=1, max_size=3),
     st.dictionaries(st.text(max_size=5), _json, max_size=3),
-    st.integers(min_value=0, max_value=40),
+    st.lists(_json, min_size=1, max_size=4),
+    st.integers(min_value=-40, max_value=40),
 )
-def test_parsing_past_a_known_head_equals_a_full_parse(
-    prompt: str, turns: list[tuple[str, object]], extra: dict[str, object], damage: int
+def test_parsing_past_known_pieces_equals_a_full_parse(
+    prompt: str,
+    turns: list[tuple[str, object]],
+    extra: dict[str, object],
+    tools: list[object],
+    damage: int,
 ) -> None:
-    prompt = prompt * 4  # past the size from which a head is kept
+    prompt = prompt * 4  # past the size from which a piece is kept
+    tools.append(prompt)
 
     def body(turns: list[tuple[str, object]]) -> bytes:
         messages = [{"role": "system", "content": prompt}]
         messages += [{"role": role, "content": content} for role, content in turns]
-        return json.dumps({"model": "m", "messages": messages, **extra}).encode()
+        return json.dumps({"model": "m", "messages": messages, **extra, "tools": tools}).encode()
 
-    heads = KnownHeads()
-    heads.remember(split_body(body(turns[:1]))[0])
+    parts = RepeatedParts()
+    parts.remember(split_body(body(turns[:1])))
     for n in range(len(turns)):
         raw = body(turns[: n + 1])
-        if damage and n == len(turns) - 1:
-            raw = raw[:-damage]  # and an invalid one
-        assert _outcome(heads.parse, raw) == _outcome(loads, raw)
+        if damage and n == len(turns) - 1:  # and an invalid one: cut at the end or start
+            raw = raw[:damage] if damage < 0 else raw[damage:]
+        assert _outcome(parts.parse, raw) == _outcome(loads, raw)
