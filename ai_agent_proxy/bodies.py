@@ -143,7 +143,10 @@ class RepeatedParts:
     is one key and its value, then the rest of the top-level object, so in any valid body
     ending with it the value lands at the same top-level key. Anything unexpected (a
     sentinel not where it was, invalid JSON) falls back to a full parse, which also gives
-    error messages their positions in the real body."""
+    error messages their positions in the real body.
+
+    The values are shared by every body parsed with them: a parsed body must not be changed
+    below its top level."""
 
     def __init__(self) -> None:
         self._heads: list[_Piece] = []
@@ -159,12 +162,20 @@ class RepeatedParts:
         if len(parts) > 1 and parts[-1].startswith(b'"'):
             _remember(self._tails, parts[-1])
 
-    def parse(self, raw: bytes) -> Any:
-        """`loads(raw)`, skipping the parse of known heads' and tails' large values."""
+    def parse(self, raw: bytes, *, learn: bool = False) -> Any:
+        """`loads(raw)`, skipping the parse of known heads' and tails' large values. With
+        `learn`, a valid body's pieces are remembered (for a caller that does not split
+        bodies and `remember` itself)."""
         head = next((h for h in self._heads if _starts(raw, h.raw)), None)
         tail = next((t for t in self._tails if _ends(raw, t.raw)), None)
         if head and tail and len(head.raw) + len(tail.raw) > len(raw):
             tail = None  # they overlap
+        body = self._parse(raw, head, tail)
+        if learn and (head is None or tail is None):
+            self.remember(split_body(raw, self.heads))
+        return body
+
+    def _parse(self, raw: bytes, head: _Piece | None, tail: _Piece | None) -> Any:
         if (head and not head.prepared) or (tail and not tail.prepared):
             body = loads(raw)
             if head and not head.prepared:

@@ -39,8 +39,11 @@ class PayloadSettings(Protocol):
     def openclaw_message_cli_skill_path(self) -> Path: ...
 
 
+Parse = Callable[[bytes], Any]
+
+
 def build_payload(
-    row: PendingRow, settings: PayloadSettings, *, full: bool = False
+    row: PendingRow, settings: PayloadSettings, *, full: bool = False, parse: Parse = loads
 ) -> dict[str, Any]:
     """The JSON object written for a row (SPEC §3). `full` forces the full form."""
     common: dict[str, Any] = {
@@ -58,7 +61,7 @@ def build_payload(
         common["backend-llm-instruction"] = row.backend_instruction
     if not body_needed(row.payload_kind, full):
         return {**common, "request_id": row.id}
-    body = loads(row.body)
+    body = parse(row.body)
     payload = body if isinstance(body, dict) else {"body": body}
     payload.update(common)
     return payload
@@ -73,8 +76,10 @@ def dumps(payload: dict[str, Any]) -> bytes:
         return text.encode("utf-8", "surrogatepass") + b"\n"
 
 
-def render(row: PendingRow, settings: PayloadSettings, *, full: bool = False) -> bytes:
-    return dumps(build_payload(row, settings, full=full))
+def render(
+    row: PendingRow, settings: PayloadSettings, *, full: bool = False, parse: Parse = loads
+) -> bytes:
+    return dumps(build_payload(row, settings, full=full, parse=parse))
 
 
 def ensure_dir(inbox: Path) -> None:
@@ -156,7 +161,9 @@ class BatchResult:
     error: str | None = None
 
 
-def write_batch(inbox: Path, rows: Sequence[PendingRow], settings: PayloadSettings) -> BatchResult:
+def write_batch(
+    inbox: Path, rows: Sequence[PendingRow], settings: PayloadSettings, parse: Parse = loads
+) -> BatchResult:
     """Write rows in arrival order; stop at the first failure so order is kept on retry."""
     if not rows:
         return BatchResult(written=[])
@@ -164,7 +171,7 @@ def write_batch(inbox: Path, rows: Sequence[PendingRow], settings: PayloadSettin
         ensure_dir(inbox)
     except OSError as exc:
         return BatchResult([], rows[0].seq, _describe(exc))
-    files = [(row.inbox_file, render(row, settings)) for row in rows]
+    files = [(row.inbox_file, render(row, settings, parse=parse)) for row in rows]
     done, error = write_files(inbox, files)
     for name, data in files[:done]:
         log.info(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from typing import IO, Any
 
 import orjson
 
+from .bodies import RepeatedParts
 from .inbox import BatchResult, write_batch
 from .logs import setup_logging
 from .store import PendingRow
@@ -127,10 +129,13 @@ def main() -> None:
         return
     options = WriterOptions.decode(first)
     setup_logging(options.debug)
+    # An agent's bodies repeat their system prompt and tools: parse those once.
+    parts = RepeatedParts()
+    parse = functools.partial(parts.parse, learn=True)
     while (data := _read_frame(stdin)) is not None:
         rows = decode_rows(data)
         try:
-            result = write_batch(options.inbox, rows, options)
+            result = write_batch(options.inbox, rows, options, parse)
         except Exception as exc:  # e.g. a payload that cannot be rendered: report, go on
             log.exception("inbox_batch_failed")
             result = BatchResult([], rows[0].seq, f"{type(exc).__name__}: {exc}")

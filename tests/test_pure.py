@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable
 
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -161,3 +162,16 @@ def test_parsing_past_known_pieces_equals_a_full_parse(
         if damage and n == len(turns) - 1:  # and an invalid one: cut at the end or start
             raw = raw[:damage] if damage < 0 else raw[damage:]
         assert _outcome(parts.parse, raw) == _outcome(loads, raw)
+
+
+def test_parsing_with_learn_remembers_the_pieces_of_valid_bodies_only() -> None:
+    parts = RepeatedParts()
+    bad = _turn(BODIES[1], "bad")[:-1]
+    with pytest.raises(ValueError):
+        parts.parse(bad, learn=True)
+    assert list(parts.heads) == []
+    bodies = [_turn(BODIES[1], f"turn {n}") for n in range(3)]
+    parsed = [parts.parse(body, learn=True) for body in bodies]
+    assert parsed == [loads(body) for body in bodies]
+    assert parsed[1]["tools"] is parsed[2]["tools"]
+    assert list(parts.heads) == [split_body(bodies[0])[0]]
