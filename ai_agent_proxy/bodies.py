@@ -63,14 +63,18 @@ def cut_points(raw: bytes) -> list[int]:
     return cuts
 
 
-def split_body(raw: bytes, known_heads: Iterable[bytes] = ()) -> list[bytes]:
+def split_body(
+    raw: bytes, known_heads: Iterable[bytes] = (), known_tails: Iterable[bytes] = ()
+) -> list[bytes]:
     """Cut `raw` into segments. A body that starts with one of `known_heads` (large first
-    segments of earlier bodies: an agent's system prompt) keeps it as its first segment
-    and only the rest is scanned, as scanning is most of the cost of a 60 KB body."""
-    for head in known_heads:
-        if _starts(raw, head):
-            return [head, *_split(raw[len(head) :])]
-    return _split(raw)
+    segments of earlier bodies: an agent's system prompt) keeps it as its first segment,
+    one that ends with one of `known_tails` (its tools) as its last, and only the rest is
+    scanned, as scanning is most of the cost of a 60 KB body."""
+    head = next((h for h in known_heads if _starts(raw, h)), b"")
+    tail = next((t for t in known_tails if _ends(raw, t) and len(head) + len(t) < len(raw)), b"")
+    if not head and not tail:
+        return _split(raw)
+    return [p for p in (head, *_split(raw[len(head) : len(raw) - len(tail)]), tail) if p]
 
 
 def _starts(raw: bytes, head: bytes) -> bool:
@@ -156,6 +160,10 @@ class RepeatedParts:
     def heads(self) -> Iterator[bytes]:
         return (h.raw for h in self._heads)
 
+    def split(self, raw: bytes) -> list[bytes]:
+        """split_body, past the known heads and tails."""
+        return split_body(raw, self.heads, (t.raw for t in self._tails))
+
     def remember(self, parts: Sequence[bytes]) -> None:
         """`parts`: the segments (split_body) of a body that parsed as JSON."""
         _remember(self._heads, parts[0])
@@ -172,7 +180,7 @@ class RepeatedParts:
             tail = None  # they overlap
         body = self._parse(raw, head, tail)
         if learn and (head is None or tail is None):
-            self.remember(split_body(raw, self.heads))
+            self.remember(self.split(raw))
         return body
 
     def _parse(self, raw: bytes, head: _Piece | None, tail: _Piece | None) -> Any:

@@ -31,6 +31,7 @@ _ENVELOPE = re.compile(
     re.S | re.I,
 )
 _RUNTIME = re.compile(r"(?:^|\n)Runtime: [^\n]*\s*$")
+_DECODER = json.JSONDecoder()
 
 
 @dataclass(frozen=True)
@@ -182,11 +183,10 @@ def _internal_conversation_info(messages: list[dict[str, Any]]) -> dict[str, Any
 def _internal_blocks(text: str) -> Iterator[str]:
     """OpenClaw quotes each data block as a JSON string literal; yield them unquoted."""
     yield text
-    decoder = json.JSONDecoder()
     pos = text.find('"')
     while pos != -1:
         try:
-            value, end = decoder.raw_decode(text, pos)
+            value, end = _DECODER.raw_decode(text, pos)
         except ValueError:
             pos = text.find('"', pos + 1)
             continue

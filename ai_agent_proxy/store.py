@@ -24,7 +24,7 @@ from typing import Any
 
 import aiosqlite
 
-from .bodies import RepeatedParts, digest, join_segments, pack_ids, split_body, unpack_ids
+from .bodies import RepeatedParts, digest, join_segments, pack_ids, unpack_ids
 from .ids import inbox_file_name
 
 log = logging.getLogger("ai_agent_proxy.store")
@@ -216,7 +216,7 @@ class Store:
 
     async def record(self, req: NewRequest) -> None:
         """Return once the request row is committed; raise StoreError if it cannot be."""
-        parts = split_body(req.body, self.parts.heads)
+        parts = self.parts.split(req.body)
         self.parts.remember(parts)
         segments = [(self._segment_hash(part), part) for part in parts]
         # The body's own hash, from its segments' (hashing 60 KB twice costs more).

@@ -19,11 +19,19 @@ from .conftest import FIXTURES
 BODIES = [p.read_bytes() for p in sorted(FIXTURES.glob("*.json"))]
 
 
-@given(st.binary(max_size=3000), st.lists(st.binary(max_size=300), max_size=3), st.booleans())
-def test_segments_join_back_to_the_body(raw: bytes, heads: list[bytes], head_of_raw: bool) -> None:
-    if head_of_raw:
+@given(
+    st.binary(max_size=3000),
+    st.lists(st.binary(max_size=300), max_size=3),
+    st.lists(st.binary(max_size=300), max_size=3),
+    st.booleans(),
+)
+def test_segments_join_back_to_the_body(
+    raw: bytes, heads: list[bytes], tails: list[bytes], pieces_of_raw: bool
+) -> None:
+    if pieces_of_raw:
         heads.append(raw[: len(raw) // 2])
-    parts = split_body(raw, heads)
+        tails.append(raw[len(raw) // 3 :])
+    parts = split_body(raw, heads, tails)
     assert b"".join(parts) == raw
     assert all(parts[1:])  # no empty segment after the first
 
@@ -37,6 +45,8 @@ def test_a_known_head_gives_the_same_segments_as_a_full_scan() -> None:
         other = body[:at] + b"x" + body[at:]
         assert split_body(other, [parts[0]]) == split_body(other)
         assert split_body(other, [parts[0]])[0] is parts[0]
+        assert split_body(other, [parts[0]], [parts[-1]]) == split_body(other)
+        assert split_body(other, [], [parts[-1]])[-1] is parts[-1]
 
 
 def _normalized(answer: bytes) -> bytes:
