@@ -197,7 +197,7 @@ def _internal_blocks(text: str) -> Iterator[str]:
 
 def _same_text_memo(fn: Callable[[str], str | None]) -> Callable[[str], str | None]:
     """Remember `fn`'s answer for the last few string objects. An agent's 49 KB system
-    prompt is one and the same str from request to request (bodies.KnownHeads), so it is
+    prompt is one and the same str from request to request (bodies.RepeatedParts), so it is
     searched once, not on every request; looking it up by identity costs no hashing."""
     memo: dict[int, tuple[str, str | None]] = {}
 
@@ -215,13 +215,17 @@ def _same_text_memo(fn: Callable[[str], str | None]) -> Callable[[str], str | No
     return cached
 
 
-def _inbound_meta_channel(messages: list[dict[str, Any]]) -> str | None:
+def _first_found(messages: list[dict[str, Any]], find: Callable[[str], str | None]) -> str | None:
     for m in messages:
-        if m.get("role") in ("system", "developer"):
-            channel = _inbound_meta_channel_in(_message_text(m, skip_internal=False))
-            if channel:
-                return channel
+        found = find(_message_text(m, skip_internal=False))
+        if found:
+            return found
     return None
+
+
+def _inbound_meta_channel(messages: list[dict[str, Any]]) -> str | None:
+    prompts = [m for m in messages if m.get("role") in ("system", "developer")]
+    return _first_found(prompts, _inbound_meta_channel_in)
 
 
 @_same_text_memo
@@ -241,11 +245,7 @@ def _channel_line(messages: list[dict[str, Any]]) -> str | None:
     ordered = [m for m in messages if m.get("role") == "system"] + [
         m for m in messages if m.get("role") != "system"
     ]
-    for m in ordered:
-        channel = _channel_line_in(_message_text(m, skip_internal=False))
-        if channel:
-            return channel
-    return None
+    return _first_found(ordered, _channel_line_in)
 
 
 @_same_text_memo
