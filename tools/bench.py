@@ -492,6 +492,10 @@ def main() -> None:
         f" (mean body {mean_body / 1024:.1f} KB); rows stored in the throughput DB: {total_rows:,}"
     )
     shutil.rmtree(work, ignore_errors=True)
+    console.print(
+        f"removed {work} with its inbox files: on ext4 without a journal, creating files is "
+        "slower for a while after such a delete; wait a minute before the next run"
+    )
 
 
 if __name__ == "__main__":
