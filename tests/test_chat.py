@@ -81,6 +81,27 @@ def test_each_fixture_through_the_sdk(make_server, stream: bool) -> None:
     assert "messages" in cli and "channel" not in cli
 
 
+def test_an_agents_repeated_prompt_and_tools_come_out_exactly(server: Server) -> None:
+    """The server and the writer parse a body that starts and ends like an earlier one
+    (system prompt, tool list) reusing what they parsed from it: files and stored bodies
+    must be the same as for a body parsed in full."""
+    sent = []
+    for n in range(4):
+        body = fixture_body(CLI)
+        body["messages"][-1]["content"] = f'turn {n}: ü \\ " {{}}'
+        raw = json.dumps(body, ensure_ascii=False).encode()  # the fixture's own spacing
+        assert server.post_chat(raw).status_code == 200
+        sent.append((body, raw))
+    server.wait_files(len(sent))
+    rows = server.rows()
+    for (body, raw), row, payload in zip(sent, rows, server.inbox_payloads(), strict=True):
+        assert server.body(row["id"]) == raw
+        assert {k: payload[k] for k in body} == body
+    # the pieces were stored once: the system prompt and the tool list are one segment each
+    shared = server.rows("SELECT count(*) AS n FROM segments WHERE length(data) > 4096")
+    assert shared[0]["n"] == 2
+
+
 def test_inbox_file_format(server: Server) -> None:
     body = {"model": "m", "messages": [{"role": "user", "content": "héllo ✓ 你好"}], "z": 1, "a": 2}
     assert server.post_chat(body).status_code == 200
