@@ -246,9 +246,7 @@ async def run_httpx(
 
         await asyncio.gather(*(worker() for _ in range(connections)))
         result.seconds = time.perf_counter() - start
-    lat = sorted(result.latencies_ms)
-    result.p50_ms = lat[len(lat) // 2] if lat else None
-    result.p99_ms = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None
+    result.p50_ms, result.p99_ms = p50_p99(result.latencies_ms)
     return result
 
 
@@ -292,9 +290,7 @@ async def run_paced(
         queue.put_nowait(None)
     await asyncio.gather(*workers)
     result.seconds = time.perf_counter() - start
-    lat = sorted(result.latencies_ms)
-    result.p50_ms = lat[len(lat) // 2] if lat else None
-    result.p99_ms = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None
+    result.p50_ms, result.p99_ms = p50_p99(result.latencies_ms)
     return result
 
 
@@ -316,17 +312,22 @@ def wait_drained(db: Path, timeout: float = 60) -> None:
 
 def file_latency(db: Path, since_ms: int) -> tuple[float | None, float | None]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        values = sorted(
+        values = [
             r[0]
             for r in conn.execute(
                 "SELECT written_ms - received_ms FROM requests"
                 " WHERE state = 'written' AND received_ms >= ?",
                 (since_ms,),
             )
-        )
-    if not values:
+        ]
+    return p50_p99(values)
+
+
+def p50_p99(values: list[float]) -> tuple[float | None, float | None]:
+    ordered = sorted(values)
+    if not ordered:
         return None, None
-    return values[len(values) // 2], values[min(len(values) - 1, int(len(values) * 0.99))]
+    return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
 def db_bytes(db: Path) -> int:
