@@ -185,3 +185,25 @@ def test_parsing_with_learn_remembers_the_pieces_of_valid_bodies_only() -> None:
     assert parsed == [loads(body) for body in bodies]
     assert parsed[1]["tools"] is parsed[2]["tools"]
     assert list(parts.heads) == [split_body(bodies[0])[0]]
+
+
+def test_a_tail_that_is_not_a_key_and_value_is_parsed_in_full() -> None:
+    """`"tools"` can also be a string in a list; a tail starting there has no value to
+    share, and bodies ending with it still parse exactly."""
+
+    def body(n: int) -> bytes:
+        doc = {
+            "messages": [{"role": "system", "content": "p" * 5000}, {"role": "user", "content": n}],
+            "list": ["tools", "y" * 5000],
+        }
+        return json.dumps(doc).encode()
+
+    parts = RepeatedParts()
+    pieces = split_body(body(0))
+    assert pieces[-1].startswith(b'"tools", ')
+    parts.remember(pieces)
+    for n in range(1, 4):
+        assert parts.parse(body(n)) == loads(body(n))
+    parsed = [parts.parse(body(n)) for n in (4, 5)]
+    assert parsed[0]["messages"][0]["content"] is parsed[1]["messages"][0]["content"]  # head
+    assert parsed[0]["list"][1] is not parsed[1]["list"][1]  # nothing shared from the tail
