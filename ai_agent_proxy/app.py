@@ -22,14 +22,15 @@ from . import wire
 from .answers import Answer, json_response, relay_chat
 from .bodies import RepeatedParts
 from .config import Settings
-from .context import extract_context
+from .context import RequestContext, extract_context
 from .flusher import Flusher
 from .ids import new_request_id
 from .logs import setup_logging
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .relay import Relay
 from .retention import Pruner
-from .store import NewRequest, Store, StoreError
+from .rows import NewRequest
+from .store import Store, StoreError
 
 log = logging.getLogger("ai_agent_proxy")
 
@@ -159,20 +160,10 @@ def create_app(settings: Settings) -> Sanic:
     async def chat_completions(request: Request) -> HTTPResponse | None:
         raw_body = request.body
         body = parse_body(raw_body, request.client_ip, request.app.ctx.parts)
-        ctx = extract_context(body)
+        context = extract_context(body)
         request_id, received_ms = new_request_id()
         relay: Relay | None = request.app.ctx.relay
-        row = NewRequest(
-            id=request_id,
-            received_ms=received_ms,
-            body=raw_body,
-            context_id=ctx.context_id,
-            channel=ctx.channel,
-            target=ctx.target,
-            message_id=ctx.message_id,
-            latest_user_prompt=ctx.latest_user_prompt,
-            awaiting_backend=relay is not None,
-        )
+        row = new_request(request_id, received_ms, raw_body, context, relay is not None)
         try:
             await request.app.ctx.store.record(row)
         except StoreError as exc:
@@ -182,7 +173,7 @@ def create_app(settings: Settings) -> Sanic:
         answer = Answer.for_body(body, settings)
         if relay is None:
             return answer.fallback()
-        return await relay_chat(request, relay, body, ctx.context_id, request_id, answer)
+        return await relay_chat(request, relay, body, context.context_id, request_id, answer)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> HTTPResponse:
@@ -211,6 +202,27 @@ def create_app(settings: Settings) -> Sanic:
         return raw(text, content_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def new_request(
+    request_id: str, received_ms: int, raw_body: bytes, context: RequestContext, relayed: bool
+) -> NewRequest:
+    """The row for a request, its message keys as the JSON text the DB keeps."""
+    attachments = [a.as_dict() for a in context.attachments]
+    return NewRequest(
+        id=request_id,
+        received_ms=received_ms,
+        body=raw_body,
+        context_id=context.context_id,
+        channel=context.channel,
+        target=context.target,
+        message_id=context.message_id,
+        latest_user_prompt=context.latest_user_prompt,
+        sender=orjson.dumps(context.sender).decode() if context.sender else None,
+        attachments=orjson.dumps(attachments).decode() if attachments else None,
+        modality=context.modality,
+        awaiting_backend=relayed,
+    )
 
 
 async def models(app: Sanic) -> list[dict[str, Any]]:

@@ -18,7 +18,8 @@ from typing import Any
 from .bodies import join_segments, unpack_ids
 from .ids import inbox_file_name
 from .migrations import SchemaError, check_version
-from .store import PENDING_COLUMNS, SEGMENT_DATA, PendingRow, body_needed, in_chunks
+from .rows import PENDING_COLUMNS, PendingRow, body_needed
+from .store import SEGMENT_DATA, in_chunks
 
 STATES = ("pending", "written", "failed", "duplicate", "awaiting-backend")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.I)
@@ -175,9 +176,8 @@ class Audit:
         else:
             sql = inner + " ORDER BY seq"
         for r in self._stream(sql, params):
-            values = tuple(r)
-            body = self.body(values[3]) if body_needed(values[8], full) else b""
-            yield PendingRow(*values[:3], body, *values[4:-1]), values[-1]
+            body = self.body(r["body_segments"]) if body_needed(r["payload_kind"], full) else b""
+            yield PendingRow.from_row(r, body), r["state"]
 
     def body(self, segments_blob: bytes) -> bytes:
         """Join a body's segments; they repeat across rows, so recent ones are cached."""

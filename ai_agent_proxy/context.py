@@ -16,6 +16,43 @@ from typing import Any
 
 INTERNAL_BEGIN = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>"
 RETRY_NOTICE = "The previous attempt did not produce a user-visible answer"
+QUEUED_NOTICE = (
+    "[Queued user message from a previous active turn; preserved as context only. "
+    "Continue with the active prompt below.]"
+)
+EARLIER_NOTICE = (
+    "[Earlier unanswered user message. Address this request alongside the current input; "
+    "follow the latest user instruction if they conflict.]"
+)
+CONTINUE_NOTICE = (
+    "Continue the current task from the existing transcript, preserving completed work. If an "
+    "action was interrupted, inspect its state before deciding whether to retry it. Do not "
+    "restart the task or repeat completed actions."
+)
+
+# OpenClaw's own words around the person's (SPEC §3), one entry each: (name, pattern).
+# Removing every match leaves the person's words. Anchored where OpenClaw puts them, so
+# the same sentence inside a person's text is left alone.
+NOTICES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    # A whole extra user message after an empty answer; skipped as a message.
+    ("retry", re.compile(r"\A\s*" + re.escape(RETRY_NOTICE) + r"\b.*\Z", re.S)),
+    # A message re-sent after a failed turn starts with this line ...
+    ("queued", re.compile(r"\A\s*" + re.escape(QUEUED_NOTICE) + r"[ \t]*\n?")),
+    ("earlier", re.compile(r"\A\s*" + re.escape(EARLIER_NOTICE) + r"[ \t]*\n?")),
+    # ... and, when nobody wrote since, ends with this paragraph (or its tool-failure variant).
+    (
+        "continue",
+        re.compile(r"(?:\A|\n\n)" + re.escape(CONTINUE_NOTICE) + r"(?: If a tool[^\n]*)?\s*\Z"),
+    ),
+    (
+        "attachment-not-analyzed",
+        re.compile(
+            r"^[ \t]*\[(?:Image|Audio|Video|File|Document) attachment not analyzed:[^\n]*\]"
+            r"[ \t]*(?:\n|\Z)",
+            re.M,
+        ),
+    ),
+)
 
 _CHANNEL_FIELDS = ("channel", "context_id", "thread_id", "thread", "conversation_id", "chat_id")
 _TARGET_FIELDS = ("target", "user_id", "recipient", "to")
@@ -31,7 +68,39 @@ _ENVELOPE = re.compile(
     re.S | re.I,
 )
 _RUNTIME = re.compile(r"(?:^|\n)Runtime: [^\n]*\s*$")
+# `[media attached: <path> (<mime>) "<name>"]`, also numbered (`media attached 1/2:`) and
+# with a `| <path or url>` tail; `[media attached: 2 files]` only announces the lines.
+_MEDIA_LINE = re.compile(r"(?m)^[ \t]*\[media attached(?: \d+/\d+)?: ([^\n]*)\][ \t]*(?:\n|$)")
+_MEDIA_INNER = re.compile(
+    r'^(?P<path>.+?)(?: \((?P<mime>[\w.+-]+/[\w.+-]+)[^()]*\))?(?: "(?P<name>[^"]*)")?'
+    r"(?: \| [^|]*)?$"
+)
+_MEDIA_COUNT = re.compile(r"^\d+ files?$")
+# An envelope that follows a time stamp anywhere (a queued message keeps its own).
+_STAMPED_ENVELOPE = re.compile(
+    r"^\[[^\]\n]{0,60}\d{1,2}:\d{2}[^\]\n]{0,40}\]\s*"
+    r"(?:[A-Z][^\n`]{0,80}(?:info|metadata)\b[^\n]*\n```json\s*\n.*?\n\s*```\s*)+",
+    re.S | re.M,
+)
+_SENDER_KEYS = ("id", "name", "username", "e164")
 _DECODER = json.JSONDecoder()
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One file OpenClaw saved for the person's message (a `[media attached: ...]` line)."""
+
+    path: str
+    mime: str | None = None
+    name: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        out = {"path": self.path}
+        if self.mime:
+            out["mime"] = self.mime
+        if self.name:
+            out["name"] = self.name
+        return out
 
 
 @dataclass(frozen=True)
@@ -40,6 +109,9 @@ class RequestContext:
     target: str | None = None
     message_id: str | None = None
     latest_user_prompt: str = ""
+    sender: dict[str, str] | None = None  # id, name, username (e164) as OpenClaw gives them
+    attachments: tuple[Attachment, ...] = ()
+    modality: str | None = None  # OpenClaw's source_modality: text, image, voice, document
 
     @property
     def context_id(self) -> str | None:
@@ -65,13 +137,16 @@ def _extract(body: Any) -> RequestContext:
 
     channel = _first_string(body, _CHANNEL_FIELDS)
     target = _first_string(body, _TARGET_FIELDS)
-    message_id = None
+    message_id = modality = None
+    sender: dict[str, str] | None = None
 
-    # OpenClaw 2026.9: the internal-context part carries chat_id and message_id.
+    # OpenClaw 2026.9: the internal-context part carries chat_id, message_id and sender.
     info = _internal_conversation_info(messages)
     if info:
         chat_id = _str(info.get("chat_id"))
         message_id = _str(info.get("message_id"))
+        sender = _sender(info.get("sender"))
+        modality = _str(info.get("source_modality"))
         if chat_id:
             head, sep, tail = chat_id.partition(":")
             if sep and head and tail:
@@ -84,21 +159,60 @@ def _extract(body: Any) -> RequestContext:
 
     # Older OpenClaw: sender identity in the person's newest message's JSON block.
     person_index = _person_message_index(messages)
-    if not target and person_index is not None:
-        target = _sender_target(_message_text(messages[person_index]))
-
-    prompt = ""
+    prompt, attachments = "", ()
     if person_index is not None:
-        prompt = clean_user_text(_message_text(messages[person_index]))
-    return RequestContext(channel, target, message_id, prompt)
+        text = _message_text(messages[person_index])
+        if not target:
+            target = _sender_target(text)
+        if sender is None:
+            sender = next((_sender(o.get("sender")) for o in _fenced_objects(text)), None)
+        prompt, attachments = split_media(clean_user_text(text))
+    return RequestContext(
+        channel, target, message_id, prompt, sender, attachments, modality and modality[:32]
+    )
 
 
 def clean_user_text(text: str) -> str:
-    """Strip OpenClaw's envelope: time stamp, metadata JSON blocks, trailing Runtime line."""
-    text = _TIME_STAMP.sub("", text, count=1)
+    """The person's words: without OpenClaw's envelope (time stamp, metadata JSON blocks,
+    trailing Runtime line) and without its notices (NOTICES)."""
+    # Envelopes and notices nest (a queued message keeps its envelope): peel until stable.
+    for _ in range(4):
+        before = text
+        text = _strip_envelope(text)
+        for _, pattern in NOTICES:
+            text = pattern.sub("", text)
+        if text == before:
+            break
+    return _STAMPED_ENVELOPE.sub("", text).strip()
+
+
+def _strip_envelope(text: str) -> str:
+    text = _TIME_STAMP.sub("", text.strip(), count=1)
     text = _ENVELOPE.sub("", text, count=1)
-    text = _RUNTIME.sub("", text, count=1)
-    return text.strip()
+    return _RUNTIME.sub("", text, count=1)
+
+
+def split_media(text: str) -> tuple[str, tuple[Attachment, ...]]:
+    """(text without its `[media attached: ...]` lines, the attachments they name)."""
+    if "[media attached" not in text:
+        return text, ()
+    found: list[Attachment] = []
+    for match in _MEDIA_LINE.finditer(text):
+        inner = match.group(1).strip()
+        if _MEDIA_COUNT.match(inner):
+            continue
+        parts = _MEDIA_INNER.match(inner)
+        if parts is None:  # cannot happen for a non-empty line; kept safe
+            continue
+        found.append(Attachment(parts["path"].strip(), parts["mime"], parts["name"]))
+    return _MEDIA_LINE.sub("", text).strip(), tuple(found)
+
+
+def _sender(value: Any) -> dict[str, str] | None:
+    if not isinstance(value, dict):
+        return None
+    out = {k: v for k in _SENDER_KEYS if (v := _str(value.get(k))) is not None}
+    return out or None
 
 
 def _str(value: Any) -> str | None:
@@ -143,13 +257,22 @@ def _is_internal(message: dict[str, Any]) -> bool:
     return bool(texts) and all(INTERNAL_BEGIN in t for t in texts)
 
 
+def _is_notice(text: str) -> bool:
+    """A message that is nothing but OpenClaw's own notices (e.g. the retry notice)."""
+    if not text.strip():
+        return False
+    for _, pattern in NOTICES:
+        text = pattern.sub("", text)
+    return not text.strip()
+
+
 def _person_message_index(messages: list[dict[str, Any]]) -> int | None:
     """Index of the newest user message written by the person (not OpenClaw's own parts)."""
     for i in range(len(messages) - 1, -1, -1):
         m = messages[i]
         if m.get("role") != "user" or _is_internal(m):
             continue
-        if _message_text(m).lstrip().startswith(RETRY_NOTICE):
+        if _is_notice(_message_text(m)):
             continue
         return i
     return None

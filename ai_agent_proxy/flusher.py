@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from .config import Settings
 from .inbox_writer import InboxWriter, WriterOptions
-from .store import CLAIM_LEASE_MS, PendingRow, Store, StoreError
+from .rows import PendingRow
+from .store import CLAIM_LEASE_MS, Store, StoreError
 
 log = logging.getLogger("ai_agent_proxy.flusher")
 

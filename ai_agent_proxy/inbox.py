@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import orjson
 
 from .bodies import loads
-from .store import PendingRow, body_needed
+from .rows import PendingRow, body_needed
 
 log = logging.getLogger("ai_agent_proxy.inbox")
 
@@ -52,12 +52,20 @@ def build_payload(
         "latest-user-prompt": row.latest_user_prompt,
         "context_id": row.context_id,
     }
-    if row.channel is not None:
-        common["channel"] = row.channel
-    if row.target is not None:
-        common["target"] = row.target
-    if row.backend_reply is not None:
-        common["backend-llm-reply"] = row.backend_reply
+    optional = {
+        "channel": row.channel,
+        "target": row.target,
+        "message_id": row.message_id,
+        "sender": _json_or_none(row.sender),
+        "attachments": _json_or_none(row.attachments),
+        "modality": row.modality,
+        # What the person was shown by the backend (also the part before a cut-off) ...
+        "backend-llm-reply": row.backend_reply,
+        # ... and why it is not all there, or why they got the local answer instead.
+        "backend-llm-error": row.backend_error,
+    }
+    common.update((k, v) for k, v in optional.items() if v is not None)
+    if row.backend_reply is not None or row.backend_error is not None:
         common["backend-llm-instruction"] = row.backend_instruction
     if not body_needed(row.payload_kind, full):
         return {**common, "request_id": row.id}
@@ -65,6 +73,10 @@ def build_payload(
     payload = body if isinstance(body, dict) else {"body": body}
     payload.update(common)
     return payload
+
+
+def _json_or_none(text: str | None) -> Any:
+    return None if text is None else orjson.loads(text)
 
 
 def dumps(payload: dict[str, Any]) -> bytes:

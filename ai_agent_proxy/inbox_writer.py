@@ -34,7 +34,7 @@ import orjson
 from .bodies import RepeatedParts
 from .inbox import BatchResult, write_batch
 from .logs import setup_logging
-from .store import PendingRow
+from .rows import PendingRow
 
 log = logging.getLogger("ai_agent_proxy.inbox_writer")
 
@@ -69,36 +69,19 @@ def frame(data: bytes) -> bytes:
 
 
 def encode_rows(rows: Sequence[PendingRow]) -> bytes:
-    """One frame: the length of the rows' fields as JSON, that JSON, then their bodies
-    back to back."""
-    meta = orjson.dumps(
-        [
-            (
-                r.seq,
-                r.id,
-                r.received_ms,
-                len(r.body),
-                r.context_id,
-                r.channel,
-                r.target,
-                r.latest_user_prompt,
-                r.payload_kind,
-                r.backend_instruction,
-                r.backend_reply,
-            )
-            for r in rows
-        ]
-    )
+    """One frame: the length of the rows' fields as JSON (objects by field name, then the
+    body sizes), that JSON, then their bodies back to back."""
+    meta = orjson.dumps([[r.meta() for r in rows], [len(r.body) for r in rows]])
     return frame(_LEN.pack(len(meta)) + meta + b"".join(r.body for r in rows))
 
 
 def decode_rows(data: bytes) -> list[PendingRow]:
     (meta_len,) = _LEN.unpack_from(data)
-    meta = orjson.loads(data[_LEN.size : _LEN.size + meta_len])
+    meta, sizes = orjson.loads(data[_LEN.size : _LEN.size + meta_len])
     bodies = memoryview(data)[_LEN.size + meta_len :]
     rows, at = [], 0
-    for seq, id_, received_ms, size, *rest in meta:
-        rows.append(PendingRow(seq, id_, received_ms, bytes(bodies[at : at + size]), *rest))
+    for fields, size in zip(meta, sizes, strict=True):
+        rows.append(PendingRow.from_row(fields, bytes(bodies[at : at + size])))
         at += size
     return rows
 

@@ -25,7 +25,7 @@ from typing import Any
 import aiosqlite
 
 from .bodies import RepeatedParts, digest, join_segments, pack_ids, unpack_ids
-from .ids import inbox_file_name
+from .rows import PENDING_COLUMNS, NewRequest, PendingRow, body_needed
 
 log = logging.getLogger("ai_agent_proxy.store")
 
@@ -36,45 +36,6 @@ MAX_COMMIT_BATCH = 512
 
 class StoreError(Exception):
     """The outbox could not do what was asked (locked, read-only, disk full, ...)."""
-
-
-@dataclass(frozen=True)
-class NewRequest:
-    id: str
-    received_ms: int
-    body: bytes
-    context_id: str | None
-    channel: str | None
-    target: str | None
-    message_id: str | None
-    latest_user_prompt: str
-    awaiting_backend: bool = False
-
-
-@dataclass(frozen=True)
-class PendingRow:
-    """What the flusher needs to turn a row into an inbox file."""
-
-    seq: int
-    id: str
-    received_ms: int
-    body: bytes
-    context_id: str | None
-    channel: str | None
-    target: str | None
-    latest_user_prompt: str
-    payload_kind: str
-    backend_instruction: str | None
-    backend_reply: str | None
-
-    @property
-    def inbox_file(self) -> str:
-        return inbox_file_name(self.id, self.received_ms)
-
-
-def body_needed(payload_kind: str, full: bool = False) -> bool:
-    """Only full payloads carry the body; compact rows never need it joined."""
-    return full or payload_kind == "full"
 
 
 def in_chunks(values: Sequence[Any]) -> Iterator[tuple[str, list[Any]]]:
@@ -88,10 +49,12 @@ def in_chunks(values: Sequence[Any]) -> Iterator[tuple[str, list[Any]]]:
 _INSERT = """
 INSERT INTO requests (
     id, received_ms, body_segments, body_hash, context_id, channel, target, message_id,
-    latest_user_prompt, claimed_until_ms, claimed_by, payload_kind, state, duplicate_of)
+    latest_user_prompt, sender, attachments, modality, claimed_until_ms, claimed_by,
+    payload_kind, state, duplicate_of)
 SELECT
     :id, :received_ms, :body_segments, :body_hash, :context_id, :channel, :target,
-    :message_id, :latest_user_prompt, :claimed_until_ms, :claimed_by,
+    :message_id, :latest_user_prompt, :sender, :attachments, :modality, :claimed_until_ms,
+    :claimed_by,
     CASE WHEN :context_id IS NOT NULL AND EXISTS (
         SELECT 1 FROM requests WHERE context_id = :context_id AND state != 'duplicate'
     ) THEN 'compact' ELSE 'full' END,
@@ -99,9 +62,12 @@ SELECT
     repeat.of
 FROM (
     SELECT coalesce(
-        -- an OpenClaw retry of the same turn
+        -- an OpenClaw retry of the same turn: same message, same words and media (a
+        -- steered follow-up shares the message_id but brings new words: not a repeat)
         (SELECT id FROM requests
-         WHERE context_id = :context_id AND message_id = :message_id AND state != 'duplicate'
+         WHERE context_id = :context_id AND message_id = :message_id
+           AND latest_user_prompt = :latest_user_prompt AND attachments IS :attachments
+           AND state != 'duplicate'
          ORDER BY seq LIMIT 1),
         -- a client re-sending the same body soon after
         (SELECT id FROM requests
@@ -124,11 +90,6 @@ UPDATE requests SET backend_instruction = ?, backend_reply = ?, backend_status =
     state = CASE state WHEN 'awaiting_backend' THEN 'pending' ELSE state END
 WHERE id = ?
 """
-
-PENDING_COLUMNS = (
-    "seq, id, received_ms, body_segments, context_id, channel, target, latest_user_prompt, "
-    "payload_kind, backend_instruction, backend_reply"
-)
 
 SEGMENT_CACHE_SIZE = 50_000
 SEGMENT_DATA = "SELECT id, data FROM segments WHERE id IN (%s)"
@@ -231,6 +192,9 @@ class Store:
             "target": req.target,
             "message_id": req.message_id,
             "latest_user_prompt": req.latest_user_prompt,
+            "sender": req.sender,
+            "attachments": req.attachments,
+            "modality": req.modality,
             "state": "awaiting_backend" if req.awaiting_backend else "pending",
             "dedup_since_ms": req.received_ms - self.dedup_window_ms,
             # A row waiting for the backend is claimed once its outcome is recorded.
@@ -324,12 +288,14 @@ class Store:
             RETURNING {PENDING_COLUMNS}
         """
         params = (now + CLAIM_LEASE_MS, self.token, now, self.token, limit)
-        rows = await self._group_commit(work=lambda c: c.execute(sql, params).fetchall())
-        rows.sort(key=lambda r: r[0])
-        ids = [unpack_ids(r[3]) if body_needed(r[8]) else [] for r in rows]
+        rows = await self._group_commit(work=lambda c: named_rows(c.execute(sql, params)))
+        rows.sort(key=lambda r: r["seq"])
+        ids = [
+            unpack_ids(r["body_segments"]) if body_needed(r["payload_kind"]) else [] for r in rows
+        ]
         data = await self._segment_data({i for row_ids in ids for i in row_ids})
         return [
-            PendingRow(*r[:3], join_segments(row_ids, data), *r[4:])
+            PendingRow.from_row(r, join_segments(row_ids, data))
             for r, row_ids in zip(rows, ids, strict=True)
         ]
 
@@ -498,18 +464,26 @@ def _handed_row(w: _Waiting) -> PendingRow | None:
     if state != "pending":
         return None
     return PendingRow(
-        seq,
-        req.id,
-        req.received_ms,
-        req.body if body_needed(payload_kind) else b"",
-        req.context_id,
-        req.channel,
-        req.target,
-        req.latest_user_prompt,
-        payload_kind,
-        None,
-        None,
+        seq=seq,
+        id=req.id,
+        received_ms=req.received_ms,
+        body=req.body if body_needed(payload_kind) else b"",
+        payload_kind=payload_kind,
+        context_id=req.context_id,
+        channel=req.channel,
+        target=req.target,
+        latest_user_prompt=req.latest_user_prompt,
+        message_id=req.message_id,
+        sender=req.sender,
+        attachments=req.attachments,
+        modality=req.modality,
     )
+
+
+def named_rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    """A cursor's rows as dicts by column name: nobody reads `r[8]`."""
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
 
 
 def _now_ms() -> int:

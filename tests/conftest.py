@@ -33,6 +33,23 @@ FIXTURE_CONTEXTS = {
         "@capture_test_bot hello from the group",
     ),
     "openclaw-2026.9-cli-local.json": (None, "hello"),
+    "openclaw-2026.9-telegram-steer-first.json": (
+        "telegram:333456789",
+        "Steer test A: tell me a story",
+    ),
+    "openclaw-2026.9-telegram-steer-second.json": (
+        "telegram:333456789",
+        "Steer test B: make it about cats",
+    ),
+    "openclaw-2026.9-telegram-photo.json": (
+        "telegram:5550001",
+        "What is in this picture? (photo caption)",
+    ),
+    "openclaw-2026.9-telegram-photo-image-input.json": (
+        "telegram:5550101",
+        "What is in this picture? (photo caption)",
+    ),
+    "openclaw-2026.9-telegram-voice.json": ("telegram:5550002", ""),
 }
 
 

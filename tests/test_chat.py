@@ -73,8 +73,10 @@ def test_each_fixture_through_the_sdk(make_server, stream: bool) -> None:
     # Later request of the same context: compact.
     assert set(turn2) == {
         "context_id", "channel", "target", "latest-user-prompt", "request_id",
-        "instruction", "openclaw_message_cli_skill_path",
+        "instruction", "openclaw_message_cli_skill_path", "message_id", "sender",
     }  # fmt: skip
+    assert turn2["message_id"] == "12"
+    assert turn2["sender"] == {"id": "123456789", "name": "Alice Tester", "username": "alice_t"}
     assert names[1].endswith(f"-{turn2['request_id']}.json")
     # A new context and no context at all: full.
     assert group["tools"] == fixture_body(GROUP)["tools"]
@@ -197,3 +199,68 @@ def test_healthz_reveals_nothing(make_server) -> None:
     server = make_server(key="s3cret-key-123456")
     r = httpx.get(server.base_url + "/healthz")
     assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+STEER_FIRST = "openclaw-2026.9-telegram-steer-first.json"
+STEER_SECOND = "openclaw-2026.9-telegram-steer-second.json"
+PHOTO = "openclaw-2026.9-telegram-photo.json"
+VOICE = "openclaw-2026.9-telegram-voice.json"
+
+
+def with_person_text(body: dict, text: str) -> dict:
+    """`body` with the text of its person's last message replaced (envelope kept)."""
+    body = json.loads(json.dumps(body))
+    for message in reversed(body["messages"]):
+        content = message["content"]
+        if message["role"] == "user" and isinstance(content, str):
+            head, sep, _ = content.partition("```\n\n")
+            message["content"] = head + sep + text
+            return body
+    raise AssertionError("no person's message")
+
+
+def test_real_openclaw_traffic_steer_retry_queued_and_media(make_server) -> None:
+    """One conversation as OpenClaw sends it: a steered follow-up is a new message with its
+    own file; OpenClaw's empty-answer retry of it is not; a re-send in OpenClaw's queued
+    wrapper gives the person's exact words; compact files carry the message keys."""
+    server = make_server()
+    first, second = fixture_body(STEER_FIRST), fixture_body(STEER_SECOND)
+    retry = json.loads(json.dumps(second))
+    retry["messages"].append({"role": "user", "content": RETRY_NOTICE + ". Answer now."})
+    queued = with_person_text(
+        first,
+        "[Queued user message from a previous active turn; preserved as context only. "
+        "Continue with the active prompt below.]\nare you there?\n\nContinue the current task "
+        "from the existing transcript, preserving completed work. If an action was interrupted,"
+        " inspect its state before deciding whether to retry it. Do not restart the task or "
+        "repeat completed actions.",
+    )
+    document = with_person_text(
+        fixture_body(PHOTO),
+        '[media attached: /m/q3.pdf (application/pdf) "Q3 report.pdf"]\nsummarise please',
+    )
+    for body in (first, second, retry, queued, fixture_body(PHOTO), fixture_body(VOICE),
+                 document):  # fmt: skip
+        assert server.post_chat(body).status_code == 200
+    server.wait_files(6)
+    rows = server.rows()
+    assert [r["state"] for r in rows] == ["written"] * 2 + ["duplicate"] + ["written"] * 4
+    assert rows[2]["duplicate_of"] == rows[1]["id"]  # the retry of the steered message
+    steer_a, steer_b, again, photo, voice, doc = server.inbox_payloads()
+    assert steer_a["latest-user-prompt"] == "Steer test A: tell me a story"
+    assert steer_b["latest-user-prompt"] == "Steer test B: make it about cats"
+    assert "request_id" in steer_b and steer_b["message_id"] == "1301"  # compact
+    assert steer_b["sender"] == {"id": "333456789", "name": "Alice Tester", "username": "alice_t"}
+    assert again["latest-user-prompt"] == "are you there?"
+    media = "/home/alice/.openclaw/workspace/media/inbound/"
+    assert photo["modality"] == "image" and photo["message_id"] == "11"
+    assert photo["latest-user-prompt"] == "What is in this picture? (photo caption)"
+    assert photo["attachments"][0]["path"].startswith(media) and "messages" in photo  # full
+    # the voice note: no words, one file, compact, same keys
+    assert (voice["latest-user-prompt"], voice["modality"]) == ("", "voice")
+    assert [a["mime"] for a in voice["attachments"]] == ["audio/ogg"]
+    assert "messages" not in doc and doc["request_id"]
+    assert doc["attachments"] == [
+        {"path": "/m/q3.pdf", "mime": "application/pdf", "name": "Q3 report.pdf"}
+    ]
+    assert doc["latest-user-prompt"] == "summarise please"

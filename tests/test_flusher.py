@@ -17,13 +17,14 @@ from ai_agent_proxy.flusher import Flusher
 from ai_agent_proxy.ids import new_request_id
 from ai_agent_proxy.inbox_writer import InboxWriter, WriterOptions
 from ai_agent_proxy.migrations import migrate
-from ai_agent_proxy.store import NewRequest, PendingRow, Store
+from ai_agent_proxy.rows import NewRequest, PendingRow
+from ai_agent_proxy.store import Store
 
 
 def request(n: int) -> NewRequest:
     request_id, received_ms = new_request_id()
     body = json.dumps({"messages": [{"role": "user", "content": f"prompt {n}"}]}).encode()
-    return NewRequest(request_id, received_ms, body, None, None, None, None, f"prompt {n}")
+    return NewRequest(request_id, received_ms, body, latest_user_prompt=f"prompt {n}")
 
 
 def prompts_in(inbox: Path) -> list[str]:
@@ -83,8 +84,8 @@ def test_writer_reports_a_batch_it_cannot_render_and_goes_on(tmp_path: Path) -> 
     def row(seq: int, body: bytes) -> PendingRow:
         request_id, received_ms = new_request_id()
         return PendingRow(
-            seq, request_id, received_ms, body, "c:1", "c", "1", f"prompt {seq}", "full", None,
-            None,
+            seq=seq, id=request_id, received_ms=received_ms, body=body, payload_kind="full",
+            context_id="c:1", channel="c", target="1", latest_user_prompt=f"prompt {seq}",
         )  # fmt: skip
 
     async def scenario() -> None:

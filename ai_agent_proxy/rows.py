@@ -1,0 +1,73 @@
+"""Pure data about outbox rows: what a request becomes (NewRequest) and what the flusher
+turns into an inbox file (PendingRow). No I/O and no DB import, so the inbox writer process
+and the payload code use them without the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .ids import inbox_file_name
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    id: str
+    received_ms: int
+    body: bytes
+    context_id: str | None = None
+    channel: str | None = None
+    target: str | None = None
+    message_id: str | None = None
+    latest_user_prompt: str = ""
+    sender: str | None = None  # JSON text, as stored
+    attachments: str | None = None  # JSON text, as stored
+    modality: str | None = None
+    awaiting_backend: bool = False
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    """What the flusher (and replay) need to turn a row into an inbox file."""
+
+    seq: int
+    id: str
+    received_ms: int
+    body: bytes  # empty unless the payload carries it (body_needed)
+    payload_kind: str
+    context_id: str | None = None
+    channel: str | None = None
+    target: str | None = None
+    latest_user_prompt: str = ""
+    message_id: str | None = None
+    sender: str | None = None
+    attachments: str | None = None
+    modality: str | None = None
+    backend_instruction: str | None = None
+    backend_reply: str | None = None
+    backend_error: str | None = None
+
+    @property
+    def inbox_file(self) -> str:
+        return inbox_file_name(self.id, self.received_ms)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], body: bytes = b"") -> PendingRow:
+        """From a DB row (or any mapping) by column name; `body` joined by the caller."""
+        return cls(body=body, **{name: row[name] for name in META_FIELDS})
+
+    def meta(self) -> dict[str, Any]:
+        """Every field but the body, by name (the writer pipe carries bodies apart)."""
+        return {name: getattr(self, name) for name in META_FIELDS}
+
+
+META_FIELDS = tuple(f.name for f in fields(PendingRow) if f.name != "body")
+# The columns a PendingRow is read from; the body comes from body_segments.
+PENDING_COLUMNS = ", ".join((*META_FIELDS, "body_segments"))
+
+
+def body_needed(payload_kind: str, full: bool = False) -> bool:
+    """Only full payloads carry the body; compact rows never need it joined."""
+    return full or payload_kind == "full"
