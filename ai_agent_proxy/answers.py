@@ -135,9 +135,12 @@ async def relay_stream(
                 raise BackendError("backend stream ended before a finish_reason")
             outcome.reply, outcome.usage = reader.text, reader.usage
         except (httpx.HTTPError, BackendError) as exc:
-            outcome.fail(relay.describe(exc) if isinstance(exc, httpx.HTTPError) else str(exc))
-            # Close the client's stream cleanly: a finish_reason, then [DONE].
-            await response.send(wire.stream_close(answer.model))
+            # The person has seen part of an answer: say it was cut off (so it does not pass
+            # for a whole one), close the stream cleanly, and record what they were shown.
+            notice = cutoff_text(reader.text, request.app.ctx.settings.cutoff_notice)
+            outcome.error = relay.describe(exc) if isinstance(exc, httpx.HTTPError) else str(exc)
+            outcome.reply, outcome.usage = reader.text + notice, reader.usage
+            await response.send(wire.stream_close(answer.model, notice))
         await response.eof()
         return None
     except BackendError as exc:
@@ -145,6 +148,13 @@ async def relay_stream(
         return answer.fallback()
     finally:
         await resp.aclose()
+
+
+def cutoff_text(received: str, notice: str) -> str:
+    """What ends a relayed answer the backend broke off: the notice, on its own paragraph."""
+    if not notice:
+        return ""
+    return f"\n\n{notice}" if received else notice
 
 
 async def record_outcome(

@@ -89,6 +89,10 @@ def serve(
     ] = None,
     model_id: Annotated[str | None, _opt("Local model id (MODEL_ID).", "--model-id")] = None,
     reply: Annotated[str | None, _opt("Assistant text answered (REPLY).", "--reply")] = None,
+    cutoff_notice: Annotated[
+        str | None,
+        _opt("Shown after a relayed answer cut off mid-stream (CUTOFF_NOTICE).", "--cutoff-notice"),
+    ] = None,
     max_body: Annotated[str | None, _opt("Largest body in bytes (MAX_BODY).", "--max-body")] = None,
     backend_timeout: Annotated[
         str | None, _opt("Backend timeout in seconds.", "--backend-timeout")

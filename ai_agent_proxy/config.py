@@ -51,6 +51,9 @@ class Settings(BaseModel):
     openclaw_message_cli_skill_path: Path = SKILL_PATH
     model_id: str = "local-agent"
     reply: str = ""
+    # Shown to the person after the part of a relayed answer they got when the backend
+    # broke off mid-stream ("" sends nothing extra).
+    cutoff_notice: str = "[The answer was cut off here. Please ask again.]"
     max_body: int = 16 * 1024 * 1024
     backend_timeout: float = 120.0
     dedup_window: float = 60.0

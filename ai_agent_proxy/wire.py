@@ -180,12 +180,16 @@ def _render_stream(model: str, content: str, include_usage: bool, cid: str, crea
     return b"".join(parts)
 
 
-def stream_close(model: str) -> bytes:
-    """Ends a relayed stream the backend broke off: a finish_reason, then [DONE]."""
-    chunk = ChatCompletionChunk(
-        id=completion_id(),
-        created=int(time.time()),
-        model=model,
-        choices=[ChunkChoice(delta=Delta(), finish_reason="stop")],
-    )
-    return sse_event(chunk) + sse_event("[DONE]")
+def stream_close(model: str, notice: str = "") -> bytes:
+    """Ends a relayed stream the backend broke off: the notice (if any) as a last delta, a
+    finish_reason, then [DONE]."""
+    cid, created = completion_id(), int(time.time())
+
+    def chunk(delta: Delta, finish: Literal["stop"] | None = None) -> bytes:
+        choice = ChunkChoice(delta=delta, finish_reason=finish)
+        return sse_event(
+            ChatCompletionChunk(id=cid, created=created, model=model, choices=[choice])
+        )
+
+    notice_chunk = chunk(Delta(content=notice)) if notice else b""
+    return notice_chunk + chunk(Delta(), "stop") + sse_event("[DONE]")

@@ -149,7 +149,8 @@ def test_backend_failure_falls_back_and_still_delivers(
         assert r.json()["choices"][0]["message"]["content"] == "fallback text"
     server.wait_files(1)
     (payload,) = server.inbox_payloads()
-    assert "backend-llm-reply" not in payload
+    assert "backend-llm-reply" not in payload  # the person got the local answer
+    assert FAILURES[mode] in payload["backend-llm-error"]
     assert payload["latest-user-prompt"] == "q"
     (row,) = server.rows()
     assert FAILURES[mode] in row["backend_error"]
@@ -160,20 +161,28 @@ def test_backend_failure_falls_back_and_still_delivers(
     secret_nowhere(server)
 
 
-def test_stream_cut_midway_closes_cleanly(make_server, backend: FakeBackend) -> None:
+def test_stream_cut_midway_says_so_and_records_what_the_person_saw(
+    make_server, backend: FakeBackend
+) -> None:
     backend.mode = "cut"
-    server = relay_server(make_server, backend.url)
+    server = relay_server(make_server, backend.url, "--cutoff-notice", "[cut off, sorry]")
     chunks = list(
         sdk(server).chat.completions.create(
             model="m", messages=[{"role": "user", "content": "q"}], stream=True
         )
     )
     assert chunks[-1].choices[0].finish_reason == "stop"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == REPLY_PARTS[0]
+    received = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert received == REPLY_PARTS[0] + "\n\n[cut off, sorry]"
     server.wait_files(1)
     (row,) = server.rows()
-    assert row["backend_error"] and row["state"] == "written"
-    assert "backend-llm-reply" not in server.inbox_payloads()[0]
+    assert row["state"] == "written"
+    assert row["backend_reply"] == received
+    assert "RemoteProtocolError" in row["backend_error"]  # the backend hung up
+    (payload,) = server.inbox_payloads()
+    assert payload["backend-llm-reply"] == received
+    assert payload["backend-llm-error"] == row["backend_error"]
+    assert "context_id: none" in payload["backend-llm-instruction"]
 
 
 def test_models_from_backend_with_local_fallback(make_server, backend: FakeBackend) -> None:
