@@ -94,6 +94,32 @@ def is_authorized(request: Request, key: str | None) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
+class AuthWarnings:
+    """One warning per client address per minute for a missing or wrong key (OpenClaw only
+    tells the person "Authentication failed"; the operator needs to hear it here). Never
+    logs what was sent."""
+
+    PERIOD_S = 60.0
+    MAX_ADDRESSES = 10_000
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+
+    def note(self, address: str, path: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(address, -self.PERIOD_S) < self.PERIOD_S:
+            return
+        if len(self._last) >= self.MAX_ADDRESSES:
+            self._last.clear()
+        self._last[address] = now
+        log.warning(
+            "auth_failed remote=%s path=%s: missing or wrong key (check the client's apiKey "
+            "against KEY; said once a minute per address)",
+            address,
+            path,
+        )
+
+
 def parse_body(raw_body: bytes, remote: str, parts: RepeatedParts) -> dict[str, Any]:
     try:
         body = parts.parse(raw_body)
@@ -137,6 +163,11 @@ def create_app(settings: Settings) -> Sanic:
         gc.collect()
         gc.freeze()
 
+    @app.after_server_start
+    async def announce_listening(app: Sanic) -> None:
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        log.info("listening url=http://%s:%d/v1 inbox=%s", host, settings.port, settings.inbox)
+
     @app.after_server_stop
     async def close_outbox(app: Sanic) -> None:
         if app.ctx.pruner is not None:
@@ -146,9 +177,12 @@ def create_app(settings: Settings) -> Sanic:
         await app.ctx.flusher.stop()
         await app.ctx.store.close()
 
+    auth_warned = AuthWarnings()
+
     @app.on_request
     async def authenticate(request: Request) -> None:
         if not is_authorized(request, settings.key):
+            auth_warned.note(request.client_ip, request.path)
             raise ApiError(401, "missing or invalid API key")
 
     @app.on_response
@@ -186,7 +220,7 @@ def create_app(settings: Settings) -> Sanic:
                 return json_response(orjson.dumps(model))
         raise ApiError(404, f"model {model_id!r} not found")
 
-    @app.get("/healthz")
+    @app.route("/healthz", methods=["GET", "HEAD"])
     async def healthz(request: Request) -> HTTPResponse:
         return json_response(b'{"status":"ok"}')
 

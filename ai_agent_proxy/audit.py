@@ -6,6 +6,7 @@ and streams rows from a cursor instead of loading a large history into memory.
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import time
@@ -112,10 +113,16 @@ def record(row: sqlite3.Row) -> dict[str, Any]:
     """A history record as shown to users (json, csv, table)."""
     out = dict(row)
     received_ms = out.pop("received_ms")
-    out["inbox_file"] = inbox_file_name(out["id"], received_ms)
+    out["inbox_file"] = written_file(out["id"], received_ms, out["state"])
     out["written_at"] = iso(out.pop("written_ms"))
     out["state"] = display_state(out["state"], out.get("last_error"))
     return {"id": out.pop("id"), "received_at": iso(received_ms), **out}
+
+
+def written_file(request_id: str, received_ms: int, state: str) -> str | None:
+    """The inbox file of a row that was written; a duplicate never gets one, and a row not
+    yet written has none yet."""
+    return inbox_file_name(request_id, received_ms) if state == "written" else None
 
 
 def display_state(state: str, last_error: str | None) -> str:
@@ -131,7 +138,9 @@ class Audit:
         if not db_path.is_file():
             raise AuditError(f"database {db_path} does not exist (set --db or DB)")
         try:
-            self.conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+            # as_uri() percent-encodes the path: a '#' or '?' in it stays part of the name.
+            uri = db_path.absolute().as_uri() + "?mode=ro"
+            self.conn = sqlite3.connect(uri, uri=True, timeout=5)
             self.conn.row_factory = sqlite3.Row
             if check_version(self.conn, db_path) == 0:
                 raise AuditError(f"{db_path} is not an ai-agent-proxy database")
@@ -155,7 +164,7 @@ class Audit:
 
     def count(self, sel: Selection) -> int:
         where, params = sel.where()
-        (n,) = self.conn.execute(f"SELECT count(*) FROM requests{where}", params).fetchone()
+        ((n,),) = self._query(f"SELECT count(*) FROM requests{where}", params)
         return min(n, sel.limit) if sel.limit else n
 
     def records(self, sel: Selection) -> Iterator[dict[str, Any]]:
@@ -184,59 +193,70 @@ class Audit:
         ids = unpack_ids(segments_blob)
         missing = [i for i in dict.fromkeys(ids) if i not in self._segments]
         for marks, chunk in in_chunks(missing):
-            self._segments.update(self.conn.execute(SEGMENT_DATA % marks, chunk))
+            self._segments.update(self._query(SEGMENT_DATA % marks, chunk))
         body = join_segments(ids, self._segments)
         if len(self._segments) > SEGMENT_CACHE_SIZE:
             self._segments.clear()
         return body
 
     def resolve_id(self, text: str) -> str:
-        """A full request id, an unambiguous prefix of one (8+ hex), or an inbox file name."""
+        """A full request id, an inbox file name, or any unambiguous part of an id of 8+ hex
+        digits (its start, or the random tail the history table shows)."""
         key = text.strip().removesuffix(".json")
         key = key.rsplit("-", 1)[-1].lower()
         if not re.fullmatch(r"[0-9a-f]{8,32}", key):
             raise AuditError(f"{text!r} is not a request id (32 hex digits, or 8+ of them)")
-        rows = self.conn.execute(
-            "SELECT id FROM requests WHERE id >= ? AND id < ? LIMIT 2",
-            (key, key + "g"),
-        ).fetchall()
+        rows = self._query(
+            "SELECT id FROM requests WHERE id >= ? AND id < ? LIMIT 2", (key, key + "g")
+        )
+        if not rows:  # ids hold only hex digits: LIKE has nothing to escape here
+            rows = self._query("SELECT id FROM requests WHERE id LIKE ? LIMIT 2", (f"%{key}%",))
         if not rows:
             raise AuditError(f"no request with id {text!r} in {self.path}")
         if len(rows) > 1:
             raise AuditError(f"{text!r} matches several requests; give more digits")
-        return rows[0][0]
+        return str(rows[0][0])
+
+    def _query(self, sql: str, params: Any = ()) -> list[Any]:
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise AuditError(f"query failed on {self.path}: {exc}") from None
 
     def show(self, request_id: str) -> dict[str, Any]:
         rid = self.resolve_id(request_id)
-        row = self.conn.execute("SELECT * FROM requests WHERE id = ?", (rid,)).fetchone()
+        (row,) = self._query("SELECT * FROM requests WHERE id = ?", (rid,))
         out = dict(row)
-        failures = self.conn.execute(
+        failures = self._query(
             "SELECT at_ms, error FROM inbox_failures WHERE request_seq = ? ORDER BY at_ms",
             (out["seq"],),
-        ).fetchall()
+        )
+        out["inbox_file"] = written_file(rid, out["received_ms"], out["state"])
         out["state"] = display_state(out["state"], out["last_error"])
-        out["inbox_file"] = inbox_file_name(rid, out["received_ms"])
         out["received_at"] = iso(out.pop("received_ms"))
         out["written_at"] = iso(out.pop("written_ms"))
         out["failed_attempts"] = [{"at": iso(f[0]), "error": f[1]} for f in failures]
+        for key in ("sender", "attachments", "backend_usage"):  # stored as JSON text
+            if out.get(key) is not None:
+                out[key] = json.loads(out[key])
         out["body"] = self.body(out.pop("body_segments"))
         for key in ("seq", "claimed_until_ms", "body_hash"):
             out.pop(key, None)
         return out
 
     def stats(self, top: int = 10) -> dict[str, Any]:
-        q = self.conn.execute
+        q = self._query
         counts = {
             display_state(state, None): n
             for state, n in q("SELECT state, count(*) FROM requests GROUP BY state")
         }
-        failed = q(
+        ((failed,),) = q(
             "SELECT count(*) FROM requests WHERE state = 'pending' AND last_error IS NOT NULL"
-        ).fetchone()[0]
-        backlog, oldest = q(
+        )
+        ((backlog, oldest),) = q(
             "SELECT count(*), min(received_ms) FROM requests"
             " WHERE state IN ('pending', 'awaiting_backend')"
-        ).fetchone()
+        )
         latencies = [
             r[0]
             for r in q(
@@ -248,11 +268,11 @@ class Audit:
             "SELECT context_id, count(*) AS n, max(received_ms) FROM requests"
             " WHERE context_id IS NOT NULL GROUP BY context_id ORDER BY n DESC LIMIT ?",
             (top,),
-        ).fetchall()
-        backend = q(
+        )
+        (backend,) = q(
             "SELECT count(*), sum(backend_error IS NOT NULL), avg(backend_latency_ms)"
             " FROM requests WHERE backend_status IS NOT NULL OR backend_error IS NOT NULL"
-        ).fetchone()
+        )
         return {
             "db": str(self.path),
             "total": sum(counts.values()),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -109,9 +110,22 @@ def serve(
     flags = {k: v for k, v in locals().items() if k != "config"}
     settings = settings_or_exit(config, flags)
     setup_logging(settings.debug)
+    check_port_free(settings)  # before any DB or inbox is created for a server that can't run
     prepare_storage(settings)
     announce(settings)
     run_server(settings)
+
+
+def check_port_free(settings: Settings) -> None:
+    import socket
+
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((settings.host, settings.port))
+    except OSError as exc:
+        raise fail(f"cannot serve on {settings.host}:{settings.port}: {exc}", 1) from None
 
 
 def prepare_storage(settings: Settings) -> None:
@@ -197,7 +211,13 @@ history_cli = typer.Typer(
 cli.add_typer(history_cli, name="history")
 
 DbOpt = Annotated[str | None, _opt("Outbox DB (default: the one for INBOX).", "--db")]
-InboxOpt = Annotated[str | None, _opt("Inbox directory (INBOX).", "--inbox")]
+InboxOpt = Annotated[
+    str | None, _opt("Inbox directory (INBOX): its DB, unless --db says.", "--inbox")
+]
+ReplayToOpt = Annotated[
+    str | None,
+    _opt("Write the files here (default: INBOX). The DB is still --db/INBOX's.", "--inbox"),
+]
 ContextOpt = Annotated[str | None, _opt("Only this context_id.", "--context-id")]
 SinceOpt = Annotated[str | None, _opt("Received at or after: 90s, 2h, 3d or ISO time.", "--since")]
 UntilOpt = Annotated[str | None, _opt("Received at or before: 90s, 2h, 3d or ISO time.", "--until")]
@@ -209,6 +229,17 @@ SearchOpt = Annotated[str | None, _opt("Text in the person's prompt.", "--search
 FormatOpt = Annotated[str, typer.Option("--format", help="table, json, jsonl or csv.")]
 DocFormatOpt = Annotated[str, typer.Option("--format", help="text or json.")]
 DOC_FORMATS = ("text", "json")
+
+
+@contextmanager
+def reader_may_leave() -> Iterator[None]:
+    """`history | head -1`: a reader that stops reading is not an error; exit 0 quietly.
+    (stdout is pointed at /dev/null so the interpreter's flush at exit does not fail.)"""
+    try:
+        yield
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
 
 
 @contextmanager
@@ -299,7 +330,7 @@ def history(
 
     check_format(fmt, FORMATS)
     selection = make_selection(context_id, since, until, state, search, limit)
-    with audit_session(config, db, inbox) as (_, audit):
+    with audit_session(config, db, inbox) as (_, audit), reader_may_leave():
         write_records(audit.records(selection), fmt)
 
 
@@ -313,15 +344,30 @@ def history_show(
     fmt: DocFormatOpt = "text",
 ) -> None:
     """Everything about one request: body, backend reply or error, inbox file, attempts."""
-    from .bodies import loads
     from .output import write_document
 
     check_format(fmt, DOC_FORMATS)
     with audit_session(*inherited(ctx, config, db, inbox)) as (settings, audit):
         doc = audit.show(request_id)
-    doc["inbox_path"] = str(settings.inbox / doc["inbox_file"])
-    doc["body"] = loads(doc.pop("body"))  # last: it is by far the longest part
-    write_document(doc, fmt)
+    if doc["inbox_file"]:
+        doc["inbox_path"] = str(settings.inbox / doc["inbox_file"])
+    raw = doc.pop("body")  # last: it is by far the longest part
+    if fmt == "json":
+        doc["body"] = body_for_json(raw)
+    else:
+        doc["body"] = f"{len(raw):,} bytes (--format json shows it)"
+    with reader_may_leave():
+        write_document(doc, fmt)
+
+
+def body_for_json(raw: bytes) -> Any:
+    """The stored body as JSON; one no parser here can read comes back as its text."""
+    from .bodies import loads
+
+    try:
+        return loads(raw)
+    except (ValueError, RecursionError):
+        return raw.decode("utf-8", "replace")
 
 
 @history_cli.command("stats")
@@ -336,7 +382,7 @@ def history_stats(
     from .output import write_document
 
     check_format(fmt, DOC_FORMATS)
-    with audit_session(*inherited(ctx, config, db, inbox)) as (_, audit):
+    with audit_session(*inherited(ctx, config, db, inbox)) as (_, audit), reader_may_leave():
         write_document(audit.stats(), fmt)
 
 
@@ -345,7 +391,7 @@ def replay(
     ids: Annotated[list[str] | None, typer.Argument(help="Request ids to rewrite.")] = None,
     config: ConfigOpt = None,
     db: DbOpt = None,
-    inbox: InboxOpt = None,
+    inbox: ReplayToOpt = None,
     context_id: ContextOpt = None,
     since: SinceOpt = None,
     until: UntilOpt = None,
@@ -359,7 +405,12 @@ def replay(
     """Rewrite inbox files from the DB: same names and content as the flusher writes."""
     from .replay import replay_rows
 
-    with audit_session(config, db, inbox) as (settings, audit):
+    # --inbox names where the files go, not which server's DB to read (that is --db, or the
+    # DB of the configured INBOX): `replay --full ID --inbox /tmp/full` must not look for
+    # a DB belonging to /tmp/full.
+    with audit_session(config, db) as (settings, audit), reader_may_leave():
+        if inbox is not None:
+            settings = settings.model_copy(update={"inbox": Settings.expand_path(inbox)})
         resolved = [audit.resolve_id(i) for i in ids or []]
         selection = make_selection(context_id, since, until, state, search, limit, resolved)
         if selection.is_empty() and not all_rows:
@@ -367,6 +418,8 @@ def replay(
                        "or --all")  # fmt: skip
         try:
             report = replay_rows(audit, selection, settings, full=full, dry_run=dry_run)
+        except BrokenPipeError:
+            raise  # the listing's reader left (`| head`): not the target's fault
         except OSError as exc:
             raise fail(f"cannot write to {settings.inbox}: {exc}", 1) from None
     typer.echo(report, err=True)

@@ -113,7 +113,11 @@ class Settings(BaseModel):
     @field_validator("inbox", "db", "openclaw_message_cli_skill_path")
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
-        return None if v is None else Path(os.path.expanduser(str(v))).absolute()
+        return None if v is None else cls.expand_path(v)
+
+    @staticmethod
+    def expand_path(value: str | Path) -> Path:
+        return Path(os.path.expanduser(str(value))).absolute()
 
     @property
     def db_path(self) -> Path:

@@ -1,9 +1,18 @@
-"""Rendering history records for people (rich tables) and programs (json, jsonl, csv)."""
+"""Rendering history records for people (a table, plain text) and programs (json, jsonl, csv).
+
+Chat text is written by strangers and read back here by operators, on a terminal or in a
+spreadsheet. Everything shown to people goes through `printable`: control characters
+(ESC, BEL, CR, C1, DEL) and the bidi controls that reorder what a line seems to say are
+shown as visible escapes, never sent raw. JSON and JSONL stay exact (JSON escapes control
+characters itself). CSV cells that a spreadsheet would run as a formula are neutralised the
+way OWASP recommends: a leading `'`.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -18,6 +27,37 @@ CSV_COLUMNS = (
     "duplicate_of", "inbox_file", "latest_user_prompt", "backend_status", "backend_error",
     "attempts", "last_error", "written_at",
 )  # fmt: skip
+
+# C0 controls but tab and newline, DEL, C1 controls, and the bidi embedding/override/isolate
+# controls (U+202A-U+202E, U+2066-U+2069) and marks (U+200E, U+200F, U+061C). Zero-width
+# joiners stay: emoji need them and they move nothing.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_LINE = re.compile(_UNSAFE.pattern[:-1] + "\t\n]")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return {"\t": "\\t", "\n": "\\n", "\r": "\\r"}.get(char) or (
+        f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+    )
+
+
+def printable(value: Any, *, one_line: bool = False) -> str:
+    """`value` as text safe to print on a terminal: unsafe characters visibly escaped (and
+    tabs and newlines too, for a one-line cell); None as '-'."""
+    text = "-" if value is None else str(value)
+    return (_UNSAFE_LINE if one_line else _UNSAFE).sub(_escape, text)
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: control characters escaped, and a leading
+    `'` before a cell that starts like a formula (= + - @, tab, CR)."""
+    if not isinstance(value, str):
+        return value
+    if value.startswith(_FORMULA_START):
+        value = "'" + value
+    return printable(value)
 
 
 def write_records(records: Iterable[dict[str, Any]], fmt: str, out: TextIO = sys.stdout) -> None:
@@ -35,41 +75,79 @@ def write_records(records: Iterable[dict[str, Any]], fmt: str, out: TextIO = sys
     elif fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(records)
-    else:
-        # One line per request; the prompt takes what the terminal width leaves.
-        table = Table(expand=True, show_lines=False)
-        table.add_column("received (UTC)", style="dim", no_wrap=True, min_width=19)
-        table.add_column("id", style="cyan", no_wrap=True, min_width=12)
-        table.add_column("state", no_wrap=True)
-        table.add_column("context", style="green", no_wrap=True, max_width=28)
-        table.add_column("prompt", no_wrap=True, overflow="ellipsis", ratio=1, min_width=12)
         for rec in records:
-            table.add_row(
-                (rec["received_at"] or "")[:19].replace("T", " "),
-                rec["id"][:12],
-                rec["state"],
-                rec["context_id"] or "-",
-                _one_line(rec["latest_user_prompt"], 120),
-            )
-        Console(file=out).print(table)
+            writer.writerow({k: csv_cell(v) for k, v in rec.items()})
+    else:
+        write_table(records, out)
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits 1 here; a reader that stopped reading (`| head`) is the CLI's to judge.
+        raise BrokenPipeError
+
+
+def write_table(records: Iterable[dict[str, Any]], out: TextIO) -> None:
+    """One line per request (UTC `MM-DD HH:MM`); the prompt takes what the terminal width
+    leaves. The id shown is its random tail: unique, and `history show` and `replay` take
+    it as it is."""
+    console = _Console(file=out, width=None if out.isatty() else 200, highlight=False)
+    table = Table(box=None, expand=console.is_terminal, pad_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("received", style="dim", no_wrap=True)
+    table.add_column("id", style="cyan", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("backend", no_wrap=True)
+    table.add_column("context", style="green", no_wrap=True, max_width=16, overflow="ellipsis")
+    table.add_column("prompt", no_wrap=True, overflow="ellipsis", ratio=1)
+    for rec in records:
+        table.add_row(
+            (rec["received_at"] or "")[5:16].replace("T", " "),
+            rec["id"][-8:],
+            rec["state"],
+            backend_cell(rec),
+            Text(printable(rec["context_id"], one_line=True)),
+            Text(_shorten(printable(rec["latest_user_prompt"], one_line=True), 200)),
+        )
+    console.print(table)
+
+
+def backend_cell(rec: dict[str, Any]) -> str:
+    if rec.get("backend_error"):
+        return "error"
+    status = rec.get("backend_status")
+    return "-" if status is None else str(status)
 
 
 def write_document(doc: dict[str, Any], fmt: str, out: TextIO = sys.stdout) -> None:
-    """One record (history show) or the stats: JSON for programs, readable text otherwise."""
+    """One record (history show) or the stats: JSON for programs; for people, one
+    `key: value` line each (nested keys dotted, lists numbered), never wrapped."""
     if fmt in ("json", "jsonl"):
         out.write(json.dumps(doc, ensure_ascii=False, indent=None if fmt == "jsonl" else 2))
         out.write("\n")
         return
-    console = Console(file=out)
-    for key, value in doc.items():
-        if isinstance(value, (dict, list)):
-            console.print(Text(f"{key}:", style="bold"))
-            console.print_json(json.dumps(value, ensure_ascii=False))
+    for key, value in _flatten(doc, ""):
+        text = printable(value)
+        if "\n" in text:  # a multi-line value (a prompt, a reply) indented under its key
+            out.write(f"{key}:\n" + "".join(f"    {line}\n" for line in text.split("\n")))
         else:
-            console.print(Text.assemble((key, "bold"), f": {value}"), highlight=False)
+            out.write(f"{key}: {text}\n")
 
 
-def _one_line(text: str, width: int) -> str:
+def _flatten(value: Any, key: str) -> Iterable[tuple[str, Any]]:
+    if isinstance(value, dict):
+        if not value and key:
+            yield key, "-"
+        for k, v in value.items():
+            yield from _flatten(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        if not value:
+            yield key, "-"
+        for i, v in enumerate(value, 1):
+            yield from _flatten(v, f"{key}[{i}]")
+    else:
+        yield key, value
+
+
+def _shorten(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"

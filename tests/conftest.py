@@ -53,6 +53,27 @@ FIXTURE_CONTEXTS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test, and every process a test starts, gets a HOME and XDG dirs of its own:
+    the suite never reads or writes the user's real ~/.local/state or ~/.config."""
+    home = tmp_path_factory.mktemp("home")
+    names = ("HOME", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ["HOME"] = str(home)
+    for name, sub in zip(names[1:], (".local/state", ".config", ".local/share", ".cache"),
+                         strict=True):  # fmt: skip
+        os.environ[name] = str(home / sub)
+    try:
+        yield home
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def fixture_body(name: str) -> dict[str, Any]:
     return json.loads((FIXTURES / name).read_text("utf-8"))
 
@@ -63,14 +84,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    step: float = 0.02,
+    message: str | Callable[[], str] = "condition not met",
+) -> Any:
+    """Poll `predicate` until it returns something truthy, and return that; fail the test
+    (saying `message`) if it has not after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            return value
+            detail = message() if callable(message) else message
+            pytest.fail(f"timed out after {timeout}s: {detail}")
         time.sleep(step)
 
 
@@ -86,6 +115,7 @@ class Server:
     starts: int = 0
     key: str | None = None
     logs: list[Path] = field(default_factory=list)
+    explicit_db: bool = True  # False: start without --db, on the inbox's default DB
 
     @property
     def base_url(self) -> str:
@@ -96,9 +126,10 @@ class Server:
         self.starts += 1
         log_path = self.workdir / f"server-{self.starts}.log"
         self.logs.append(log_path)
+        db = ["--db", str(self.db)] if self.explicit_db else []
         cmd = [
             sys.executable, "-m", "ai_agent_proxy", "--port", str(self.port),
-            "--inbox", str(self.inbox), "--db", str(self.db), *self.args,
+            "--inbox", str(self.inbox), *db, *self.args,
         ]  # fmt: skip
         with open(log_path, "wb") as out:
             self.proc = subprocess.Popen(
@@ -175,10 +206,15 @@ class Server:
             marked = self.rows("SELECT count(*) AS n FROM requests WHERE state = 'written'")
             return names if marked[0]["n"] >= count else None
 
-        names = wait_until(done, timeout)
-        assert names and len(names) == count, (
-            f"expected {count} inbox files, have {len(self.inbox_names())}\n{self.log()[-3000:]}"
+        names = wait_until(
+            done,
+            timeout,
+            message=lambda: (
+                f"expected {count} inbox files, have {len(self.inbox_names())}\n"
+                + self.log()[-3000:]
+            ),
         )
+        assert len(names) == count, f"expected {count} inbox files, have {names}"
         return names
 
     def body(self, request_id: str) -> bytes:

@@ -11,7 +11,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 
 from ai_agent_proxy.context import RETRY_NOTICE
 
-from .conftest import Server, fixture_body
+from .conftest import Server, fixture_body, wait_until
 
 TURN1 = "openclaw-2026.9-telegram-dm-turn1.json"
 TURN2 = "openclaw-2026.9-telegram-dm-turn2.json"
@@ -82,7 +81,7 @@ def test_history_formats_parse_back(populated: Server) -> None:
     assert rows[0]["latest_user_prompt"] == "note 5 100%_done"
     table = ok("history", *db_args(populated))
     for r in records:
-        assert r["id"][:12] in table
+        assert r["id"][-8:] in table  # the random tail: unique, and `show` takes it
     assert "hello from telegram DM" in table
 
 
@@ -140,7 +139,7 @@ def test_show_lists_failed_attempts(make_server) -> None:
     server.inbox.write_text("in the way")
     server.start()
     server.post_chat({"messages": [{"role": "user", "content": "stuck"}]})
-    time.sleep(0.5)
+    wait_until(lambda: server.rows()[0]["last_error"], message="no failed write recorded")
     (rec,) = json.loads(ok("history", *db_args(server), "--format", "json"))
     assert rec["state"] == "failed"
     assert json.loads(ok("history", *db_args(server), "--state", "failed", "--format", "json"))
@@ -226,3 +225,128 @@ def test_replay_into_an_unwritable_inbox(populated: Server, tmp_path: Path) -> N
     assert r.returncode == 1, r.stderr
     assert "cannot write to" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr
+
+
+def test_history_names_only_files_that_were_written(populated: Server) -> None:
+    records = json.loads(ok("history", *db_args(populated), "--format", "json"))
+    (dup,) = [r for r in records if r["state"] == "duplicate"]
+    assert dup["inbox_file"] is None and dup["duplicate_of"]
+    named = [r["inbox_file"] for r in records if r["inbox_file"]]
+    assert sorted(named) == populated.inbox_names()
+    doc = json.loads(ok("history", "show", dup["id"], *db_args(populated), "--format", "json"))
+    assert doc["inbox_file"] is None and "inbox_path" not in doc
+    assert doc["duplicate_of"] == dup["duplicate_of"]
+    rows = list(csv.DictReader(io.StringIO(ok("history", *db_args(populated), "--format", "csv"))))
+    assert [r["inbox_file"] for r in rows if r["state"] == "duplicate"] == [""]
+
+
+def test_any_unique_part_of_an_id_is_accepted(populated: Server) -> None:
+    records = json.loads(ok("history", *db_args(populated), "--format", "json"))
+    rec = records[3]
+    for part in (rec["id"][-12:], rec["id"][-8:], rec["id"][10:26], rec["inbox_file"]):
+        doc = json.loads(ok("history", "show", part, *db_args(populated), "--format", "json"))
+        assert doc["id"] == rec["id"]
+    # the time-ordered start is shared by requests of the same minute: ambiguous, said so
+    r = cli("history", "show", rec["id"][:8], *db_args(populated))
+    assert r.returncode == 2 and "matches several requests" in r.stderr
+
+
+def test_closed_stdout_is_not_an_error(populated: Server) -> None:
+    """`history | head -1`, `replay --dry-run | head`: the reader left early; exit 0 quietly."""
+    for args in (["history", "--limit", "0"], ["history", "--format", "jsonl"],
+                 ["replay", "--all", "--dry-run"], ["history", "stats"]):  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ai_agent_proxy", *args, *db_args(populated)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # as `head` does once it has its line
+        err = proc.stderr.read().decode()
+        assert proc.wait(60) == 0, (args, err)
+        assert "Broken pipe" not in err and "Traceback" not in err and "cannot write" not in err
+
+
+def test_db_path_with_hash_and_question_mark(make_server, tmp_path: Path) -> None:
+    server = make_server()
+    server.post_chat({"messages": [{"role": "user", "content": "odd path"}]})
+    server.wait_files(1)
+    server.stop()
+    odd = tmp_path / "a#b?c"
+    odd.mkdir()
+    shutil.copy(server.db, odd / "outbox.db")
+    before = set(os.listdir(tmp_path))
+    records = json.loads(ok("history", "--db", str(odd / "outbox.db"), "--format", "json"))
+    assert [r["latest_user_prompt"] for r in records] == ["odd path"]
+    assert set(os.listdir(tmp_path)) == before  # no stray file "a" beside the folder
+    assert all(n.startswith("outbox.db") for n in os.listdir(odd))
+
+
+def test_text_views_are_plain_lines(populated: Server) -> None:
+    first = json.loads(ok("history", *db_args(populated), "--format", "json"))[-1]
+    text = ok("history", "show", first["id"], *db_args(populated), "--inbox", str(populated.inbox))
+    assert "None" not in text and "{" not in text  # no Python None, no JSON blocks
+    assert f"inbox_path: {populated.inbox / first['inbox_file']}\n" in text
+    assert "latest_user_prompt: hello from telegram DM\n" in text
+    assert "body: " in text and "--format json" in text
+    stats = ok("history", "stats", *db_args(populated))
+    assert "by_state.written: 9\n" in stats and "top_contexts[1].context_id: api:u0\n" in stats
+    assert "None" not in stats
+
+
+def test_skills_commands_run_as_written(make_server, tmp_path: Path) -> None:
+    """Every `ai-agent-proxy` command the shipped skills tell an agent to run works as
+    written, against a server on its defaults but for the inbox (the DB found from it);
+    and the `openclaw message send` snippet, run by bash with a stand-in `openclaw`, passes
+    the channel, target and text from an inbox file through unharmed."""
+    import re
+
+    from ai_agent_proxy.config import load_settings
+
+    server = make_server(start=False)
+    server.explicit_db = False  # the agent's commands find the DB from the inbox
+    server.db = load_settings(None, {"inbox": str(server.inbox)}).db_path
+    server.start()
+    assert server.post_chat(fixture_body(TURN1)).status_code == 200
+    assert server.post_chat(fixture_body(TURN2)).status_code == 200
+    names = server.wait_files(2)
+    compact = json.loads((server.inbox / names[1]).read_text())
+    skills = Path(__file__).parents[1] / "ai_agent_proxy" / "skills"
+    # the bodies (the front matter only names commands)
+    text = "".join(p.read_text().split("---", 2)[2] for p in sorted(skills.glob("*/SKILL.md")))
+    commands = sorted(set(re.findall(r"`(ai-agent-proxy [^`]+)`", text)))
+    assert len(commands) >= 3, commands
+    full_dir = tmp_path / "full"
+    env = {**os.environ, "AI_AGENT_PROXY_INBOX": str(server.inbox)}
+    for command in commands:
+        line = (
+            command.replace("<request_id>", compact["request_id"])
+            .replace("<id>", compact["context_id"])
+            .replace("/tmp/full", str(full_dir))
+        )
+        assert "<" not in line, line
+        r = subprocess.run(
+            [sys.executable, "-m", "ai_agent_proxy", *line.split()[1:]],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0, (line, r.stderr)
+    (written,) = os.listdir(full_dir)
+    assert json.loads((full_dir / written).read_text())["messages"]  # expanded
+    # the send snippet, with a stand-in openclaw that records its argv
+    snippet = re.search(r"```bash\n(openclaw message send[^\n]*)\n```", text)
+    assert snippet is not None
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "openclaw").write_text(
+        "#!/usr/bin/env python3\nimport json, sys\n"
+        f"open({str(tmp_path / 'argv.json')!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+    )
+    (fake / "openclaw").chmod(0o755)
+    message = 'It\'s "done" & costs $5\nsee you'
+    subprocess.run(
+        ["bash", "-c", snippet.group(1)], check=True, timeout=30,
+        env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "CHANNEL": compact["channel"],
+             "TARGET": compact["target"], "TEXT": message},
+    )  # fmt: skip
+    argv = json.loads((tmp_path / "argv.json").read_text())
+    assert argv == ["message", "send", "--channel", "telegram", "--target", "123456789",
+                    "--message", message]  # fmt: skip

@@ -137,7 +137,10 @@ def test_migrations_recorded(server: Server) -> None:
 
 
 def test_port_in_use_is_one_line(server: Server, tmp_path: Path) -> None:
-    r = run_cli("--port", str(server.port), "--inbox", str(tmp_path / "i"), cwd=tmp_path)
+    db = tmp_path / "never.db"
+    r = run_cli("--port", str(server.port), "--inbox", str(tmp_path / "i"), "--db", str(db),
+                cwd=tmp_path)  # fmt: skip
     assert r.returncode == 1
+    assert not db.exists() and not (tmp_path / "i").exists()  # nothing made for nothing
     assert f"cannot serve on 127.0.0.1:{server.port}" in r.stderr.strip().splitlines()[-1]
     assert "Traceback" not in r.stderr

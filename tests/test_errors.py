@@ -66,7 +66,10 @@ def test_wrong_key_is_401(make_server) -> None:
         assert KEY not in r.text and KEY not in str(err)
     for path in ("/v1/models", "/v1/models/local-agent", "/readyz", "/metrics", "/nope"):
         assert_error(httpx.get(server.base_url + path), 401, "authentication_error")
-    assert KEY not in server.log()
+    assert KEY not in server.log() and "nope" not in server.log().replace("/nope", "")
+    # the operator hears of it once per address and minute, not once per request
+    assert server.log().count("auth_failed remote=127.0.0.1 path=/v1/chat/completions") == 1
+    assert server.log().count("auth_failed") == 1
     # the openai SDK sees an AuthenticationError
     c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="wrong")
     with pytest.raises(openai.AuthenticationError):
@@ -76,6 +79,8 @@ def test_wrong_key_is_401(make_server) -> None:
 
 def test_unknown_path_and_wrong_method(make_server) -> None:
     server = make_server(key=KEY)
+    assert httpx.head(server.base_url + "/healthz").status_code == 200  # probes use HEAD
+    assert "listening url=http://127.0.0.1:" in server.log()
     assert_error(server.get("/v2/everything"), 404, "not_found_error")
     r = httpx.get(server.base_url + "/v1/chat/completions", headers=server.headers())
     assert_error(r, 405, "method_not_allowed")
