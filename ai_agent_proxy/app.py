@@ -20,7 +20,7 @@ from sanic.response import HTTPResponse, raw
 
 from . import wire
 from .answers import Answer, json_response, relay_chat
-from .bodies import RepeatedParts
+from .bodies import RepeatedParts, check_depth
 from .config import Settings
 from .context import RequestContext, extract_context
 from .flusher import Flusher
@@ -30,7 +30,7 @@ from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .relay import Relay
 from .retention import Pruner
 from .rows import NewRequest
-from .store import Store, StoreError
+from .store import RowRejected, Store, StoreError
 
 log = logging.getLogger("ai_agent_proxy")
 
@@ -129,6 +129,11 @@ def parse_body(raw_body: bytes, remote: str, parts: RepeatedParts) -> dict[str, 
     if not isinstance(body, dict):
         log.warning("invalid_json remote=%s bytes=%d error=not an object", remote, len(raw_body))
         raise ApiError(400, "request body must be a JSON object")
+    try:
+        check_depth(body)  # whatever is acknowledged must render as an inbox file
+    except ValueError as exc:
+        log.warning("invalid_json remote=%s bytes=%d error=%s", remote, len(raw_body), exc)
+        raise ApiError(400, f"request body is not accepted: {exc}") from None
     return body
 
 
@@ -200,6 +205,8 @@ def create_app(settings: Settings) -> Sanic:
         row = new_request(request_id, received_ms, raw_body, context, relay is not None)
         try:
             await request.app.ctx.store.record(row)
+        except RowRejected as exc:  # permanent: telling the client to retry would not help
+            raise ApiError(400, f"the request cannot be stored: {exc}") from None
         except StoreError as exc:
             raise ApiError(
                 503, f"the request could not be recorded, please retry ({exc})"
@@ -275,6 +282,8 @@ async def readiness(app: Sanic) -> tuple[dict[str, Any], bool]:
     try:
         backlog, oldest = await store.backlog()
         report["backlog"] = backlog
+        # Rows given up on: not a readiness failure (the rest flows), but worth a look.
+        report["undeliverable"] = await store.count_in_state("undeliverable")
         report["oldest_unwritten_age_s"] = (
             None if oldest is None else round(max(0.0, time.time() - oldest / 1000), 3)
         )

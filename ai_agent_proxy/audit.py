@@ -22,7 +22,7 @@ from .migrations import SchemaError, check_version
 from .rows import PENDING_COLUMNS, PendingRow, body_needed
 from .store import SEGMENT_DATA, in_chunks
 
-STATES = ("pending", "written", "failed", "duplicate", "awaiting-backend")
+STATES = ("pending", "written", "failed", "duplicate", "awaiting-backend", "undeliverable")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.I)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 

@@ -223,7 +223,7 @@ SinceOpt = Annotated[str | None, _opt("Received at or after: 90s, 2h, 3d or ISO 
 UntilOpt = Annotated[str | None, _opt("Received at or before: 90s, 2h, 3d or ISO time.", "--until")]
 StateOpt = Annotated[
     str | None,
-    _opt("pending, written, failed, duplicate or awaiting-backend.", "--state"),
+    _opt("pending, written, failed, duplicate, awaiting-backend or undeliverable.", "--state"),
 ]
 SearchOpt = Annotated[str | None, _opt("Text in the person's prompt.", "--search")]
 FormatOpt = Annotated[str, typer.Option("--format", help="table, json, jsonl or csv.")]
@@ -403,7 +403,7 @@ def replay(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List, write nothing.")] = False,
 ) -> None:
     """Rewrite inbox files from the DB: same names and content as the flusher writes."""
-    from .replay import replay_rows
+    from .replay import ReplayError, replay_rows
 
     # --inbox names where the files go, not which server's DB to read (that is --db, or the
     # DB of the configured INBOX): `replay --full ID --inbox /tmp/full` must not look for
@@ -420,6 +420,8 @@ def replay(
             report = replay_rows(audit, selection, settings, full=full, dry_run=dry_run)
         except BrokenPipeError:
             raise  # the listing's reader left (`| head`): not the target's fault
+        except ReplayError as exc:
+            raise fail(str(exc), 1) from None
         except OSError as exc:
             raise fail(f"cannot write to {settings.inbox}: {exc}", 1) from None
     typer.echo(report, err=True)

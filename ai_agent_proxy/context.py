@@ -168,8 +168,26 @@ def _extract(body: Any) -> RequestContext:
             sender = next((_sender(o.get("sender")) for o in _fenced_objects(text)), None)
         prompt, attachments = split_media(clean_user_text(text))
     return RequestContext(
-        channel, target, message_id, prompt, sender, attachments, modality and modality[:32]
+        storable(channel),
+        storable(target),
+        storable(message_id),
+        storable(prompt) or "",
+        {k: storable(v) or "" for k, v in sender.items()} if sender else None,
+        tuple(Attachment(*(storable(f) for f in (a.path, a.mime, a.name))) for a in attachments),
+        storable(modality and modality[:32]),
     )
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(text: str | None) -> str | None:
+    """`text` with lone surrogates (a JS client cutting an emoji in half) as U+FFFD: what
+    the proxy derives from a body is stored and written as UTF-8, which cannot hold them.
+    (The body itself is kept byte for byte, escapes and all.)"""
+    if text is None or text.isascii():
+        return text
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def clean_user_text(text: str) -> str:
@@ -282,7 +300,7 @@ def _fenced_objects(text: str) -> Iterator[dict[str, Any]]:
     for match in _FENCED_JSON.finditer(text):
         try:
             obj = json.loads(match.group(1))
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(obj, dict):
             yield obj

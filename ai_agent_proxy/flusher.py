@@ -42,6 +42,7 @@ class FlusherStatus:
     files_written: int = 0
     write_failures: int = 0
     consecutive_failures: int = 0
+    undeliverable: int = 0  # rows given up on by this process
     last_error: str | None = None
     retry_in_s: float = 0.0
 
@@ -163,6 +164,8 @@ class Flusher:
             self._recovered()  # the DB answers and nothing is left failing
             return False
         result = await self.writer.write(rows)
+        if result.rejected:
+            await self._record_rejected(result.rejected, rows)
         self.status.files_written += len(result.written)
         self._unmarked.extend(result.written)  # first: the next line may raise
         await self._settle_marks()  # the previous batch's, done meanwhile
@@ -189,6 +192,22 @@ class Flusher:
             delay,
         )
         return False
+
+    async def _record_rejected(
+        self, rejected: list[tuple[int, str]], rows: list[PendingRow]
+    ) -> None:
+        """Rows the writer could not render: counted apart from inbox failures, retried by a
+        later claim, and after a few tries undeliverable (one log line each), so that one
+        odd row never holds up the queue."""
+        ids = {r.seq: r.id for r in rows}
+        for seq, error in rejected:
+            undeliverable = await self.store.record_row_failure(seq, error)
+            if undeliverable is not None:
+                self.status.undeliverable += 1
+                log.error("inbox_row_undeliverable request_id=%s error=%s", ids[seq], error)
+            else:
+                log.warning("inbox_row_failed request_id=%s error=%s", ids[seq], error)
+        self._claiming = True  # a claim picks the released rows up again
 
     async def _mark(self, seqs: list[int]) -> None:
         await self.store.mark_written(seqs)

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
+from .bodies import dumps as json_dumps
 from .bodies import loads
 from .rows import PendingRow, body_needed
 
@@ -80,12 +80,9 @@ def _json_or_none(text: str | None) -> Any:
 
 
 def dumps(payload: dict[str, Any]) -> bytes:
-    """UTF-8, not ASCII-escaped, indent 2, sorted keys, trailing newline."""
-    try:
-        return orjson.dumps(payload, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
-    except TypeError:
-        text = json.dumps(payload, ensure_ascii=False, indent=2, sort_keys=True)
-        return text.encode("utf-8", "surrogatepass") + b"\n"
+    """UTF-8, not ASCII-escaped, indent 2, sorted keys, trailing newline; any depth the
+    parser accepts, lone surrogates as their escapes (bodies.dumps)."""
+    return json_dumps(payload, indent=True, sort_keys=True) + b"\n"
 
 
 def render(
@@ -169,29 +166,39 @@ def _unlink_quietly(path: Path) -> None:
 @dataclass
 class BatchResult:
     written: list[int]  # seqs written, in order
-    failed_seq: int | None = None
+    failed_seq: int | None = None  # the inbox failed here (this row and later ones wait)
     error: str | None = None
+    # Rows that cannot become a file whatever the inbox does: (seq, why). The others of
+    # the batch are written all the same.
+    rejected: list[tuple[int, str]] = field(default_factory=list)
 
 
 def write_batch(
     inbox: Path, rows: Sequence[PendingRow], settings: PayloadSettings, parse: Parse = loads
 ) -> BatchResult:
-    """Write rows in arrival order; stop at the first failure so order is kept on retry."""
+    """Write rows in arrival order; stop at the first failure of the inbox so order is kept
+    on retry. A row that cannot be rendered is reported apart and does not stop the rest."""
     if not rows:
         return BatchResult(written=[])
     try:
         ensure_dir(inbox)
     except OSError as exc:
         return BatchResult([], rows[0].seq, _describe(exc))
-    files = [(row.inbox_file, render(row, settings, parse=parse)) for row in rows]
+    files, kept, rejected = [], [], []
+    for row in rows:
+        try:
+            files.append((row.inbox_file, render(row, settings, parse=parse)))
+            kept.append(row)
+        except Exception as exc:  # any reason at all: this row's, not the inbox's
+            rejected.append((row.seq, _describe(exc)))
     done, error = write_files(inbox, files)
     for name, data in files[:done]:
         log.info(
             "chat_completion request inbox file_size=%d inbox_path=%s", len(data), inbox / name
         )
-    result = BatchResult(written=[row.seq for row in rows[:done]])
+    result = BatchResult(written=[row.seq for row in kept[:done]], rejected=rejected)
     if error is not None:
-        result.failed_seq, result.error = rows[done].seq, _describe(error)
+        result.failed_seq, result.error = kept[done].seq, _describe(error)
     return result
 
 

@@ -119,8 +119,8 @@ def main() -> None:
         rows = decode_rows(data)
         try:
             result = write_batch(options.inbox, rows, options, parse)
-        except Exception as exc:  # e.g. a payload that cannot be rendered: report, go on
-            log.exception("inbox_batch_failed")
+        except Exception as exc:  # write_batch reports row errors itself; this is a bug
+            log.error("inbox_batch_failed error=%s: %s", type(exc).__name__, exc)
             result = BatchResult([], rows[0].seq, f"{type(exc).__name__}: {exc}")
         try:
             out.write(encode_result(result))
@@ -152,6 +152,7 @@ class InboxWriter:
             # names, same bytes) by the next attempt.
             await self._discard()
             return BatchResult([], rows[0].seq, f"inbox writer process failed: {exc!r}")
+        answer["rejected"] = [(seq, error) for seq, error in answer["rejected"]]
         return BatchResult(**answer)
 
     async def start(self) -> None:

@@ -58,7 +58,7 @@ class Metrics:
             backlog, oldest = await store.backlog()
         except StoreError:
             counts, backlog, oldest = {}, -1, None
-        for state in ("awaiting_backend", "pending", "written", "duplicate"):
+        for state in ("awaiting_backend", "pending", "written", "duplicate", "undeliverable"):
             self.rows.labels(state).set(counts.get(state, 0))
         self.backlog.set(backlog)
         self.backlog_age.set(0 if oldest is None else max(0.0, time.time() - oldest / 1000))

@@ -21,6 +21,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .bodies import dumps as json_dumps
+
 FORMATS = ("table", "json", "jsonl", "csv")
 CSV_COLUMNS = (
     "id", "received_at", "context_id", "channel", "target", "state", "payload_kind",
@@ -122,8 +124,8 @@ def write_document(doc: dict[str, Any], fmt: str, out: TextIO = sys.stdout) -> N
     """One record (history show) or the stats: JSON for programs; for people, one
     `key: value` line each (nested keys dotted, lists numbered), never wrapped."""
     if fmt in ("json", "jsonl"):
-        out.write(json.dumps(doc, ensure_ascii=False, indent=None if fmt == "jsonl" else 2))
-        out.write("\n")
+        # bodies.dumps: a stored body of any depth the server accepted, lone surrogates too
+        out.write(json_dumps(doc, indent=fmt == "json").decode() + "\n")
         return
     for key, value in _flatten(doc, ""):
         text = printable(value)

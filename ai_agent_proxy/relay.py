@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import orjson
 
+from .bodies import dumps
 from .config import Settings
 
 log = logging.getLogger("ai_agent_proxy.relay")
@@ -146,7 +147,7 @@ class Relay:
     async def complete(self, body: dict[str, Any], outcome: RelayOutcome) -> bytes:
         """Non-streaming call; returns the backend's JSON bytes. Raises BackendError."""
         try:
-            resp = await self.client.post("chat/completions", json=body)
+            resp = await self.client.post("chat/completions", **_json_content(body))
         except httpx.HTTPError as exc:
             raise BackendError(self.describe(exc)) from None
         outcome.status = resp.status_code
@@ -165,7 +166,7 @@ class Relay:
     async def open_stream(self, body: dict[str, Any], outcome: RelayOutcome) -> httpx.Response:
         """Start a streaming call; the caller must `aclose()` the response. Raises
         BackendError before any byte is passed on, so the client can get the fallback."""
-        request = self.client.build_request("POST", "chat/completions", json=body)
+        request = self.client.build_request("POST", "chat/completions", **_json_content(body))
         try:
             resp = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
@@ -196,6 +197,12 @@ class Relay:
     def _status_error(self, status: int, content: bytes) -> str:
         snippet = content[:300].decode("utf-8", "replace").replace("\n", " ")
         return self.redact(f"backend answered HTTP {status}: {snippet}")
+
+
+def _json_content(body: dict[str, Any]) -> dict[str, Any]:
+    """The body as httpx arguments, rendered as faithfully as it was accepted (any depth the
+    parser takes, lone surrogates as escapes), which httpx's own json= does not do."""
+    return {"content": dumps(body), "headers": {"content-type": "application/json"}}
 
 
 async def iterate(resp: httpx.Response) -> AsyncIterator[bytes]:

@@ -14,6 +14,10 @@ from .inbox import ensure_dir, render, write_files
 CHUNK = 256  # files per durable batch
 
 
+class ReplayError(Exception):
+    """A row that cannot be replayed, phrased for the user."""
+
+
 def replay_rows(
     audit: Audit, selection: Selection, settings: Settings, *, full: bool, dry_run: bool
 ) -> str:
@@ -44,7 +48,13 @@ def replay_rows(
             if dry_run:
                 print(f"{inbox / row.inbox_file}\t{kind}\t{state}")
             else:
-                pending.append((row.inbox_file, render(row, settings, full=full)))
+                try:
+                    data = render(row, settings, full=full)
+                except Exception as exc:  # e.g. a stored body no parser reads
+                    raise ReplayError(
+                        f"cannot render request {row.id}: {type(exc).__name__}: {exc}"
+                    ) from None
+                pending.append((row.inbox_file, data))
                 if len(pending) >= CHUNK:
                     flush()
             written += 1

@@ -32,10 +32,30 @@ log = logging.getLogger("ai_agent_proxy.store")
 BUSY_TIMEOUT_MS = 5000
 CLAIM_LEASE_MS = 10_000  # a dead worker's claimed rows go to another flusher after this
 MAX_COMMIT_BATCH = 512
+ROW_ATTEMPTS = 3  # tries to make a file of a row before it is undeliverable
 
 
 class StoreError(Exception):
-    """The outbox could not do what was asked (locked, read-only, disk full, ...)."""
+    """The outbox could not do what was asked (locked, read-only, disk full, ...): worth
+    trying again later."""
+
+
+class RowRejected(StoreError):
+    """This one row cannot be stored, now or later (something in it the DB refuses)."""
+
+
+def is_db_fault(exc: BaseException) -> bool:
+    """A failure of the DB itself (busy, full, read-only, I/O, corrupt), as opposed to
+    something about one row (a value it cannot bind, a constraint)."""
+    return isinstance(exc, (sqlite3.OperationalError, sqlite3.InternalError)) or (
+        type(exc) is sqlite3.DatabaseError
+    )
+
+
+def describe_commit_error(exc: BaseException) -> StoreError:
+    if is_db_fault(exc):
+        return StoreError(str(exc))
+    return RowRejected(f"{type(exc).__name__}: {exc}")
 
 
 def in_chunks(values: Sequence[Any]) -> Iterator[tuple[str, list[Any]]]:
@@ -201,6 +221,7 @@ class Store:
             "claimed_until_ms": None if req.awaiting_backend else _now_ms() + CLAIM_LEASE_MS,
             "claimed_by": None if req.awaiting_backend else self.token,
         }
+        check_storable(params)
         await self._group_commit(_INSERT, params, segments, request=req)
 
     def _segment_hash(self, part: bytes) -> bytes:
@@ -235,42 +256,56 @@ class Store:
         return await done
 
     async def _commit_loop(self) -> None:
-        assert self._ingest is not None
         while True:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < MAX_COMMIT_BATCH:
                 batch.append(self._queue.get_nowait())
             self._committing = True
             try:
-                learned = await run_in_db_thread(
-                    self._ingest, _commit_batch, batch, self._segment_ids
-                )
-            except Exception as exc:
-                log.error("outbox_commit_failed rows=%d error=%s", len(batch), exc)
-                self.last_commit_error = str(exc)
-                error = StoreError(str(exc))
-                for w in batch:
-                    if not w.done.done():
-                        w.done.set_exception(error)
-                continue
+                await self._commit(batch)
             finally:
                 self._committing = False
-            self.last_commit_error = None
-            # Only committed segments may be referenced without being inserted again.
-            if len(self._segment_ids) + len(learned) > SEGMENT_CACHE_SIZE:
-                self._segment_ids.clear()
-            self._segment_ids.update(learned)
+
+    async def _commit(self, batch: list[_Waiting]) -> None:
+        """Commit a batch as one transaction. If it fails for a reason of the DB's (locked,
+        full, read-only), every waiter gets that StoreError; for any other reason (which can
+        only be one row's), the rows are committed one by one, so only the guilty one
+        fails, and with RowRejected, as it would fail again."""
+        assert self._ingest is not None
+        try:
+            learned = await run_in_db_thread(self._ingest, _commit_batch, batch, self._segment_ids)
+        except Exception as exc:
+            if len(batch) > 1 and not is_db_fault(exc):
+                log.error("outbox_batch_failed rows=%d error=%r; one by one", len(batch), exc)
+                for waiting in batch:
+                    await self._commit([waiting])
+                return
+            error = describe_commit_error(exc)
+            log.error("outbox_commit_failed rows=%d error=%s", len(batch), error)
+            if isinstance(error, RowRejected):
+                self.last_commit_error = None  # the DB is fine
+            else:
+                self.last_commit_error = str(error)
             for w in batch:
                 if not w.done.done():
-                    w.done.set_result(w.result)
-            # Only new work wakes the flusher: its own claims and marks also pass through
-            # here, and must not wake it again.
-            handed = [_handed_row(w) for w in batch if w.request is not None]
-            handed = [row for row in handed if row is not None]
-            if handed and self._on_rows is not None:
-                self._on_rows(handed)
-            if any(w.new_work for w in batch) and self._on_claimable is not None:
-                self._on_claimable()
+                    w.done.set_exception(error)
+            return
+        self.last_commit_error = None
+        # Only committed segments may be referenced without being inserted again.
+        if len(self._segment_ids) + len(learned) > SEGMENT_CACHE_SIZE:
+            self._segment_ids.clear()
+        self._segment_ids.update(learned)
+        for w in batch:
+            if not w.done.done():
+                w.done.set_result(w.result)
+        # Only new work wakes the flusher: its own claims and marks also pass through
+        # here, and must not wake it again.
+        handed = [_handed_row(w) for w in batch if w.request is not None]
+        handed = [row for row in handed if row is not None]
+        if handed and self._on_rows is not None:
+            self._on_rows(handed)
+        if any(w.new_work for w in batch) and self._on_claimable is not None:
+            self._on_claimable()
 
     # -- flusher side ---------------------------------------------------------------------
 
@@ -338,6 +373,31 @@ class Store:
 
         await self._group_commit(work=work)
 
+    async def record_row_failure(self, seq: int, error: str) -> str | None:
+        """Row `seq` could not be made into a file (not the inbox's fault). After
+        ROW_ATTEMPTS such failures it is undeliverable and leaves the queue: returns its id
+        then, else None (it stays pending, released for a later claim)."""
+        now = _now_ms()
+
+        def work(c: sqlite3.Connection) -> str | None:
+            c.execute(
+                "UPDATE requests SET row_failures = row_failures + 1, last_error = ?,"
+                " claimed_until_ms = NULL, claimed_by = NULL WHERE seq = ?",
+                (error, seq),
+            )
+            c.execute(
+                "INSERT INTO inbox_failures (request_seq, at_ms, error) VALUES (?, ?, ?)",
+                (seq, now, error),
+            )
+            row = c.execute(
+                "UPDATE requests SET state = 'undeliverable'"
+                " WHERE seq = ? AND state = 'pending' AND row_failures >= ? RETURNING id",
+                (seq, ROW_ATTEMPTS),
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._group_commit(work=work)  # type: ignore[no-any-return]
+
     async def finish_backend(
         self,
         request_id: str,
@@ -386,6 +446,10 @@ class Store:
             " WHERE state IN ('pending', 'awaiting_backend')"
         )
         return count, oldest
+
+    async def count_in_state(self, state: str) -> int:
+        ((count,),) = await self._read("SELECT count(*) FROM requests WHERE state = ?", (state,))
+        return int(count)
 
     async def counts_by_state(self) -> dict[str, int]:
         return dict(await self._read("SELECT state, count(*) FROM requests GROUP BY state"))
@@ -478,6 +542,19 @@ def _handed_row(w: _Waiting) -> PendingRow | None:
         attachments=req.attachments,
         modality=req.modality,
     )
+
+
+def check_storable(params: dict[str, Any]) -> None:
+    """Refuse a row SQLite would refuse before it joins a batch: text that is not valid
+    Unicode (lone surrogates), integers beyond 64 bits. Raises RowRejected."""
+    for name, value in params.items():
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RowRejected(f"{name} is not valid Unicode text") from None
+        elif isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise RowRejected(f"{name} is beyond a 64-bit integer")
 
 
 def named_rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:

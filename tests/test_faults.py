@@ -3,7 +3,6 @@ workers, kill -9 at several moments, fuzzed bodies, hostile context values, rete
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -14,8 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from .conftest import Server, fixture_body, wait_until
 from .load import start_load
@@ -293,77 +290,6 @@ def test_kill_9_at_several_moments(make_server, moment: str) -> None:
     assert wait_until(lambda: sum(delivered(server).values()) >= rows), rows
     assert_all_once(server, acked, record.sent)
     assert len(delivered(server)) == rows
-
-
-# -- hostile and random input -------------------------------------------------------------------
-
-json_leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
-json_value = st.recursive(
-    json_leaf,
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner,
-                                                                max_size=5),
-    max_leaves=40,
-)  # fmt: skip
-odd_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=2000) | st.sampled_from(
-    ["\x00", "\u202e", "\ud7ff", "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>", "```json\n{", "𝕏" * 50]
-)
-message = st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "system", "assistant", "tool", 7, None])},
-    optional={"content": odd_text | json_value | st.lists(
-        st.fixed_dictionaries({"type": st.just("text"), "text": odd_text}), max_size=3)},
-)  # fmt: skip
-bodies = st.fixed_dictionaries(
-    {}, optional={"messages": st.lists(message, max_size=4) | json_value, "stream": json_value,
-                  "model": json_value, "channel": json_value, "target": json_value},
-) | json_value  # fmt: skip
-raw_bodies = st.binary(max_size=300) | st.sampled_from(
-    [b"[" * 3000, b'{"a":' * 2000, b'{"messages": [' + b"1," * 10000 + b"1]}", b'"\xff"']
-)
-
-
-@pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    workdir = tmp_path_factory.mktemp("fuzz")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
-    server = Server(workdir, workdir / "inbox", workdir / "outbox.db", ["--key", KEY], env,
-                    key=KEY).start()  # fmt: skip
-    yield server
-    server.stop()
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(bodies)
-def test_fuzzed_json_bodies(fuzz_server: Server, value: object) -> None:
-    headers = {**fuzz_server.headers(), "content-type": "application/json"}
-    r = fuzz_server.post_chat(json.dumps(value), headers=headers)
-    assert r.status_code == (200 if isinstance(value, dict) else 400), r.text
-    if r.status_code == 200 and isinstance(value, dict) and value.get("stream") is True:
-        assert r.text.rstrip().endswith("data: [DONE]")
-
-
-@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
-@given(raw_bodies)
-def test_fuzzed_raw_bodies(fuzz_server: Server, raw: bytes) -> None:
-    r = fuzz_server.post_chat(raw, headers=fuzz_server.headers())
-    assert r.status_code in (200, 400), r.text
-    assert r.json()["status"] == "error" if r.status_code == 400 else r.json()["choices"]
-
-
-def test_fuzzing_left_only_whole_files(fuzz_server: Server) -> None:
-    """Runs after the fuzz tests (file order): every accepted body is a whole JSON file."""
-    written = wait_until(
-        lambda: fuzz_server.rows("SELECT count(*) AS n FROM requests WHERE state = 'pending'")[0][
-            "n"] == 0,
-    )  # fmt: skip
-    assert written
-    names = os.listdir(fuzz_server.inbox) if fuzz_server.inbox.exists() else []
-    assert all(n.endswith(".json") and not n.startswith(".") for n in names)
-    for n in names:
-        assert isinstance(json.loads((fuzz_server.inbox / n).read_bytes()), dict)
-    states = Counter(r["state"] for r in fuzz_server.rows())
-    assert len(names) == states["written"]
-    assert fuzz_server.get("/healthz").status_code == 200
-    assert KEY not in fuzz_server.log()
 
 
 def test_no_path_is_built_from_request_data(make_server, tmp_path: Path) -> None:

@@ -74,10 +74,10 @@ def test_handed_rows_are_bounded_while_the_inbox_is_broken(
     assert prompts_in(inbox) == [f"prompt {n}" for n in range(60)]
 
 
-def test_writer_reports_a_batch_it_cannot_render_and_goes_on(tmp_path: Path) -> None:
+def test_writer_rejects_a_row_it_cannot_render_and_writes_the_rest(tmp_path: Path) -> None:
     """The writer process over its real pipes: a row it cannot render (a full payload whose
-    body is not JSON) comes back as that batch's failure, and the same process writes the
-    next batch."""
+    body is not JSON) comes back rejected with its reason, and the rows around it in the
+    same batch are written, in order; the process goes on with the next batch."""
     inbox = tmp_path / "inbox"
     options = WriterOptions(inbox, "reply with the skill", Path("/skills/SKILL.md"))
 
@@ -91,13 +91,14 @@ def test_writer_reports_a_batch_it_cannot_render_and_goes_on(tmp_path: Path) -> 
     async def scenario() -> None:
         writer = InboxWriter(options)
         try:
-            bad = await writer.write([row(1, b"{not json")])
-            good = await writer.write([row(2, b'{"messages": []}'), row(3, b"{}")])
+            mixed = await writer.write([row(1, b"{}"), row(2, b"{not json"), row(3, b"[]")])
+            good = await writer.write([row(4, b'{"messages": []}')])
         finally:
             await writer.close()
-        assert (bad.written, bad.failed_seq) == ([], 1)
-        assert bad.error and "JSON" in bad.error
-        assert (good.written, good.failed_seq) == ([2, 3], None)
+        assert (mixed.written, mixed.failed_seq) == ([1, 3], None)
+        ((seq, error),) = mixed.rejected
+        assert seq == 2 and "JSON" in error
+        assert (good.written, good.failed_seq, good.rejected) == ([4], None, [])
 
     asyncio.run(scenario())
-    assert prompts_in(inbox) == ["prompt 2", "prompt 3"]
+    assert prompts_in(inbox) == ["prompt 1", "prompt 3", "prompt 4"]

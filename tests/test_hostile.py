@@ -1,0 +1,281 @@
+"""No request can hurt another: odd bodies among good ones, a row that can never become a
+file, fuzzed bodies with the delivery invariant checked on every example."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .conftest import Server, wait_until
+
+KEY = "hostile-test-key-0123456789"
+
+
+def read_json(data: bytes) -> object:
+    """A file as an agent reads it; deep documents need more than the default recursion."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)
+    try:
+        return json.loads(data.decode("utf-8"))  # strict UTF-8: no raw surrogates
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def nested(depth: int) -> bytes:
+    return b'{"messages":[{"role":"user","content":"p"}],"x":' + b"[" * depth + b"]" * depth + b"}"
+
+
+SURROGATE = b'{"messages":[{"role":"user","content":"half an emoji \\ud83d"}],"channel":"t"}'
+
+
+def good(i: int) -> dict:
+    return {"channel": "good", "messages": [{"role": "user", "content": f"good {i}"}]}
+
+
+def prompts(server: Server) -> list[str]:
+    return [p["latest-user-prompt"] for p in server.inbox_payloads()]
+
+
+@pytest.mark.parametrize(
+    ("odd", "expected"),
+    [
+        (nested(253), 200),  # 254 levels with the object around: the limit
+        (nested(254), 400),  # one more: refused at the door, as nothing could render it
+        (nested(1100), 400),  # deeper than the parser takes
+        (SURROGATE, 200),  # kept, as its escape in the body and U+FFFD in the prompt
+        (b'{"messages":[{"role":"user","content":"n"}],"x":NaN}', 400),
+        (b'{"messages":[{"role":"user","content":"i"}],"x":-Infinity}', 400),
+        (b'{"messages":[{"role":"user","content":"b"}],"x":1e999999}', 400),
+    ],
+    ids=["nested-254", "nested-255", "nested-1100", "surrogate", "nan", "infinity", "huge-number"],
+)
+def test_an_odd_body_among_60_concurrent_good_ones(make_server, odd: bytes, expected: int) -> None:
+    server = make_server()
+    with ThreadPoolExecutor(16) as pool:
+        goods = [pool.submit(server.post_chat, good(i)) for i in range(30)]
+        odd_answer = pool.submit(server.post_chat, odd, headers={"content-type": "x"})
+        goods += [pool.submit(server.post_chat, good(i)) for i in range(30, 60)]
+        answers = [f.result() for f in goods]
+    assert [r.status_code for r in answers] == [200] * 60
+    r = odd_answer.result()
+    assert r.status_code == expected, r.text
+    if expected == 400:
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        assert "please retry" not in r.text  # a permanent error is not told to retry
+    names = server.wait_files(60 + (expected == 200), timeout=15)
+    assert sorted(p for p in prompts(server) if p.startswith("good")) == sorted(
+        f"good {i}" for i in range(60)
+    )
+    assert server.get("/readyz").status_code == 200
+    assert "Traceback" not in server.log()
+    if expected == 200:
+        (odd_row,) = [r for r in server.rows() if not r["latest_user_prompt"].startswith("good")]
+        assert odd_row["state"] == "written"
+        (name,) = [n for n in names if odd_row["id"] in n]
+        raw = (server.inbox / name).read_bytes()
+        payload = read_json(raw)
+        assert isinstance(payload, dict)
+        if odd == SURROGATE:
+            assert b'"half an emoji \\ud83d"' in raw  # the person's text, kept exactly
+            assert payload["latest-user-prompt"] == "half an emoji \ufffd"
+            assert server.body(odd_row["id"]) == SURROGATE  # stored byte for byte
+
+
+def corrupt_body(db: Path, request_id: str) -> None:
+    """Point a row at a body no parser reads: the row can never become a full payload."""
+    conn = sqlite3.connect(db)
+    try:
+        seg = conn.execute(
+            "INSERT INTO segments (hash, data) VALUES (randomblob(16), ?) RETURNING id",
+            (b"{this is not json",),
+        ).fetchone()[0]
+        conn.execute(
+            "UPDATE requests SET body_segments = ? WHERE id = ?",
+            (seg.to_bytes(4, "little"), request_id),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ai_agent_proxy", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_a_row_that_cannot_be_rendered_ends_undeliverable_and_the_rest_flows(make_server) -> None:
+    server = make_server(start=False)
+    server.inbox.parent.mkdir(parents=True, exist_ok=True)
+    server.inbox.write_text("in the way")  # rows stay pending until we are ready
+    server.start()
+    for i in range(3):
+        body = {"channel": f"c{i}", "messages": [{"role": "user", "content": f"row {i}"}]}
+        assert server.post_chat(body).status_code == 200
+    server.stop()
+    poisoned = server.rows()[1]["id"]
+    corrupt_body(server.db, poisoned)
+    server.inbox.unlink()
+    server.start()
+    for i in range(3, 6):
+        body = {"channel": f"c{i}", "messages": [{"role": "user", "content": f"row {i}"}]}
+        assert server.post_chat(body).status_code == 200
+    server.wait_files(5)
+    wait_until(
+        lambda: (
+            server.rows("SELECT state FROM requests WHERE id = ?", poisoned)[0]["state"]
+            == "undeliverable"
+        ),
+        message=server.log,
+    )
+    assert prompts(server) == ["row 0", "row 2", "row 3", "row 4", "row 5"]
+    log = server.log()
+    assert log.count("inbox_row_undeliverable") == 1 and "Traceback" not in log
+    ready = server.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["undeliverable"] == 1
+    assert 'aiap_rows{state="undeliverable"} 1.0' in server.get("/metrics").text
+    db = ["--db", str(server.db), "--inbox", str(server.inbox)]
+    listed = json.loads(cli("history", "--state", "undeliverable", "--format", "json", *db).stdout)
+    assert [r["id"] for r in listed] == [poisoned] and listed[0]["inbox_file"] is None
+    stats = json.loads(cli("history", "stats", "--format", "json", *db).stdout)
+    assert stats["by_state"]["undeliverable"] == 1
+    for args in (["history", "show", poisoned], ["history", "show", poisoned, "--format", "json"]):
+        r = cli(*args, *db)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    shown = json.loads(cli("history", "show", poisoned, "--format", "json", *db).stdout)
+    assert shown["body"] == "{this is not json" and len(shown["failed_attempts"]) == 3
+    # replay cannot render it either: one line, exit 1, nothing written
+    r = cli("replay", poisoned, *db)
+    assert r.returncode == 1 and "cannot render" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    # once fixed, replay writes it
+    conn = sqlite3.connect(server.db)
+    conn.execute(
+        "UPDATE segments SET data = ? WHERE data = ?", (b'{"fixed": true}', b"{this is not json")
+    )
+    conn.commit()
+    conn.close()
+    r = cli("replay", poisoned, *db)
+    assert r.returncode == 0, r.stderr
+    assert len(server.inbox_names()) == 6
+
+
+# -- fuzzing, with the delivery invariant on every example ----------------------------------
+
+json_leaf = (
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text()
+)  # fmt: skip
+json_value = st.recursive(
+    json_leaf,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner,
+                                                                max_size=5),
+    max_leaves=40,
+)  # fmt: skip
+odd_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=2000) | st.sampled_from(
+    ["\x00", "\u202e", "\ud7ff", "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>", "```json\n{", "𝕏" * 50]
+)
+message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "tool", 7, None])},
+    optional={"content": odd_text | json_value | st.lists(
+        st.fixed_dictionaries({"type": st.just("text"), "text": odd_text}), max_size=3)},
+)  # fmt: skip
+dict_bodies = st.fixed_dictionaries(
+    {}, optional={"messages": st.lists(message, max_size=4) | json_value, "stream": json_value,
+                  "model": json_value, "channel": json_value, "target": json_value},
+)  # fmt: skip
+
+
+@st.composite
+def hostile_bytes(draw: st.DrawFn) -> tuple[bytes, int | None]:
+    """(raw body, the status it must get, or None where either 200 or 400 is right)."""
+    kind = draw(st.sampled_from(["dict", "value", "deep", "surrogate", "constant", "raw"]))
+    if kind == "dict":
+        return json.dumps(draw(dict_bodies)).encode(), 200
+    if kind == "value":
+        value = draw(json_value)
+        return json.dumps(value).encode(), 200 if isinstance(value, dict) else 400
+    if kind == "deep":
+        depth = draw(st.integers(min_value=240, max_value=1100))
+        opener = draw(st.sampled_from([b"[", b'{"k":']))
+        closer = b"]" if opener == b"[" else b"}"
+        raw = b'{"messages":[],"x":' + opener * depth + b"1" + closer * depth + b"}"
+        return raw, 200 if depth + 1 <= 254 else 400  # the outer object is a level too
+    if kind == "surrogate":
+        half = draw(st.integers(min_value=0xD800, max_value=0xDFFF))
+        text = json.dumps(draw(st.text(max_size=20)))[1:-1]  # escaped as JSON wants
+        escaped = f"{text}\\u{half:04x}".encode()
+        return b'{"messages":[{"role":"user","content":"' + escaped + b'"}]}', 200
+    if kind == "constant":
+        const = draw(st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-2e999"]))
+        return b'{"messages":[],"x":' + const + b"}", 400
+    return draw(st.binary(max_size=300)), None
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    workdir = tmp_path_factory.mktemp("fuzz")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
+    server = Server(workdir, workdir / "inbox", workdir / "outbox.db", ["--key", KEY], env,
+                    key=KEY).start()  # fmt: skip
+    yield server
+    server.stop()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(hostile_bytes())
+def test_fuzzed_bodies_every_200_is_delivered(fuzz_server: Server, case: tuple) -> None:
+    """Every 200 appears in the inbox as valid JSON, and a normal request sent after it is
+    written within a second; every refusal is a 400 in the error shape."""
+    raw, expected = case
+    server = fuzz_server
+    before = server.rows("SELECT count(*) AS n FROM requests")[0]["n"]
+    r = server.post_chat(raw, headers=server.headers())
+    if expected is not None:
+        assert r.status_code == expected, (raw[:200], r.text[:300])
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert r.json()["status"] == "error" and r.json()["error"]["code"] == 400
+        assert server.rows("SELECT count(*) AS n FROM requests")[0]["n"] == before
+        return
+    if b'"stream"' in raw and r.headers["content-type"].startswith("text/event-stream"):
+        assert r.text.rstrip().endswith("data: [DONE]")
+    row = server.rows("SELECT id, state FROM requests ORDER BY seq DESC LIMIT 1")[0]
+    marker = f"normal after {row['id']}"
+    assert server.post_chat({"messages": [{"role": "user", "content": marker}]}).status_code == 200
+    files = wait_until(
+        lambda: [n for n in server.inbox_names() if row["id"] in n]
+        if any(marker in (server.inbox / n).read_text("utf-8", "replace")
+               for n in server.inbox_names()[-3:]) else None,
+        timeout=1.0, step=0.005,
+        message=lambda: f"not written within 1 s: {raw[:100]!r}\n{server.log()[-2000:]}",
+    )  # fmt: skip
+    (name,) = files
+    assert isinstance(read_json((server.inbox / name).read_bytes()), dict)
+
+
+def test_fuzzing_leaves_only_whole_files(fuzz_server: Server) -> None:
+    """Whatever ran before on this server: only whole JSON files, nothing stuck."""
+    assert fuzz_server.post_chat({"messages": [{"role": "user", "content": "x"}]}).status_code
+    wait_until(
+        lambda: not fuzz_server.rows("SELECT 1 FROM requests WHERE state = 'pending'"),
+        message="rows left pending",
+    )
+    names = os.listdir(fuzz_server.inbox)
+    assert names and all(n.endswith(".json") and not n.startswith(".") for n in names)
+    for n in names:
+        assert isinstance(read_json((fuzz_server.inbox / n).read_bytes()), dict)
+    assert not fuzz_server.rows("SELECT 1 FROM requests WHERE state = 'undeliverable'")
+    assert httpx.get(fuzz_server.base_url + "/healthz").status_code == 200
