@@ -22,11 +22,13 @@ from . import wire
 from .answers import Answer, json_response, relay_chat
 from .bodies import RepeatedParts, check_depth
 from .config import Settings
+from .connections import LIMITS, closing_response, connection_bound, drain
 from .context import RequestContext, extract_context
 from .flusher import Flusher
 from .ids import new_request_id
 from .logs import setup_logging
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .process import return_large_allocations
 from .relay import Relay
 from .retention import Pruner
 from .rows import NewRequest
@@ -150,6 +152,7 @@ def create_app(settings: Settings) -> Sanic:
 
     @app.before_server_start
     async def open_outbox(app: Sanic) -> None:
+        return_large_allocations()  # in each worker process
         # The pieces bodies repeat, learnt when storing them, speed up parsing them too.
         app.ctx.parts = RepeatedParts()
         store = Store(settings.db_path, settings.dedup_window, app.ctx.parts)
@@ -170,8 +173,17 @@ def create_app(settings: Settings) -> Sanic:
 
     @app.after_server_start
     async def announce_listening(app: Sanic) -> None:
+        LIMITS.bound = connection_bound(settings.max_connections)
+        LIMITS.header_timeout = settings.header_timeout
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
-        log.info("listening url=http://%s:%d/v1 inbox=%s", host, settings.port, settings.inbox)
+        log.info(
+            "listening url=http://%s:%d/v1 inbox=%s max_connections=%d",
+            host, settings.port, settings.inbox, LIMITS.bound,
+        )  # fmt: skip
+
+    @app.before_server_stop
+    async def stop_taking_requests(app: Sanic) -> None:
+        drain()
 
     @app.after_server_stop
     async def close_outbox(app: Sanic) -> None:
@@ -192,6 +204,7 @@ def create_app(settings: Settings) -> Sanic:
 
     @app.on_response
     async def count(request: Request, response: HTTPResponse) -> None:
+        closing_response(request)
         route = request.route.path if request.route else "unmatched"
         app.ctx.metrics.requests.labels(route, str(response.status)).inc()
 

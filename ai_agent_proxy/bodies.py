@@ -27,6 +27,9 @@ import orjson
 
 MIN_SEGMENT = 192  # smaller pieces cost more to reference than they save
 PIECE_MIN = 4096  # first and last segments at least this long are looked for in later bodies
+# ... and at most this long: an agent's system prompt is ~50 KB; one odd 15 MiB body must
+# not stay in memory after its request (PIECES_KEPT of them would be 120 MiB).
+PIECE_MAX = 1024 * 1024
 PIECES_KEPT = 8  # one per agent (system prompt, tools) sending at the same time
 SHARED_VALUE_MIN = 1024  # a piece's large value is parsed once if at least this long
 
@@ -289,7 +292,7 @@ def _put_back(body: Any, piece: _Piece) -> bool:
 
 
 def _remember(pieces: list[_Piece], raw: bytes) -> None:
-    if len(raw) < PIECE_MIN or (pieces and pieces[0].raw is raw):
+    if not PIECE_MIN <= len(raw) <= PIECE_MAX or (pieces and pieces[0].raw is raw):
         return
     for i, known in enumerate(pieces):
         if known.raw == raw:

@@ -95,6 +95,13 @@ def serve(
         _opt("Shown after a relayed answer cut off mid-stream (CUTOFF_NOTICE).", "--cutoff-notice"),
     ] = None,
     max_body: Annotated[str | None, _opt("Largest body in bytes (MAX_BODY).", "--max-body")] = None,
+    max_connections: Annotated[
+        str | None, _opt("Open connections per worker (MAX_CONNECTIONS).", "--max-connections")
+    ] = None,
+    header_timeout: Annotated[
+        str | None,
+        _opt("Seconds a request's headers may take (HEADER_TIMEOUT).", "--header-timeout"),
+    ] = None,
     backend_timeout: Annotated[
         str | None, _opt("Backend timeout in seconds.", "--backend-timeout")
     ] = None,
@@ -112,6 +119,9 @@ def serve(
     setup_logging(settings.debug)
     check_port_free(settings)  # before any DB or inbox is created for a server that can't run
     prepare_storage(settings)
+    from .process import raise_open_files_limit
+
+    raise_open_files_limit()  # inherited by the workers
     announce(settings)
     run_server(settings)
 
@@ -173,6 +183,7 @@ def run_server(settings: Settings) -> None:
     from sanic.worker.loader import AppLoader
 
     from .app import create_app
+    from .connections import GuardedHttpProtocol
 
     try:
         if settings.worker == 1:
@@ -183,6 +194,7 @@ def run_server(settings: Settings) -> None:
                 single_process=True,
                 access_log=settings.debug,
                 motd=False,
+                protocol=GuardedHttpProtocol,
             )
             return
         loader = AppLoader(factory=partial(create_app, settings))
@@ -193,6 +205,7 @@ def run_server(settings: Settings) -> None:
             workers=settings.worker,
             access_log=settings.debug,
             motd=False,
+            protocol=GuardedHttpProtocol,
         )
         Sanic.serve(primary=app, app_loader=loader)
     except OSError as exc:

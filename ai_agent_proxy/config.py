@@ -55,6 +55,10 @@ class Settings(BaseModel):
     # broke off mid-stream ("" sends nothing extra).
     cutoff_notice: str = "[The answer was cut off here. Please ask again.]"
     max_body: int = 16 * 1024 * 1024
+    # Open connections per worker process (also kept below the open-files limit).
+    max_connections: int = 1000
+    # Seconds a request's headers may take to arrive, however slowly they trickle.
+    header_timeout: float = 10.0
     backend_timeout: float = 120.0
     dedup_window: float = 60.0
     retention_days: float = 0.0
@@ -65,6 +69,13 @@ class Settings(BaseModel):
     def _port(cls, v: int) -> int:
         if not 0 <= v <= 65535:
             raise ValueError("must be a port number 0-65535")
+        return v
+
+    @field_validator("max_connections")
+    @classmethod
+    def _max_connections(cls, v: int) -> int:
+        if not 16 <= v <= 1_000_000:
+            raise ValueError("must be a whole number of connections, 16-1000000")
         return v
 
     @field_validator("worker")
@@ -94,7 +105,7 @@ class Settings(BaseModel):
             raise ValueError("must not be negative")
         return v
 
-    @field_validator("backend_timeout")
+    @field_validator("backend_timeout", "header_timeout")
     @classmethod
     def _positive_timeout(cls, v: float) -> float:
         if v == 0:

@@ -347,7 +347,7 @@ def _same_text_memo(fn: Callable[[str], str | None]) -> Callable[[str], str | No
         if hit is not None and hit[0] is text:
             return hit[1]
         result = fn(text)
-        if len(text) >= 4096:
+        if 4096 <= len(text) <= 1 << 20:  # a system prompt, not one odd 15 MiB message
             if len(memo) >= 16:
                 memo.clear()
             memo[id(text)] = (text, result)  # holding `text` keeps its id from being reused

@@ -34,7 +34,8 @@ HANDED_MAX_BYTES = 32 * 1024 * 1024
 IDLE_POLL_S = 1.0  # also picks up rows whose flusher (another worker) died
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
-STALE_BACKEND_MARGIN_S = 60.0  # beyond twice BACKEND_TIMEOUT a backend wait is abandoned
+STALE_BACKEND_MARGIN_S = 60.0
+STOP_WRITE_S = 5.0  # beyond twice BACKEND_TIMEOUT a backend wait is abandoned
 
 
 @dataclass
@@ -112,9 +113,22 @@ class Flusher:
         await self.writer.start()
         try:
             await self._run()
+            await self._write_remaining()
         finally:
             with contextlib.suppress(StoreError):
                 await self._settle_marks()
+
+    async def _write_remaining(self) -> None:
+        """On stop: write what is committed and waiting, for up to STOP_WRITE_S (what is
+        left then stays pending in the DB and is written at the next start)."""
+        deadline = time.monotonic() + STOP_WRITE_S
+        self._claiming = True
+        while time.monotonic() < deadline:
+            try:
+                if not await self.flush_once():
+                    return
+            except StoreError:
+                return
 
     async def _run(self) -> None:
         while not self._stopping.is_set():

@@ -34,6 +34,7 @@ import orjson
 from .bodies import RepeatedParts
 from .inbox import BatchResult, write_batch
 from .logs import setup_logging
+from .process import return_large_allocations
 from .rows import PendingRow
 
 log = logging.getLogger("ai_agent_proxy.inbox_writer")
@@ -112,6 +113,7 @@ def main() -> None:
         return
     options = WriterOptions.decode(first)
     setup_logging(options.debug)
+    return_large_allocations()
     # An agent's bodies repeat their system prompt and tools: parse those once.
     parts = RepeatedParts()
     parse = functools.partial(parts.parse, learn=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 import aiosqlite
 
-from .bodies import RepeatedParts, digest, join_segments, pack_ids, unpack_ids
+from .bodies import PIECE_MAX, PIECE_MIN, RepeatedParts, digest, join_segments, pack_ids, unpack_ids
 from .rows import PENDING_COLUMNS, NewRequest, PendingRow, body_needed
 
 log = logging.getLogger("ai_agent_proxy.store")
@@ -227,7 +227,7 @@ class Store:
     def _segment_hash(self, part: bytes) -> bytes:
         """digest(part), skipping the hashing for a piece equal to one seen recently: the
         49 KB system prompt compares in microseconds but hashes in ~70."""
-        if len(part) < 4096:
+        if not PIECE_MIN <= len(part) <= PIECE_MAX:  # (nor keep a huge one in memory)
             return digest(part)
         key = (len(part), part[:64], part[-64:])
         seen = self._recent_segments.get(key)

@@ -116,6 +116,7 @@ class Server:
     key: str | None = None
     logs: list[Path] = field(default_factory=list)
     explicit_db: bool = True  # False: start without --db, on the inbox's default DB
+    nofile: tuple[int, int] | None = None  # RLIMIT_NOFILE (soft, hard) for the server
 
     @property
     def base_url(self) -> str:
@@ -133,8 +134,9 @@ class Server:
         ]  # fmt: skip
         with open(log_path, "wb") as out:
             self.proc = subprocess.Popen(
-                cmd, cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT, env=self.env
-            )
+                cmd, cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                preexec_fn=self._limits if self.nofile else None,
+            )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -147,6 +149,11 @@ class Server:
             time.sleep(0.05)
         self.kill()
         pytest.fail(f"server did not start in {timeout}s:\n{self.log()}")
+
+    def _limits(self) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
 
     def stop(self) -> None:
         """Graceful stop (SIGTERM), as a service manager would."""

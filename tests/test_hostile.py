@@ -3,6 +3,7 @@ file, fuzzed bodies with the delivery invariant checked on every example."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -279,3 +280,126 @@ def test_fuzzing_leaves_only_whole_files(fuzz_server: Server) -> None:
         assert isinstance(read_json((fuzz_server.inbox / n).read_bytes()), dict)
     assert not fuzz_server.rows("SELECT 1 FROM requests WHERE state = 'undeliverable'")
     assert httpx.get(fuzz_server.base_url + "/healthz").status_code == 200
+
+
+# -- connections ------------------------------------------------------------------------------
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_trickling_flood_does_not_lock_out_normal_clients(make_server) -> None:
+    """With `ulimit -n 256` (bound: 128 connections) and 300 connections trickling header
+    bytes, normal requests are still answered during the flood, the log says why
+    connections are being closed, and the tricklers are cut at the header deadline."""
+    import socket
+    import threading
+    import time
+
+    server = make_server(start=False)
+    server.args += ["--header-timeout", "2"]
+    server.nofile = (256, 256)
+    server.start()
+    wait_until(lambda: "max_connections=128" in server.log(), message=server.log)
+    flood: list[socket.socket] = []
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+            flood.append(s)
+        while not stop.wait(0.3):  # a header byte now and then, to every one of them
+            for s in flood:
+                with contextlib.suppress(OSError):
+                    s.send(b"x")
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(flood) >= 300, timeout=20, message="flood not opened")
+        served = 0
+        t_end = time.monotonic() + 3
+        while time.monotonic() < t_end:  # during the flood
+            r = server.post_chat(good(served), timeout=2)
+            assert r.status_code == 200
+            served += 1
+        assert served >= 10
+        assert "connection_limit_reached" in server.log()
+        # the tricklers still open are cut at the header deadline
+
+        def closed(s: socket.socket) -> bool:
+            s.setblocking(False)
+            try:
+                return s.recv(1024) == b""
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+
+        wait_until(lambda: all(closed(s) for s in flood), timeout=10,
+                   message="trickling connections outlived the header deadline")  # fmt: skip
+    finally:
+        stop.set()
+        thread.join(10)
+        for s in flood:
+            s.close()
+    r = server.post_chat(good(999), timeout=2)
+    assert r.status_code == 200
+    server.wait_files(served + 1)
+
+
+def test_sigterm_under_load_answers_what_it_committed_and_writes_it(make_server) -> None:
+    from .load import start_load
+
+    server = make_server()
+    record, stop, thread = start_load(server.port, total=200_000, connections=32)
+    wait_until(lambda: len(record.acked) >= 1000, timeout=30)
+    import time
+
+    t0 = time.monotonic()
+    server.proc.send_signal(15)
+    server.proc.wait(15)
+    took = time.monotonic() - t0
+    stop.set()
+    thread.join(30)
+    rows = server.rows("SELECT latest_user_prompt, state FROM requests")
+    committed = {r["latest_user_prompt"] for r in rows}
+    # every committed request was answered, and is in the inbox already
+    assert committed == set(record.acked), (len(committed), len(record.acked))
+    assert {r["state"] for r in rows} == {"written"}
+    assert len(server.inbox_names()) == len(rows)
+    assert took < 3.0, took
+    print(f"\n  SIGTERM under load: exit in {took:.2f} s, {len(rows)} committed, all answered")
+
+
+def test_memory_returns_near_its_baseline_after_large_bodies(make_server) -> None:
+    """Ten 15 MiB bodies: the server's and the writer's RSS come back near where they were
+    (nothing keeps a copy of a large body once it is written)."""
+    server = make_server()
+    assert server.post_chat(good(0)).status_code == 200
+    server.wait_files(1)
+    writer = wait_until(lambda: [
+        int(p) for p in subprocess.run(["pgrep", "-P", str(server.proc.pid)],
+                                       capture_output=True, text=True).stdout.split()
+    ], message="no writer process")[0]  # fmt: skip
+    base = rss_kb(server.proc.pid), rss_kb(writer)
+    big = json.dumps(
+        {"messages": [{"role": "system", "content": "s" * (15 << 20)}, {"role": "user",
+                                                                          "content": "big"}]}
+    ).encode()  # fmt: skip
+    for i in range(10):
+        r = server.post_chat(big.replace(b'"big"', f'"big {i}"'.encode()), timeout=60)
+        assert r.status_code == 200
+    server.wait_files(11, timeout=60)
+    for i in range(1, 4):  # a little normal traffic after
+        assert server.post_chat(good(i)).status_code == 200
+    server.wait_files(14)
+    after = rss_kb(server.proc.pid), rss_kb(writer)
+    print(f"\n  RSS KB server {base[0]} -> {after[0]}, writer {base[1]} -> {after[1]}")
+    assert after[0] - base[0] < 60_000, (base, after)
+    assert after[1] - base[1] < 30_000, (base, after)
