@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -102,7 +103,7 @@ async def relay_chat(
             log.warning("backend_forward_failed request_id=%s error=%s", request_id, outcome.error)
         # Shielded: a client that hangs up must not stop the outcome being recorded.
         await asyncio.shield(
-            record_outcome(ctx.store, ctx.flusher, request_id, instruction, outcome)
+            record_outcome(ctx.store, ctx.flusher, request_id, instruction, outcome, relay.redact)
         )
 
 
@@ -158,19 +159,22 @@ def cutoff_text(received: str, notice: str) -> str:
 
 
 async def record_outcome(
-    store: Store, flusher: Flusher, request_id: str, instruction: str, outcome: RelayOutcome
+    store: Store,
+    flusher: Flusher,
+    request_id: str,
+    instruction: str,
+    outcome: RelayOutcome,
+    redact: Callable[[str], str],
 ) -> None:
-    usage = orjson.dumps(outcome.usage).decode() if outcome.usage else None
+    """Store what the backend did. Backends echo keys, in errors and in answers alike: all
+    of it is redacted before it is stored (and so before any inbox file has it)."""
+    usage = redact(orjson.dumps(outcome.usage).decode()) if outcome.usage else None
+    reply = None if outcome.reply is None else redact(outcome.reply)
+    error = None if outcome.error is None else redact(outcome.error)
     for attempt in range(3):
         try:
             await store.finish_backend(
-                request_id,
-                instruction,
-                outcome.reply,
-                outcome.status,
-                outcome.error,
-                outcome.latency_ms,
-                usage,
+                request_id, instruction, reply, outcome.status, error, outcome.latency_ms, usage
             )
             break
         except StoreError as exc:

@@ -239,7 +239,15 @@ StateOpt = Annotated[
     _opt("pending, written, failed, duplicate, awaiting-backend or undeliverable.", "--state"),
 ]
 SearchOpt = Annotated[str | None, _opt("Text in the person's prompt.", "--search")]
-FormatOpt = Annotated[str, typer.Option("--format", help="table, json, jsonl or csv.")]
+FormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        help="table, json, jsonl or csv. Table and text show control characters escaped; "
+        "json/jsonl are exact; csv cells starting with = + - @ tab or CR get a leading ' "
+        "so spreadsheets do not run them as formulas (as OWASP recommends).",
+    ),
+]
 DocFormatOpt = Annotated[str, typer.Option("--format", help="text or json.")]
 DOC_FORMATS = ("text", "json")
 

@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from .redaction import Redactor, mask_url
+
 ENV_PREFIX = "AI_AGENT_PROXY_"
 DEFAULT_CONFIG_FILE = ".ai-agent-proxy.conf"
 SECRET_KEYS = frozenset({"KEY", "API_KEY"})
@@ -142,6 +144,11 @@ class Settings(BaseModel):
         return state / "ai-agent-proxy" / f"{self.inbox.name}-{key}" / "outbox.db"
 
     @property
+    def redact(self) -> Redactor:
+        """The redaction of this configuration's secrets (redaction.py)."""
+        return Redactor.for_settings(self.key, self.api_key, self.url)
+
+    @property
     def is_loopback(self) -> bool:
         if self.host == "localhost":
             return True
@@ -157,6 +164,8 @@ class Settings(BaseModel):
             value = getattr(self, name)
             if name.upper() in SECRET_KEYS:
                 shown = mask(value)
+            elif name == "url":
+                shown = mask_url(value)
             else:
                 shown = "" if value is None else str(value)
             out[name.upper()] = shown
@@ -243,7 +252,7 @@ def _validate(sources: dict[str, Source]) -> Settings:
     for key, src in sources.items():
         value: Any = src.value
         # An empty value means "unset" (e.g. URL= in a file); only REPLY may be empty text.
-        if value == "" and key != "REPLY":
+        if value == "" and key not in ("REPLY", "CUTOFF_NOTICE"):  # "" means something
             continue
         data[key.lower()] = value
     try:
@@ -252,7 +261,12 @@ def _validate(sources: dict[str, Source]) -> Settings:
         err = exc.errors()[0]
         key = str(err["loc"][0]).upper() if err["loc"] else "?"
         src = sources.get(key)
-        shown = mask(src.value) if key in SECRET_KEYS and src else repr(src.value if src else None)
+        if key in SECRET_KEYS and src:
+            shown = mask(src.value)
+        elif key == "URL" and src:
+            shown = repr(mask_url(src.value))
+        else:
+            shown = repr(src.value if src else None)
         reason = str(err["msg"]).removeprefix("Value error, ")
         origin = src.origin if src else "default"
         raise ConfigError(f"config error: {key}={shown} (from {origin}): {reason}") from None

@@ -41,6 +41,14 @@ class PayloadSettings(Protocol):
 
 Parse = Callable[[bytes], Any]
 
+BODY_OWN_KEYS = "request-body-own-keys"  # where a body's own values for the proxy's keys go
+# Every key the proxy puts at the top level of an inbox file (SPEC §3), and that one.
+PROXY_KEYS = (
+    "instruction", "openclaw_message_cli_skill_path", "latest-user-prompt", "context_id",
+    "request_id", "channel", "target", "message_id", "sender", "attachments", "modality",
+    "backend-llm-reply", "backend-llm-error", "backend-llm-instruction", BODY_OWN_KEYS,
+)  # fmt: skip
+
 
 def build_payload(
     row: PendingRow, settings: PayloadSettings, *, full: bool = False, parse: Parse = loads
@@ -70,7 +78,13 @@ def build_payload(
     if not body_needed(row.payload_kind, full):
         return {**common, "request_id": row.id}
     body = parse(row.body)
-    payload = body if isinstance(body, dict) else {"body": body}
+    payload = dict(body) if isinstance(body, dict) else {"body": body}
+    # The proxy's keys are the proxy's: a body's own value for one of them (a stranger's
+    # "backend-llm-reply": "I promised you a refund") is kept under BODY_OWN_KEYS, never
+    # presented at the top level as if the proxy had set it.
+    own = {key: payload.pop(key) for key in PROXY_KEYS if key in payload}
+    if own:
+        payload[BODY_OWN_KEYS] = own
     payload.update(common)
     return payload
 

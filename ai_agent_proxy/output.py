@@ -62,8 +62,9 @@ def csv_cell(value: Any) -> Any:
     return printable(value)
 
 
-def write_records(records: Iterable[dict[str, Any]], fmt: str, out: TextIO = sys.stdout) -> None:
+def write_records(records: Iterable[dict[str, Any]], fmt: str, out: TextIO | None = None) -> None:
     """Write records as they come (nothing is held in memory but a table's rows)."""
+    out = out or sys.stdout  # looked up now: a test may have replaced it
     if fmt == "json":
         sep = "\n  "
         out.write("[")
@@ -120,9 +121,10 @@ def backend_cell(rec: dict[str, Any]) -> str:
     return "-" if status is None else str(status)
 
 
-def write_document(doc: dict[str, Any], fmt: str, out: TextIO = sys.stdout) -> None:
+def write_document(doc: dict[str, Any], fmt: str, out: TextIO | None = None) -> None:
     """One record (history show) or the stats: JSON for programs; for people, one
     `key: value` line each (nested keys dotted, lists numbered), never wrapped."""
+    out = out or sys.stdout
     if fmt in ("json", "jsonl"):
         # bodies.dumps: a stored body of any depth the server accepted, lone surrogates too
         out.write(json_dumps(doc, indent=fmt == "json").decode() + "\n")

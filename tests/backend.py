@@ -1,6 +1,7 @@
 """A small real OpenAI-style backend LLM for relay tests (HTTP/1.1 in a thread).
 
-`mode` picks the behaviour: ok, status500, garbage, hang, cut, slow, json-for-stream.
+`mode` picks the behaviour: ok, status500, garbage, hang, cut, slow, json-for-stream, echo
+(a successful answer that repeats `echo_text`, e.g. secrets a careless backend echoes).
 With `gate` cleared, a stream pauses after its first content chunk until the test sets it.
 """
 
@@ -27,6 +28,7 @@ class FakeBackend:
         self.finished = threading.Event()  # set when a stream was sent to the end
         self.aborted = threading.Event()  # set when the proxy hung up on us
         self.delay = 0.0
+        self.echo_text = ""
         self.linger = 0.0
         backend = self
 
@@ -95,6 +97,9 @@ class FakeBackend:
             h.send_header("content-length", str(len(data)))
             h.end_headers()
             h.wfile.write(data)
+            return
+        if mode == "echo":
+            h._json(200, completion(body.get("model", "?"), f"you said {self.echo_text}"))
             return
         if body.get("stream") and mode != "json-for-stream":
             self.stream(h, body, cut=mode == "cut")

@@ -60,6 +60,8 @@ def private_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     home = tmp_path_factory.mktemp("home")
     names = ("HOME", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME")
     saved = {name: os.environ.get(name) for name in names}
+    real_state = Path(saved["XDG_STATE_HOME"] or Path.home() / ".local" / "state")
+    before = _listing(real_state / "ai-agent-proxy")
     os.environ["HOME"] = str(home)
     for name, sub in zip(names[1:], (".local/state", ".config", ".local/share", ".cache"),
                          strict=True):  # fmt: skip
@@ -72,6 +74,15 @@ def private_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+    after = _listing(real_state / "ai-agent-proxy")
+    assert after == before, f"the test suite wrote into the real {real_state}: {after - before}"
+
+
+def _listing(folder: Path) -> set[tuple[str, int]]:
+    """Every file below `folder` with its modification time (nothing if it is missing)."""
+    if not folder.is_dir():
+        return set()
+    return {(str(p), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
 def fixture_body(name: str) -> dict[str, Any]:
