@@ -50,6 +50,11 @@ FIXTURE_CONTEXTS = {
         "What is in this picture? (photo caption)",
     ),
     "openclaw-2026.9-telegram-voice.json": ("telegram:5550002", ""),
+    # captured here from the real gateway: the proxy was down when the DM came
+    "openclaw-2026.9-telegram-queued-resend.json": (
+        "telegram:123456789",
+        "while you were down: book a table",
+    ),
 }
 
 

@@ -239,14 +239,17 @@ def test_real_openclaw_traffic_steer_retry_queued_and_media(make_server) -> None
         fixture_body(PHOTO),
         '[media attached: /m/q3.pdf (application/pdf) "Q3 report.pdf"]\nsummarise please',
     )
+    real_queued = fixture_body("openclaw-2026.9-telegram-queued-resend.json")
     for body in (first, second, retry, queued, fixture_body(PHOTO), fixture_body(VOICE),
-                 document):  # fmt: skip
+                 document, real_queued):  # fmt: skip
         assert server.post_chat(body).status_code == 200
-    server.wait_files(6)
+    server.wait_files(7)
     rows = server.rows()
-    assert [r["state"] for r in rows] == ["written"] * 2 + ["duplicate"] + ["written"] * 4
+    assert [r["state"] for r in rows] == ["written"] * 2 + ["duplicate"] + ["written"] * 5
     assert rows[2]["duplicate_of"] == rows[1]["id"]  # the retry of the steered message
-    steer_a, steer_b, again, photo, voice, doc = server.inbox_payloads()
+    steer_a, steer_b, again, photo, voice, doc, resent = server.inbox_payloads()
+    assert resent["latest-user-prompt"] == "while you were down: book a table"
+    assert resent["message_id"] == "2003"
     assert steer_a["latest-user-prompt"] == "Steer test A: tell me a story"
     assert steer_b["latest-user-prompt"] == "Steer test B: make it about cats"
     assert "request_id" in steer_b and steer_b["message_id"] == "1301"  # compact
