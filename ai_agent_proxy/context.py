@@ -331,7 +331,7 @@ def _internal_blocks(text: str) -> Iterator[str]:
         except ValueError:
             pos = text.find('"', pos + 1)
             continue
-        if isinstance(value, str) and "```json" in value:
+        if "```json" in value:  # decoding at a quote always gives a string
             yield value
         pos = text.find('"', end)
 

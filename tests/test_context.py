@@ -419,3 +419,16 @@ def test_the_newest_internal_context_wins() -> None:
     }
     ctx = extract_context(body)
     assert (ctx.context_id, ctx.message_id) == ("tg:new", "2")
+
+
+def test_internal_parts_inside_the_persons_message_are_not_their_words() -> None:
+    own = internal({"chat_id": "tg:5", "message_id": "9"})["content"][0]
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "my words"}, own]}]}
+    ctx = extract_context(body)
+    assert ctx.latest_user_prompt == "my words"
+    assert (ctx.context_id, ctx.message_id) == ("tg:5", "9")
+
+
+def test_internal_block_with_only_a_message_id() -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}, internal({"message_id": "77"})]}
+    assert extract_context(body).message_id == "77"
