@@ -30,22 +30,24 @@ CONTINUE_NOTICE = (
     "restart the task or repeat completed actions."
 )
 
-# OpenClaw's own words around the person's (SPEC §3), one entry each: (name, pattern).
-# Removing every match leaves the person's words. Anchored where OpenClaw puts them, so
-# the same sentence inside a person's text is left alone.
-NOTICES: tuple[tuple[str, re.Pattern[str]], ...] = (
+# OpenClaw's own words around the person's (SPEC §3), one entry each: (name, a literal
+# every match contains, pattern). Removing every match leaves the person's words. Anchored
+# where OpenClaw puts them, so the same sentence inside a person's text is left alone.
+NOTICES: tuple[tuple[str, str, re.Pattern[str]], ...] = (
     # A whole extra user message after an empty answer; skipped as a message.
-    ("retry", re.compile(r"\A\s*" + re.escape(RETRY_NOTICE) + r"\b.*\Z", re.S)),
+    ("retry", RETRY_NOTICE, re.compile(r"\A\s*" + re.escape(RETRY_NOTICE) + r"\b.*\Z", re.S)),
     # A message re-sent after a failed turn starts with this line ...
-    ("queued", re.compile(r"\A\s*" + re.escape(QUEUED_NOTICE) + r"[ \t]*\n?")),
-    ("earlier", re.compile(r"\A\s*" + re.escape(EARLIER_NOTICE) + r"[ \t]*\n?")),
+    ("queued", QUEUED_NOTICE, re.compile(r"\A\s*" + re.escape(QUEUED_NOTICE) + r"[ \t]*\n?")),
+    ("earlier", EARLIER_NOTICE, re.compile(r"\A\s*" + re.escape(EARLIER_NOTICE) + r"[ \t]*\n?")),
     # ... and, when nobody wrote since, ends with this paragraph (or its tool-failure variant).
     (
         "continue",
+        CONTINUE_NOTICE,
         re.compile(r"(?:\A|\n\n)" + re.escape(CONTINUE_NOTICE) + r"(?: If a tool[^\n]*)?\s*\Z"),
     ),
     (
         "attachment-not-analyzed",
+        " attachment not analyzed:",
         re.compile(
             r"^[ \t]*\[(?:Image|Audio|Video|File|Document) attachment not analyzed:[^\n]*\]"
             r"[ \t]*(?:\n|\Z)",
@@ -53,6 +55,15 @@ NOTICES: tuple[tuple[str, re.Pattern[str]], ...] = (
         ),
     ),
 )
+
+
+def strip_notices(text: str) -> str:
+    """`text` without OpenClaw's notices; the same object when it holds none."""
+    for _, literal, pattern in NOTICES:
+        if literal in text:
+            text = pattern.sub("", text)
+    return text
+
 
 _CHANNEL_FIELDS = ("channel", "context_id", "thread_id", "thread", "conversation_id", "chat_id")
 _TARGET_FIELDS = ("target", "user_id", "recipient", "to")
@@ -193,15 +204,16 @@ def storable(text: str | None) -> str | None:
 def clean_user_text(text: str) -> str:
     """The person's words: without OpenClaw's envelope (time stamp, metadata JSON blocks,
     trailing Runtime line) and without its notices (NOTICES)."""
+    text = _strip_envelope(text)
     # Envelopes and notices nest (a queued message keeps its envelope): peel until stable.
     for _ in range(4):
-        before = text
-        text = _strip_envelope(text)
-        for _, pattern in NOTICES:
-            text = pattern.sub("", text)
-        if text == before:
+        stripped = strip_notices(text)
+        if stripped is text:
             break
-    return _STAMPED_ENVELOPE.sub("", text).strip()
+        text = _strip_envelope(stripped)
+    if "```json" in text:
+        text = _STAMPED_ENVELOPE.sub("", text)
+    return text.strip()
 
 
 def _strip_envelope(text: str) -> str:
@@ -279,9 +291,7 @@ def _is_notice(text: str) -> bool:
     """A message that is nothing but OpenClaw's own notices (e.g. the retry notice)."""
     if not text.strip():
         return False
-    for _, pattern in NOTICES:
-        text = pattern.sub("", text)
-    return not text.strip()
+    return not strip_notices(text).strip()
 
 
 def _person_message_index(messages: list[dict[str, Any]]) -> int | None:

@@ -264,7 +264,7 @@ def test_each_notice_is_stripped_and_the_words_kept_exactly(text: str, words: st
 def test_every_notice_in_the_table_is_tested() -> None:
     from ai_agent_proxy.context import NOTICES
 
-    assert {name for name, _ in NOTICES} == {
+    assert {name for name, _, _ in NOTICES} == {
         "retry", "queued", "earlier", "continue", "attachment-not-analyzed",
     }  # fmt: skip
 
