@@ -19,11 +19,12 @@ from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, raw
 
 from . import wire
-from .answers import Answer, json_response, relay_chat
 from .bodies import RepeatedParts, check_depth
+from .chat import Answer, json_response, relay_chat
 from .config import Settings
 from .connections import LIMITS, closing_response, connection_bound, drain
 from .context import RequestContext, extract_context
+from .errors import RowRejected, StoreError
 from .flusher import Flusher
 from .ids import new_request_id
 from .logs import setup_logging
@@ -32,7 +33,7 @@ from .process import return_large_allocations
 from .relay import Relay
 from .retention import Pruner
 from .rows import NewRequest
-from .store import RowRejected, Store, StoreError
+from .store import Store
 
 log = logging.getLogger("ai_agent_proxy")
 

@@ -17,9 +17,10 @@ from typing import Annotated, Any
 
 import typer
 
-from .config import ConfigError, Settings, load_settings
+from .config import Settings, load_settings
+from .errors import ConfigError, HistoryError, ProxyError, ReplayError, SchemaError
 from .logs import setup_logging
-from .migrations import SchemaError, migrate
+from .migrations import migrate
 
 cli = typer.Typer(
     add_completion=False,
@@ -217,7 +218,7 @@ def run_server(settings: Settings) -> None:
 # -- history and replay ---------------------------------------------------------------------
 
 history_cli = typer.Typer(
-    help="Audit queries over the outbox DB (safe while the server runs).",
+    help="History queries over the outbox DB (safe while the server runs).",
     invoke_without_command=True,
     rich_markup_mode=None,
 )
@@ -264,20 +265,20 @@ def reader_may_leave() -> Iterator[None]:
 
 
 @contextmanager
-def audit_session(
+def history_session(
     config: str | None, db: str | None, inbox: str | None = None
 ) -> Iterator[tuple[Settings, Any]]:
-    """Settings and a read-only Audit of the DB; any AuditError becomes one line, exit 2."""
-    from .audit import Audit, AuditError
+    """Settings and a read-only History of the DB; any HistoryError becomes one line, exit 2."""
+    from .history import History
 
     settings = settings_or_exit(config, {"db": db, "inbox": inbox})
     try:
-        audit = Audit(settings.db_path)
-    except AuditError as exc:
+        audit = History(settings.db_path)
+    except HistoryError as exc:
         raise fail(str(exc)) from None
     try:
         yield settings, audit
-    except AuditError as exc:
+    except HistoryError as exc:
         raise fail(str(exc)) from None
     finally:
         audit.close()
@@ -292,7 +293,7 @@ def make_selection(
     limit: int | None,
     ids: list[str] | None = None,
 ) -> Any:
-    from .audit import STATES, AuditError, Selection, parse_when
+    from .history import STATES, Selection, parse_when
 
     if limit is not None and limit < 0:
         raise fail(f"--limit must be 0 (no limit) or more, got {limit}")
@@ -308,7 +309,7 @@ def make_selection(
             ids=list(ids or []),
             limit=limit or None,
         )
-    except AuditError as exc:
+    except HistoryError as exc:
         raise fail(str(exc)) from None
 
 
@@ -347,11 +348,11 @@ def history(
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"config": config, "db": db, "inbox": inbox}
         return
-    from .output import FORMATS, write_records
+    from .history_render import FORMATS, write_records
 
     check_format(fmt, FORMATS)
     selection = make_selection(context_id, since, until, state, search, limit)
-    with audit_session(config, db, inbox) as (_, audit), reader_may_leave():
+    with history_session(config, db, inbox) as (_, audit), reader_may_leave():
         write_records(audit.records(selection), fmt)
 
 
@@ -365,10 +366,10 @@ def history_show(
     fmt: DocFormatOpt = "text",
 ) -> None:
     """Everything about one request: body, backend reply or error, inbox file, attempts."""
-    from .output import write_document
+    from .history_render import write_document
 
     check_format(fmt, DOC_FORMATS)
-    with audit_session(*inherited(ctx, config, db, inbox)) as (settings, audit):
+    with history_session(*inherited(ctx, config, db, inbox)) as (settings, audit):
         doc = audit.show(request_id)
     if doc["inbox_file"]:
         doc["inbox_path"] = str(settings.inbox / doc["inbox_file"])
@@ -400,10 +401,10 @@ def history_stats(
     fmt: DocFormatOpt = "text",
 ) -> None:
     """Counts by state, backlog, request->file latency percentiles, top contexts."""
-    from .output import write_document
+    from .history_render import write_document
 
     check_format(fmt, DOC_FORMATS)
-    with audit_session(*inherited(ctx, config, db, inbox)) as (_, audit), reader_may_leave():
+    with history_session(*inherited(ctx, config, db, inbox)) as (_, audit), reader_may_leave():
         write_document(audit.stats(), fmt)
 
 
@@ -424,12 +425,12 @@ def replay(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List, write nothing.")] = False,
 ) -> None:
     """Rewrite inbox files from the DB: same names and content as the flusher writes."""
-    from .replay import ReplayError, replay_rows
+    from .replay import replay_rows
 
     # --inbox names where the files go, not which server's DB to read (that is --db, or the
     # DB of the configured INBOX): `replay --full ID --inbox /tmp/full` must not look for
     # a DB belonging to /tmp/full.
-    with audit_session(config, db) as (settings, audit), reader_may_leave():
+    with history_session(config, db) as (settings, audit), reader_may_leave():
         if inbox is not None:
             settings = settings.model_copy(update={"inbox": Settings.expand_path(inbox)})
         resolved = [audit.resolve_id(i) for i in ids or []]
@@ -456,4 +457,8 @@ def main(argv: list[str] | None = None) -> None:
     # Plain `ai-agent-proxy [flags]` means `ai-agent-proxy serve [flags]`.
     if not args or (args[0] not in SUBCOMMANDS and args[0] not in ("--help", "-h")):
         args.insert(0, "serve")
-    cli(args, prog_name="ai-agent-proxy")
+    try:
+        cli(args, prog_name="ai-agent-proxy")
+    except ProxyError as exc:  # one not turned into a message where it happened
+        typer.echo(f"ai-agent-proxy: {exc}", err=True)
+        sys.exit(2)

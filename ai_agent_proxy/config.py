@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from .errors import ConfigError
 from .redaction import Redactor, mask_url
 
 ENV_PREFIX = "AI_AGENT_PROXY_"
@@ -25,10 +26,6 @@ SECRET_KEYS = frozenset({"KEY", "API_KEY"})
 SKILL_PATH = Path(__file__).parent / "skills" / "openclaw-message-cli" / "SKILL.md"
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
-
-
-class ConfigError(Exception):
-    """A configuration problem, already phrased as the one line the user sees."""
 
 
 class Settings(BaseModel):

@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import Settings
+from .errors import StoreError
 from .inbox_writer import InboxWriter, WriterOptions
 from .rows import PendingRow
-from .store import CLAIM_LEASE_MS, Store, StoreError
+from .store import CLAIM_LEASE_MS, Store
 
 log = logging.getLogger("ai_agent_proxy.flusher")
 

@@ -12,12 +12,12 @@ _last_ms = 0
 _counter = 0
 
 
-def new_request_id(now_ms: int | None = None) -> tuple[str, int]:
+def new_request_id() -> tuple[str, int]:
     """Return (32 hex chars, unix milliseconds). Ids sort by creation time, and within one
     process they are strictly increasing even inside the same millisecond."""
     global _last_ms, _counter
     with _lock:
-        ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        ms = time.time_ns() // 1_000_000
         if ms <= _last_ms:
             ms = _last_ms
             _counter += 1

@@ -7,8 +7,9 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .errors import StoreError
 from .flusher import FlusherStatus
-from .store import Store, StoreError
+from .store import Store
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 

@@ -13,11 +13,9 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import SchemaError
+
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
-
-
-class SchemaError(Exception):
-    """The DB cannot be used by this version (newer schema, unreadable, not a DB)."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import orjson
 
 from .bodies import dumps
 from .config import Settings
+from .errors import BackendError
 
 log = logging.getLogger("ai_agent_proxy.relay")
 
@@ -109,10 +110,6 @@ class SSEReader:
     @property
     def text(self) -> str:
         return "".join(self.parts)
-
-
-class BackendError(Exception):
-    """The backend did not give a usable answer; the message is safe to log and record."""
 
 
 class Relay:

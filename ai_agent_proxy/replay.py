@@ -7,19 +7,16 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from .audit import Audit, Selection
 from .config import Settings
+from .errors import ReplayError
+from .history import History, Selection
 from .inbox import ensure_dir, render, write_files
 
 CHUNK = 256  # files per durable batch
 
 
-class ReplayError(Exception):
-    """A row that cannot be replayed, phrased for the user."""
-
-
 def replay_rows(
-    audit: Audit, selection: Selection, settings: Settings, *, full: bool, dry_run: bool
+    audit: History, selection: Selection, settings: Settings, *, full: bool, dry_run: bool
 ) -> str:
     """Write (or list) the selected rows; duplicates never had a file and get none now.
     Returns the one-line report."""

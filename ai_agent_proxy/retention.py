@@ -8,7 +8,8 @@ import contextlib
 import logging
 import time
 
-from .store import Store, StoreError
+from .errors import StoreError
+from .store import Store
 
 log = logging.getLogger("ai_agent_proxy.retention")
 
@@ -26,7 +27,6 @@ class Pruner:
         self.store = store
         self.retention_s = retention_days * 86400
         self.interval_s = prune_interval(retention_days)
-        self.pruned = 0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -53,6 +53,5 @@ class Pruner:
             total += n
             await asyncio.sleep(0)  # let requests in between batches
         if total:
-            self.pruned += total
             log.info("retention_pruned rows=%d older_than_days=%g", total, self.retention_s / 86400)
         return total

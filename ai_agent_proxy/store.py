@@ -25,6 +25,7 @@ from typing import Any
 import aiosqlite
 
 from .bodies import PIECE_MAX, PIECE_MIN, RepeatedParts, digest, join_segments, pack_ids, unpack_ids
+from .errors import RowRejected, StoreError
 from .rows import PENDING_COLUMNS, NewRequest, PendingRow, body_needed
 
 log = logging.getLogger("ai_agent_proxy.store")
@@ -33,15 +34,6 @@ BUSY_TIMEOUT_MS = 5000
 CLAIM_LEASE_MS = 10_000  # a dead worker's claimed rows go to another flusher after this
 MAX_COMMIT_BATCH = 512
 ROW_ATTEMPTS = 3  # tries to make a file of a row before it is undeliverable
-
-
-class StoreError(Exception):
-    """The outbox could not do what was asked (locked, read-only, disk full, ...): worth
-    trying again later."""
-
-
-class RowRejected(StoreError):
-    """This one row cannot be stored, now or later (something in it the DB refuses)."""
 
 
 def is_db_fault(exc: BaseException) -> bool:

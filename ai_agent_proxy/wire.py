@@ -7,7 +7,6 @@ import random
 import time
 from typing import Any, Literal
 
-import orjson
 from pydantic import BaseModel, model_serializer
 
 
@@ -132,13 +131,8 @@ def _render_chat_completion(model: str, content: str, id_: str, created: int) ->
     )
 
 
-def sse_event(data: BaseModel | dict[str, Any] | str) -> bytes:
-    if isinstance(data, str):
-        payload = data.encode()
-    elif isinstance(data, BaseModel):
-        payload = data.model_dump_json(exclude_none=False).encode()
-    else:
-        payload = orjson.dumps(data)
+def sse_event(data: BaseModel | str) -> bytes:
+    payload = data.encode() if isinstance(data, str) else data.model_dump_json().encode()
     return b"data: " + payload + b"\n\n"
 
 

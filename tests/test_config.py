@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ai_agent_proxy.config import ConfigError, load_settings, parse_config_file
+from ai_agent_proxy.config import load_settings, parse_config_file
+from ai_agent_proxy.errors import ConfigError
 
 from .conftest import Server
 

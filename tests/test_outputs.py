@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ai_agent_proxy.cli import cli
-from ai_agent_proxy.output import csv_cell, printable
+from ai_agent_proxy.history_render import csv_cell, printable
 from ai_agent_proxy.redaction import Redactor, mask_url, url_secrets
 
 from .backend import FakeBackend

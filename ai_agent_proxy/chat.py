@@ -17,9 +17,8 @@ from sanic.response import HTTPResponse, raw
 
 from . import wire
 from .config import Settings
-from .flusher import Flusher
+from .errors import BackendError, StoreError
 from .relay import (
-    BackendError,
     Relay,
     RelayOutcome,
     SSEReader,
@@ -27,7 +26,7 @@ from .relay import (
     iterate,
     prepare_body,
 )
-from .store import Store, StoreError
+from .store import Store
 
 log = logging.getLogger("ai_agent_proxy")
 
@@ -103,7 +102,7 @@ async def relay_chat(
             log.warning("backend_forward_failed request_id=%s error=%s", request_id, outcome.error)
         # Shielded: a client that hangs up must not stop the outcome being recorded.
         await asyncio.shield(
-            record_outcome(ctx.store, ctx.flusher, request_id, instruction, outcome, relay.redact)
+            record_outcome(ctx.store, request_id, instruction, outcome, relay.redact)
         )
 
 
@@ -160,7 +159,6 @@ def cutoff_text(received: str, notice: str) -> str:
 
 async def record_outcome(
     store: Store,
-    flusher: Flusher,
     request_id: str,
     instruction: str,
     outcome: RelayOutcome,
@@ -181,4 +179,3 @@ async def record_outcome(
             # The flusher delivers the row anyway once the wait is deemed stale.
             log.error("backend_outcome_not_recorded request_id=%s error=%s", request_id, exc)
             await asyncio.sleep(0.2 * (attempt + 1))
-    flusher.wake()

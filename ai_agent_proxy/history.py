@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from .bodies import join_segments, unpack_ids
+from .errors import HistoryError, SchemaError
 from .ids import inbox_file_name
-from .migrations import SchemaError, check_version
+from .migrations import check_version
 from .rows import PENDING_COLUMNS, PendingRow, body_needed
 from .store import SEGMENT_DATA, in_chunks
 
@@ -33,10 +34,6 @@ RECORD_COLUMNS = (
 SEGMENT_CACHE_SIZE = 20_000
 
 
-class AuditError(Exception):
-    """A bad query or an unusable DB, phrased for the user."""
-
-
 def parse_when(text: str, now: float | None = None) -> int:
     """'90s', '2h', '3d' (that long ago) or an ISO 8601 time -> unix ms (UTC if naive)."""
     now = time.time() if now is None else now
@@ -46,7 +43,7 @@ def parse_when(text: str, now: float | None = None) -> int:
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise AuditError(
+        raise HistoryError(
             f"cannot read time {text!r}: use a duration like 90s, 15m, 2h, 3d or an ISO time "
             "like 2026-11-24T21:00:00Z"
         ) from None
@@ -93,7 +90,7 @@ class Selection:
             params.append(self.until_ms)
         if self.state:
             if self.state not in STATES:
-                raise AuditError(f"unknown state {self.state!r}: use one of {', '.join(STATES)}")
+                raise HistoryError(f"unknown state {self.state!r}: use one of {', '.join(STATES)}")
             if self.state == "failed":
                 clauses.append("state = 'pending' AND last_error IS NOT NULL")
             else:
@@ -131,23 +128,23 @@ def display_state(state: str, last_error: str | None) -> str:
     return state.replace("_", "-")
 
 
-class Audit:
+class History:
     """A read-only view of one outbox DB."""
 
     def __init__(self, db_path: Path) -> None:
         if not db_path.is_file():
-            raise AuditError(f"database {db_path} does not exist (set --db or DB)")
+            raise HistoryError(f"database {db_path} does not exist (set --db or DB)")
         try:
             # as_uri() percent-encodes the path: a '#' or '?' in it stays part of the name.
             uri = db_path.absolute().as_uri() + "?mode=ro"
             self.conn = sqlite3.connect(uri, uri=True, timeout=5)
             self.conn.row_factory = sqlite3.Row
             if check_version(self.conn, db_path) == 0:
-                raise AuditError(f"{db_path} is not an ai-agent-proxy database")
+                raise HistoryError(f"{db_path} is not an ai-agent-proxy database")
         except SchemaError as exc:
-            raise AuditError(str(exc)) from None
+            raise HistoryError(str(exc)) from None
         except sqlite3.Error as exc:
-            raise AuditError(f"cannot open database {db_path}: {exc}") from None
+            raise HistoryError(f"cannot open database {db_path}: {exc}") from None
         self.path = db_path
         self._segments: dict[int, bytes] = {}
 
@@ -160,7 +157,7 @@ class Audit:
             while batch := cur.fetchmany(500):
                 yield from batch
         except sqlite3.Error as exc:
-            raise AuditError(f"query failed on {self.path}: {exc}") from None
+            raise HistoryError(f"query failed on {self.path}: {exc}") from None
 
     def count(self, sel: Selection) -> int:
         where, params = sel.where()
@@ -205,23 +202,23 @@ class Audit:
         key = text.strip().removesuffix(".json")
         key = key.rsplit("-", 1)[-1].lower()
         if not re.fullmatch(r"[0-9a-f]{8,32}", key):
-            raise AuditError(f"{text!r} is not a request id (32 hex digits, or 8+ of them)")
+            raise HistoryError(f"{text!r} is not a request id (32 hex digits, or 8+ of them)")
         rows = self._query(
             "SELECT id FROM requests WHERE id >= ? AND id < ? LIMIT 2", (key, key + "g")
         )
         if not rows:  # ids hold only hex digits: LIKE has nothing to escape here
             rows = self._query("SELECT id FROM requests WHERE id LIKE ? LIMIT 2", (f"%{key}%",))
         if not rows:
-            raise AuditError(f"no request with id {text!r} in {self.path}")
+            raise HistoryError(f"no request with id {text!r} in {self.path}")
         if len(rows) > 1:
-            raise AuditError(f"{text!r} matches several requests; give more digits")
+            raise HistoryError(f"{text!r} matches several requests; give more digits")
         return str(rows[0][0])
 
     def _query(self, sql: str, params: Any = ()) -> list[Any]:
         try:
             return self.conn.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
-            raise AuditError(f"query failed on {self.path}: {exc}") from None
+            raise HistoryError(f"query failed on {self.path}: {exc}") from None
 
     def show(self, request_id: str) -> dict[str, Any]:
         rid = self.resolve_id(request_id)
