@@ -1,4 +1,4 @@
-"""The Sanic app: routes, auth, error shapes, and the start/stop of store, flusher, relay.
+"""The Sanic app: routes, auth, error shapes, and the start/stop of outbox, flusher, relay.
 
 Hot path of a chat request: parse -> extract context (pure) -> group commit -> answer.
 Everything slower (payload building, file writes) happens later in the flusher.
@@ -19,21 +19,21 @@ from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, raw
 
 from . import wire
-from .bodies import RepeatedParts, check_depth
+from .bodies import BodyParser, ParsedBody
 from .chat import Answer, json_response, relay_chat
 from .config import Settings
 from .connections import LIMITS, closing_response, connection_bound, drain
 from .context import RequestContext, extract_context
-from .errors import RowRejected, StoreError
+from .errors import OutboxError, RowRejected
 from .flusher import Flusher
 from .ids import new_request_id
 from .logs import setup_logging
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .outbox import Outbox
 from .process import return_large_allocations
 from .relay import Relay
 from .retention import Pruner
-from .rows import NewRequest
-from .store import Store
+from .rows import NewRequest, State
 
 log = logging.getLogger("ai_agent_proxy")
 
@@ -123,21 +123,18 @@ class AuthWarnings:
         )
 
 
-def parse_body(raw_body: bytes, remote: str, parts: RepeatedParts) -> dict[str, Any]:
+def read_body(raw_body: bytes, remote: str, parser: BodyParser) -> ParsedBody:
+    """The request body, parsed and cut for storage; 400 for one the proxy cannot accept
+    (not JSON, not an object, nested too deep: see bodies.loads and check_depth)."""
     try:
-        body = parts.parse(raw_body)
+        parsed = parser.read(raw_body)
     except (ValueError, RecursionError) as exc:
         log.warning("invalid_json remote=%s bytes=%d error=%s", remote, len(raw_body), exc)
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
+    if not isinstance(parsed.value, dict):
         log.warning("invalid_json remote=%s bytes=%d error=not an object", remote, len(raw_body))
         raise ApiError(400, "request body must be a JSON object")
-    try:
-        check_depth(body)  # whatever is acknowledged must render as an inbox file
-    except ValueError as exc:
-        log.warning("invalid_json remote=%s bytes=%d error=%s", remote, len(raw_body), exc)
-        raise ApiError(400, f"request body is not accepted: {exc}") from None
-    return body
+    return parsed
 
 
 def create_app(settings: Settings) -> Sanic:
@@ -154,16 +151,17 @@ def create_app(settings: Settings) -> Sanic:
     @app.before_server_start
     async def open_outbox(app: Sanic) -> None:
         return_large_allocations()  # in each worker process
-        # The pieces bodies repeat, learnt when storing them, speed up parsing them too.
-        app.ctx.parts = RepeatedParts()
-        store = Store(settings.db_path, settings.dedup_window, app.ctx.parts)
-        await store.open()
-        flusher = Flusher(store, settings, on_written=app.ctx.metrics.flush_latency.observe)
-        store.listen(flusher.hand, flusher.wake)
+        app.ctx.parser = BodyParser()  # learns the pieces this process's bodies repeat
+        outbox = Outbox(settings.db_path, settings.dedup_window)
+        await outbox.open()
+        flusher = Flusher(outbox, settings, on_written=app.ctx.metrics.flush_latency.observe)
+        outbox.listen(flusher.hand, flusher.wake)
         flusher.start()
-        app.ctx.store, app.ctx.flusher = store, flusher
+        app.ctx.outbox, app.ctx.flusher = outbox, flusher
         app.ctx.relay = Relay(settings) if settings.url else None
-        app.ctx.pruner = Pruner(store, settings.retention_days) if settings.retention_days else None
+        app.ctx.pruner = (
+            Pruner(outbox, settings.retention_days) if settings.retention_days else None
+        )
         if app.ctx.pruner:
             app.ctx.pruner.start()
         # Everything alive now (modules, app, settings: ~46,000 objects) lives as long as
@@ -193,7 +191,7 @@ def create_app(settings: Settings) -> Sanic:
         if app.ctx.relay is not None:
             await app.ctx.relay.close()
         await app.ctx.flusher.stop()
-        await app.ctx.store.close()
+        await app.ctx.outbox.close()
 
     auth_warned = AuthWarnings()
 
@@ -211,17 +209,17 @@ def create_app(settings: Settings) -> Sanic:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> HTTPResponse | None:
-        raw_body = request.body
-        body = parse_body(raw_body, request.client_ip, request.app.ctx.parts)
+        parsed = read_body(request.body, request.client_ip, request.app.ctx.parser)
+        body = parsed.value
         context = extract_context(body)
         request_id, received_ms = new_request_id()
         relay: Relay | None = request.app.ctx.relay
-        row = new_request(request_id, received_ms, raw_body, context, relay is not None)
+        row = new_request(request_id, received_ms, parsed, request.body, context, relay)
         try:
-            await request.app.ctx.store.record(row)
+            await request.app.ctx.outbox.record(row)
         except RowRejected as exc:  # permanent: telling the client to retry would not help
             raise ApiError(400, f"the request cannot be stored: {exc}") from None
-        except StoreError as exc:
+        except OutboxError as exc:
             raise ApiError(
                 503, f"the request could not be recorded, please retry ({exc})"
             ) from None
@@ -253,14 +251,19 @@ def create_app(settings: Settings) -> Sanic:
     @app.get("/metrics")
     async def metrics(request: Request) -> HTTPResponse:
         ctx = request.app.ctx
-        text = await ctx.metrics.scrape(ctx.store, ctx.flusher.status)
+        text = await ctx.metrics.scrape(ctx.outbox, ctx.flusher.status)
         return raw(text, content_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
 def new_request(
-    request_id: str, received_ms: int, raw_body: bytes, context: RequestContext, relayed: bool
+    request_id: str,
+    received_ms: int,
+    parsed: ParsedBody,
+    raw_body: bytes,
+    context: RequestContext,
+    relay: Relay | None,
 ) -> NewRequest:
     """The row for a request, its message keys as the JSON text the DB keeps."""
     attachments = [a.as_dict() for a in context.attachments]
@@ -268,6 +271,7 @@ def new_request(
         id=request_id,
         received_ms=received_ms,
         body=raw_body,
+        segments=parsed.segments,
         context_id=context.context_id,
         channel=context.channel,
         target=context.target,
@@ -276,7 +280,7 @@ def new_request(
         sender=orjson.dumps(context.sender).decode() if context.sender else None,
         attachments=orjson.dumps(attachments).decode() if attachments else None,
         modality=context.modality,
-        awaiting_backend=relayed,
+        awaiting_backend=relay is not None,
     )
 
 
@@ -291,20 +295,20 @@ async def models(app: Sanic) -> list[dict[str, Any]]:
 
 async def readiness(app: Sanic) -> tuple[dict[str, Any], bool]:
     """Ready when the DB answers and takes commits, and inbox files can be written."""
-    store: Store = app.ctx.store
+    outbox: Outbox = app.ctx.outbox
     report: dict[str, Any] = {"status": "ready", "db": "ok", "inbox": "ok"}
     try:
-        backlog, oldest = await store.backlog()
+        backlog, oldest = await outbox.backlog()
         report["backlog"] = backlog
         # Rows given up on: not a readiness failure (the rest flows), but worth a look.
-        report["undeliverable"] = await store.count_in_state("undeliverable")
+        report["undeliverable"] = await outbox.count_in_state(State.UNDELIVERABLE)
         report["oldest_unwritten_age_s"] = (
             None if oldest is None else round(max(0.0, time.time() - oldest / 1000), 3)
         )
-    except StoreError as exc:
+    except OutboxError as exc:
         report["db"] = f"error: {exc}"
-    if store.last_commit_error:
-        report["db"] = f"error: {store.last_commit_error}"
+    if outbox.last_commit_error:
+        report["db"] = f"error: {outbox.last_commit_error}"
     inbox = app.ctx.settings.inbox
     status = app.ctx.flusher.status
     if status.consecutive_failures:

@@ -6,9 +6,9 @@ system prompt, each earlier message and the tool list are segments that repeat v
 one request of a conversation to the next and are stored once. Joining the segments always
 gives back the exact bytes, wherever the cuts fall.
 
-An agent's bodies all start with the same ~50 KB head (its system prompt) and end with the
-same ~10 KB tail (its tools); `RepeatedParts` remembers recent ones so that a body with them
-is cut only past the head, and parsed without parsing them again.
+An agent's bodies all start with the same large head (its system prompt) and end with the
+same tail (its tools); `BodyParser` remembers recent ones so that a body with them is cut
+only past the head, and parsed without parsing them again. Its argument is in its docstring.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import sys
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import orjson
@@ -32,6 +33,7 @@ PIECE_MIN = 4096  # first and last segments at least this long are looked for in
 PIECE_MAX = 1024 * 1024
 PIECES_KEPT = 8  # one per agent (system prompt, tools) sending at the same time
 SHARED_VALUE_MIN = 1024  # a piece's large value is parsed once if at least this long
+SHARE_REPEATED_PIECES = True  # False: parse every body in full (see BodyParser)
 
 
 MAX_DEPTH = 254  # levels of arrays and objects: what orjson renders; chat bodies use ~12
@@ -190,96 +192,130 @@ def join_segments(ids: Sequence[int], data: Mapping[int, bytes]) -> bytes:
 Path = tuple[str | int, ...]
 
 
+class PieceState(Enum):
+    NEW = "new"  # seen in one body: its value is parsed with the rest
+    SHARED = "shared"  # skeleton ready: later bodies get the value parsed once
+    UNSHARED = "unshared"  # looked at, nothing worth sharing (or unsafe): parsed in full
+
+
 @dataclass
 class _Piece:
     """A large piece that starts (a head) or ends (a tail) bodies verbatim."""
 
     raw: bytes
-    # Set by `_prepare`, on the second body with this piece: the piece with its large value
-    # swapped for a sentinel string, where the value lands in a parsed body, and the value.
-    prepared: bool = False
-    skeleton: bytes | None = None
+    state: PieceState = PieceState.NEW
+    # SHARED only: the piece with its large value swapped for a sentinel string, where the
+    # value lands in a parsed body, the value, and a bound on the nesting the piece adds.
+    skeleton: bytes = b""
     path: Path = ()
     sentinel: str = field(default_factory=lambda: "aiap-piece-" + secrets.token_hex(8))
     value: Any = None
+    depth: int = 0
 
 
-class RepeatedParts:
-    """Large pieces that recent bodies start or end with, newest first (one per agent
-    sending): the head is the system prompt up to the next message, the tail the tool list
-    to the end.
+@dataclass(frozen=True)
+class ParsedBody:
+    value: Any  # what loads(raw) gives (sharing values with other bodies: see BodyParser)
+    segments: list[bytes]  # raw cut for storage (split_body), joined back byte for byte
 
-    Parsing a 60 KB OpenClaw body costs ~90 us, most of it making Python objects of the
-    49 KB system prompt and the 10 KB tool list. A body with a known head or tail is parsed
-    with the piece's large value (the head's longest string, the tail's first value)
-    swapped for a short sentinel string, which is then replaced by the value parsed from an
-    earlier body. Same result: JSON tokens are found left to right, so a string token inside
-    an identical head is the same token with the same value whatever follows; and the tail
-    is one key and its value, then the rest of the top-level object, so in any valid body
-    ending with it the value lands at the same top-level key. Anything unexpected (a
-    sentinel not where it was, invalid JSON) falls back to a full parse, which also gives
-    error messages their positions in the real body.
 
-    The values are shared by every body parsed with them: a parsed body must not be changed
-    below its top level."""
+class BodyParser:
+    """Parses request bodies (and cuts them into segments), skipping the work on the large
+    pieces that recent bodies start or end with: the head is an agent's system prompt up to
+    the next message, the tail its tool list to the end (one of each per agent, newest
+    first). The app owns one; the writer process another; the outbox never sees it.
 
-    def __init__(self) -> None:
+    Most of parsing a 60 KB OpenClaw body is making Python objects of those two pieces. A
+    body with a known head or tail is parsed with the piece's large value (the head's
+    longest string, the tail's first value) swapped for a short sentinel string, which is
+    then replaced by the value parsed from an earlier body. Why the result equals a full
+    parse: JSON tokens are found left to right, so a string token inside an identical head
+    is the same token with the same value whatever follows; the tail is one key and its
+    value, then the rest of the top-level object, so in any valid body ending with it the
+    value lands at the same top-level key. This is checked once per piece when it is
+    prepared (the sketch must equal the full parse), the sentinel is checked in place on
+    every parse, and anything unexpected (a sentinel not where it was, invalid JSON) falls
+    back to a full parse, which also gives error messages their positions in the real body.
+
+    Shared values: the values swapped back in are the same objects in every body parsed
+    with them. Nothing below a body's top level is ever changed: the two places that build
+    new bodies (inbox.build_payload, relay.prepare_body) copy the top level and never write
+    below it. `enabled=False` turns the sharing off (every body parsed in full)."""
+
+    def __init__(self, enabled: bool = SHARE_REPEATED_PIECES) -> None:
+        self.enabled = enabled
         self._heads: list[_Piece] = []
         self._tails: list[_Piece] = []
 
     @property
-    def heads(self) -> Iterator[bytes]:
-        return (h.raw for h in self._heads)
+    def heads(self) -> list[bytes]:
+        """The heads known now, newest first."""
+        return [h.raw for h in self._heads]
+
+    def read(self, raw: bytes) -> ParsedBody:
+        """Parse and cut a request body; raise ValueError if it is not JSON the proxy
+        accepts (see loads and check_depth). Its pieces are remembered for later bodies."""
+        value, depth_bound = self._parse(raw)
+        if depth_bound is None or depth_bound > MAX_DEPTH:
+            check_depth(value)  # the exact test, when the cheap bound does not settle it
+        segments = self.split(raw)
+        self.remember(segments)
+        return ParsedBody(value, segments)
 
     def split(self, raw: bytes) -> list[bytes]:
         """split_body, past the known heads and tails."""
-        return split_body(raw, self.heads, (t.raw for t in self._tails))
+        if not self.enabled:
+            return split_body(raw)
+        return split_body(raw, (h.raw for h in self._heads), (t.raw for t in self._tails))
 
-    def remember(self, parts: Sequence[bytes]) -> None:
-        """`parts`: the segments (split_body) of a body that parsed as JSON."""
-        _remember(self._heads, parts[0])
-        if len(parts) > 1 and parts[-1].startswith(b'"'):
-            _remember(self._tails, parts[-1])
+    def remember(self, segments: Sequence[bytes]) -> None:
+        """`segments`: the split_body of a body that parsed as JSON."""
+        if not self.enabled:
+            return
+        _remember(self._heads, segments[0])
+        if len(segments) > 1 and segments[-1].startswith(b'"'):
+            _remember(self._tails, segments[-1])
 
     def parse(self, raw: bytes, *, learn: bool = False) -> Any:
         """`loads(raw)`, skipping the parse of known heads' and tails' large values. With
         `learn`, a valid body's pieces are remembered (for a caller that does not split
-        bodies and `remember` itself)."""
+        bodies and `remember` itself: the writer process)."""
+        value, _ = self._parse(raw)
+        if learn and self.enabled:
+            self.remember(self.split(raw))
+        return value
+
+    def _parse(self, raw: bytes) -> tuple[Any, int | None]:
+        """(the body, a bound on its nesting depth, or None when none is known cheaply)."""
+        if not self.enabled:
+            return loads(raw), None
         head = next((h for h in self._heads if _starts(raw, h.raw)), None)
         tail = next((t for t in self._tails if _ends(raw, t.raw)), None)
         if head and tail and len(head.raw) + len(tail.raw) > len(raw):
             tail = None  # they overlap
-        body = self._parse(raw, head, tail)
-        if learn and (head is None or tail is None):
-            self.remember(self.split(raw))
-        return body
-
-    def _parse(self, raw: bytes, head: _Piece | None, tail: _Piece | None) -> Any:
-        if (head and not head.prepared) or (tail and not tail.prepared):
+        if (head and head.state is PieceState.NEW) or (tail and tail.state is PieceState.NEW):
             body = loads(raw)
-            if head and not head.prepared:
+            if head and head.state is PieceState.NEW:
                 _prepare(head, body, _longest_string(head.raw), lambda s: s + raw[len(head.raw) :])
-            if tail and not tail.prepared:
+            if tail and tail.state is PieceState.NEW:
                 _prepare(tail, body, _first_value(tail.raw), lambda s: raw[: -len(tail.raw)] + s)
-            return body
-        start, end = 0, len(raw)
-        doc: list[bytes] = []
-        if head and head.skeleton:
-            start = len(head.raw)
-            doc.append(head.skeleton)
-        doc.append(raw[start : end - len(tail.raw) if tail and tail.skeleton else end])
-        if tail and tail.skeleton:
-            doc.append(tail.skeleton)
-        if len(doc) == 1:
-            return loads(raw)
+            return body, None
+        head = head if head and head.state is PieceState.SHARED else None
+        tail = tail if tail and tail.state is PieceState.SHARED else None
+        if head is None and tail is None:
+            return loads(raw), None
+        fresh = raw[len(head.raw) if head else 0 : len(raw) - len(tail.raw) if tail else None]
+        doc = b"".join((head.skeleton if head else b"", fresh, tail.skeleton if tail else b""))
         try:
-            body = loads(b"".join(doc))
+            body = loads(doc)
             for piece in (head, tail):
-                if piece and piece.skeleton and not _put_back(body, piece):
-                    return loads(raw)
-            return body
+                if piece and not _put_back(body, piece):
+                    return loads(raw), None
         except (ValueError, RecursionError, LookupError, TypeError):
-            return loads(raw)
+            return loads(raw), None
+        # Nesting: what the fresh bytes can open, plus what the shared pieces add.
+        bound = fresh.count(b"[") + fresh.count(b"{")
+        return body, bound + sum(p.depth for p in (head, tail) if p)
 
 
 def _put_back(body: Any, piece: _Piece) -> bool:
@@ -307,17 +343,14 @@ def _prepare(
 ) -> None:
     """Learn from `body` (the parsed body with this piece) how to parse later ones:
     `span` is where the large value is in the piece, `wrap` puts a piece in the body."""
-    piece.prepared = True
+    piece.state = PieceState.UNSHARED
     if span is None or span[1] - span[0] < SHARED_VALUE_MIN:
         return
     skeleton = piece.raw[: span[0]] + orjson.dumps(piece.sentinel) + piece.raw[span[1] :]
     try:
         sketch = loads(wrap(skeleton))
-    except (ValueError, RecursionError):
-        return
-    try:
         paths = list(_paths_to(sketch, piece.sentinel, ()))
-    except RecursionError:  # a body nested too deep to search: parse such bodies in full
+    except (ValueError, RecursionError):  # (a body too deep to search is parsed in full)
         return
     if len(paths) != 1:
         return
@@ -325,6 +358,9 @@ def _prepare(
     _at(sketch, path[:-1])[path[-1]] = value = _at(body, path)
     if sketch == body:  # checked once per piece, for the very unlikely
         piece.skeleton, piece.path, piece.value = skeleton, path, value
+        # the skeleton's own brackets, and the value's depth below its place
+        piece.depth = skeleton.count(b"[") + skeleton.count(b"{") + _depth(value)
+        piece.state = PieceState.SHARED
 
 
 def _string_spans(data: bytes) -> list[tuple[int, int]]:

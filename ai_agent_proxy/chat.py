@@ -17,7 +17,8 @@ from sanic.response import HTTPResponse, raw
 
 from . import wire
 from .config import Settings
-from .errors import BackendError, StoreError
+from .errors import BackendError, OutboxError
+from .outbox import Outbox
 from .relay import (
     Relay,
     RelayOutcome,
@@ -26,7 +27,6 @@ from .relay import (
     iterate,
     prepare_body,
 )
-from .store import Store
 
 log = logging.getLogger("ai_agent_proxy")
 
@@ -102,7 +102,7 @@ async def relay_chat(
             log.warning("backend_forward_failed request_id=%s error=%s", request_id, outcome.error)
         # Shielded: a client that hangs up must not stop the outcome being recorded.
         await asyncio.shield(
-            record_outcome(ctx.store, request_id, instruction, outcome, relay.redact)
+            record_outcome(ctx.outbox, request_id, instruction, outcome, relay.redact)
         )
 
 
@@ -158,24 +158,32 @@ def cutoff_text(received: str, notice: str) -> str:
 
 
 async def record_outcome(
-    store: Store,
+    outbox: Outbox,
     request_id: str,
     instruction: str,
     outcome: RelayOutcome,
     redact: Callable[[str], str],
 ) -> None:
-    """Store what the backend did. Backends echo keys, in errors and in answers alike: all
+    """Outbox what the backend did. Backends echo keys, in errors and in answers alike: all
     of it is redacted before it is stored (and so before any inbox file has it)."""
     usage = redact(orjson.dumps(outcome.usage).decode()) if outcome.usage else None
     reply = None if outcome.reply is None else redact(outcome.reply)
     error = None if outcome.error is None else redact(outcome.error)
     for attempt in range(3):
         try:
-            await store.finish_backend(
-                request_id, instruction, reply, outcome.status, error, outcome.latency_ms, usage
+            await outbox.finish_backend(
+                request_id,
+                {
+                    "instruction": instruction,
+                    "reply": reply,
+                    "status": outcome.status,
+                    "error": error,
+                    "latency_ms": outcome.latency_ms,
+                    "usage": usage,
+                },
             )
             break
-        except StoreError as exc:
+        except OutboxError as exc:
             # The flusher delivers the row anyway once the wait is deemed stale.
             log.error("backend_outcome_not_recorded request_id=%s error=%s", request_id, exc)
             await asyncio.sleep(0.2 * (attempt + 1))

@@ -144,7 +144,7 @@ def prepare_storage(settings: Settings) -> None:
     import sqlite3
 
     from .inbox import remove_stale_temps
-    from .store import collect_segment_garbage, recover_on_start
+    from .outbox.maintenance import collect_segment_garbage, recover_on_start
 
     try:
         applied = migrate(settings.db_path)

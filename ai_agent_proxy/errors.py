@@ -4,14 +4,14 @@ already phrased for the person who will read it (one line, no traceback).
     ProxyError
      ├── ConfigError      a bad setting: key, value and where it came from (exit 2)
      ├── SchemaError      the DB cannot be used by this version (newer, not a DB)
-     ├── StoreError       the outbox could not do it now (locked, full, read-only): retry
+     ├── OutboxError       the outbox could not do it now (locked, full, read-only): retry
      │    └── RowRejected this one row can never be stored (the client gets 400, not 503)
      ├── HistoryError     a history/replay query that cannot run (bad id, time, state, DB)
      ├── ReplayError      a row that cannot be written again as an inbox file
      └── BackendError     the backend LLM gave no usable answer (safe to log and store)
 
 The CLI turns any ProxyError into one line on stderr and a non-zero exit; the server turns
-StoreError into 503 and RowRejected into 400.
+OutboxError into 503 and RowRejected into 400.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ class SchemaError(ProxyError):
     """The DB cannot be used by this version (newer schema, unreadable, not a DB)."""
 
 
-class StoreError(ProxyError):
+class OutboxError(ProxyError):
     """The outbox could not do what was asked (locked, read-only, disk full, ...): worth
     trying again later."""
 
 
-class RowRejected(StoreError):
+class RowRejected(OutboxError):
     """This one row cannot be stored, now or later (something in it the DB refuses)."""
 
 

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import Settings
-from .errors import StoreError
+from .errors import OutboxError
 from .inbox_writer import InboxWriter, WriterOptions
+from .outbox import CLAIM_LEASE_MS, Outbox
 from .rows import PendingRow
-from .store import CLAIM_LEASE_MS, Store
 
 log = logging.getLogger("ai_agent_proxy.flusher")
 
@@ -57,11 +57,11 @@ def next_backoff(failures: int) -> float:
 class Flusher:
     def __init__(
         self,
-        store: Store,
+        outbox: Outbox,
         settings: Settings,
         on_written: Callable[[float], None] | None = None,
     ) -> None:
-        self.store = store
+        self.outbox = outbox
         self.settings = settings
         self._on_written = on_written  # gets request->file latency in seconds
         self._unmarked: list[int] = []  # written, not yet marked so in the DB
@@ -116,7 +116,7 @@ class Flusher:
             await self._run()
             await self._write_remaining()
         finally:
-            with contextlib.suppress(StoreError):
+            with contextlib.suppress(OutboxError):
                 await self._settle_marks()
 
     async def _write_remaining(self) -> None:
@@ -128,7 +128,7 @@ class Flusher:
             try:
                 if not await self.flush_once():
                     return
-            except StoreError:
+            except OutboxError:
                 return
 
     async def _run(self) -> None:
@@ -136,7 +136,7 @@ class Flusher:
             self._wake.clear()  # before claiming, so a commit from now on is not missed
             try:
                 progressed = await self.flush_once()
-            except StoreError as exc:
+            except OutboxError as exc:
                 log.warning("flusher_db_error error=%s", exc)
                 self._claiming = True  # what was handed over may not be marked: re-claim
                 await self._sleep(self._fail(f"database: {exc}"))
@@ -162,8 +162,8 @@ class Flusher:
             return
         limit_ms = int((self.settings.backend_timeout * 2 + STALE_BACKEND_MARGIN_S) * 1000)
         try:
-            released = await self.store.release_stale_backend_waits(limit_ms)
-        except StoreError as exc:
+            released = await self.outbox.deliver_stale_backend_waits(limit_ms)
+        except OutboxError as exc:
             log.warning("flusher_db_error error=%s", exc)
             return
         if released:
@@ -198,7 +198,7 @@ class Flusher:
         release = [r.seq for r in rows if r.seq not in done and r.seq != result.failed_seq]
         self._claiming = True  # the retry must start from the failed row
         error = result.error or "unknown error"
-        await self.store.mark_failed(result.failed_seq, error, release)
+        await self.outbox.record_inbox_failure(result.failed_seq, error, release)
         delay = self._fail(error)
         log.warning(
             "inbox_write_failed request_seq=%d error=%s retry_in=%.2fs",
@@ -216,7 +216,7 @@ class Flusher:
         odd row never holds up the queue."""
         ids = {r.seq: r.id for r in rows}
         for seq, error in rejected:
-            undeliverable = await self.store.record_row_failure(seq, error)
+            undeliverable = await self.outbox.record_row_failure(seq, error)
             if undeliverable is not None:
                 self.status.undeliverable += 1
                 log.error("inbox_row_undeliverable request_id=%s error=%s", ids[seq], error)
@@ -225,12 +225,12 @@ class Flusher:
         self._claiming = True  # a claim picks the released rows up again
 
     async def _mark(self, seqs: list[int]) -> None:
-        await self.store.mark_written(seqs)
+        await self.outbox.mark_written(seqs)
         done = set(seqs)
         self._unmarked = [seq for seq in self._unmarked if seq not in done]
 
     async def _settle_marks(self) -> None:
-        """Wait for the mark in flight; raise StoreError if it failed (its rows stay in
+        """Wait for the mark in flight; raise OutboxError if it failed (its rows stay in
         `_unmarked` and are marked before the next claim)."""
         task, self._marking = self._marking, None
         if task is not None:
@@ -252,7 +252,7 @@ class Flusher:
             if self._unmarked:
                 await self._mark(list(self._unmarked))
             drops = self._drops
-            rows = await self.store.claim_pending(BATCH)
+            rows = await self.outbox.claim_pending(BATCH)
             # Claims stay in charge while there may be more, or if rows were dropped from
             # memory meanwhile (committed after this claim, so not in it).
             self._claiming = len(rows) == BATCH or self._drops != drops

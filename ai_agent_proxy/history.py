@@ -20,8 +20,8 @@ from .bodies import join_segments, unpack_ids
 from .errors import HistoryError, SchemaError
 from .ids import inbox_file_name
 from .migrations import check_version
+from .outbox.queries import BACKLOG, SEGMENT_DATA, in_chunks
 from .rows import PENDING_COLUMNS, PendingRow, body_needed
-from .store import SEGMENT_DATA, in_chunks
 
 STATES = ("pending", "written", "failed", "duplicate", "awaiting-backend", "undeliverable")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.I)
@@ -250,10 +250,7 @@ class History:
         ((failed,),) = q(
             "SELECT count(*) FROM requests WHERE state = 'pending' AND last_error IS NOT NULL"
         )
-        ((backlog, oldest),) = q(
-            "SELECT count(*), min(received_ms) FROM requests"
-            " WHERE state IN ('pending', 'awaiting_backend')"
-        )
+        ((backlog, oldest),) = q(BACKLOG)
         latencies = [
             r[0]
             for r in q(

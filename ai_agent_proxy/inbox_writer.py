@@ -31,7 +31,7 @@ from typing import IO, Any
 
 import orjson
 
-from .bodies import RepeatedParts
+from .bodies import BodyParser
 from .inbox import BatchResult, write_batch
 from .logs import setup_logging
 from .process import return_large_allocations
@@ -115,7 +115,7 @@ def main() -> None:
     setup_logging(options.debug)
     return_large_allocations()
     # An agent's bodies repeat their system prompt and tools: parse those once.
-    parts = RepeatedParts()
+    parts = BodyParser()
     parse = functools.partial(parts.parse, learn=True)
     while (data := _read_frame(stdin)) is not None:
         rows = decode_rows(data)

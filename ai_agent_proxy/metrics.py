@@ -7,9 +7,9 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .errors import StoreError
+from .errors import OutboxError
 from .flusher import FlusherStatus
-from .store import Store
+from .outbox import Outbox
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -51,13 +51,13 @@ class Metrics:
             registry=self.registry,
         )
 
-    async def scrape(self, store: Store, flusher: FlusherStatus) -> bytes:
+    async def scrape(self, outbox: Outbox, flusher: FlusherStatus) -> bytes:
         """Prometheus text; the row gauges are read from the DB now, so every worker
         reports the same, current numbers."""
         try:
-            counts = await store.counts_by_state()
-            backlog, oldest = await store.backlog()
-        except StoreError:
+            counts = await outbox.counts_by_state()
+            backlog, oldest = await outbox.backlog()
+        except OutboxError:
             counts, backlog, oldest = {}, -1, None
         for state in ("awaiting_backend", "pending", "written", "duplicate", "undeliverable"):
             self.rows.labels(state).set(counts.get(state, 0))

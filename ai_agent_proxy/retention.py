@@ -8,8 +8,8 @@ import contextlib
 import logging
 import time
 
-from .errors import StoreError
-from .store import Store
+from .errors import OutboxError
+from .outbox import Outbox
 
 log = logging.getLogger("ai_agent_proxy.retention")
 
@@ -23,8 +23,8 @@ def prune_interval(retention_days: float) -> float:
 
 
 class Pruner:
-    def __init__(self, store: Store, retention_days: float) -> None:
-        self.store = store
+    def __init__(self, outbox: Outbox, retention_days: float) -> None:
+        self.outbox = outbox
         self.retention_s = retention_days * 86400
         self.interval_s = prune_interval(retention_days)
         self._task: asyncio.Task[None] | None = None
@@ -42,14 +42,14 @@ class Pruner:
         while True:
             try:
                 await self.prune_once()
-            except StoreError as exc:
+            except OutboxError as exc:
                 log.warning("retention_prune_failed error=%s", exc)
             await asyncio.sleep(self.interval_s)
 
     async def prune_once(self) -> int:
         cutoff_ms = int((time.time() - self.retention_s) * 1000)
         total = 0
-        while (n := await self.store.prune_written(cutoff_ms, BATCH)) > 0:
+        while (n := await self.outbox.prune_delivered(cutoff_ms, BATCH)) > 0:
             total += n
             await asyncio.sleep(0)  # let requests in between batches
         if total:

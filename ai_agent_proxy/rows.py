@@ -5,11 +5,36 @@ and the payload code use them without the store.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from enum import Enum
 from typing import Any
 
 from .ids import inbox_file_name
+
+
+class State(str, Enum):
+    """Where a row is on its way to the inbox. The only place these words are spelled."""
+
+    AWAITING_BACKEND = "awaiting_backend"  # committed; the backend call is under way
+    PENDING = "pending"  # to be written to the inbox
+    WRITTEN = "written"  # its inbox file is in place
+    DUPLICATE = "duplicate"  # a repeat of an earlier row: stored, no file
+    UNDELIVERABLE = "undeliverable"  # could not be made into a file after a few tries
+
+    @property
+    def shown(self) -> str:
+        """The spelling people type and read (`history --state awaiting-backend`)."""
+        return self.value.replace("_", "-")
+
+    @classmethod
+    def from_shown(cls, text: str) -> State:
+        return cls(text.replace("-", "_"))
+
+
+class PayloadKind(str, Enum):
+    FULL = "full"  # the body and the proxy's keys
+    COMPACT = "compact"  # the proxy's keys only: the body is in the DB
 
 
 @dataclass(frozen=True)
@@ -17,6 +42,7 @@ class NewRequest:
     id: str
     received_ms: int
     body: bytes
+    segments: Sequence[bytes] = ()  # the body cut for storage (bodies.split_body)
     context_id: str | None = None
     channel: str | None = None
     target: str | None = None
@@ -70,4 +96,4 @@ PENDING_COLUMNS = ", ".join((*META_FIELDS, "body_segments"))
 
 def body_needed(payload_kind: str, full: bool = False) -> bool:
     """Only full payloads carry the body; compact rows never need it joined."""
-    return full or payload_kind == "full"
+    return full or payload_kind == PayloadKind.FULL

@@ -1,4 +1,4 @@
-"""The flusher with the real store, DB and inbox writer process, in this process: the
+"""The flusher with the real outbox, DB and inbox writer process, in this process: the
 handed-over rows' memory bound, claims handing back to handed rows, and the writer's
 report of a batch it cannot render."""
 
@@ -12,19 +12,22 @@ from pathlib import Path
 import pytest
 
 from ai_agent_proxy import flusher as flusher_module
+from ai_agent_proxy.bodies import split_body
 from ai_agent_proxy.config import load_settings
 from ai_agent_proxy.flusher import Flusher
 from ai_agent_proxy.ids import new_request_id
 from ai_agent_proxy.inbox_writer import InboxWriter, WriterOptions
 from ai_agent_proxy.migrations import migrate
+from ai_agent_proxy.outbox import Outbox
 from ai_agent_proxy.rows import NewRequest, PendingRow
-from ai_agent_proxy.store import Store
 
 
 def request(n: int) -> NewRequest:
     request_id, received_ms = new_request_id()
     body = json.dumps({"messages": [{"role": "user", "content": f"prompt {n}"}]}).encode()
-    return NewRequest(request_id, received_ms, body, latest_user_prompt=f"prompt {n}")
+    return NewRequest(
+        request_id, received_ms, body, segments=split_body(body), latest_user_prompt=f"prompt {n}"
+    )
 
 
 def prompts_in(inbox: Path) -> list[str]:
@@ -51,24 +54,24 @@ def test_handed_rows_are_bounded_while_the_inbox_is_broken(
     migrate(settings.db_path)
 
     async def scenario() -> None:
-        store = Store(settings.db_path, settings.dedup_window)
-        await store.open()
-        flusher = Flusher(store, settings)
-        store.listen(flusher.hand, flusher.wake)
+        outbox = Outbox(settings.db_path, settings.dedup_window)
+        await outbox.open()
+        flusher = Flusher(outbox, settings)
+        outbox.listen(flusher.hand, flusher.wake)
         flusher.start()
         try:
             for n in range(40):
-                await store.record(request(n))
+                await outbox.record(request(n))
             await wait_for(lambda: flusher.status.write_failures >= 2)
             assert len(flusher._handed) <= 5
             inbox.unlink()  # fixed
             await wait_for(lambda: len(prompts_in(inbox)) == 40)
             for n in range(40, 60):  # and on again with rows handed over in memory
-                await store.record(request(n))
+                await outbox.record(request(n))
             await wait_for(lambda: len(prompts_in(inbox)) == 60)
         finally:
             await flusher.stop()
-            await store.close()
+            await outbox.close()
 
     asyncio.run(scenario())
     assert prompts_in(inbox) == [f"prompt {n}" for n in range(60)]

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ai_agent_proxy import wire
-from ai_agent_proxy.bodies import RepeatedParts, loads, split_body
+from ai_agent_proxy.bodies import BodyParser, loads, split_body
 
 from .conftest import FIXTURES
 
@@ -87,7 +87,7 @@ def _turn(body: bytes, text: str) -> bytes:
 
 def test_a_body_with_known_pieces_parses_the_same_and_reuses_their_values() -> None:
     for body in BODIES:
-        parts = RepeatedParts()
+        parts = BodyParser()
         first = _turn(body, "first")
         assert parts.parse(first) == loads(first)
         parts.remember(split_body(first))
@@ -111,7 +111,7 @@ def _outcome(parse: Callable[[bytes], object], raw: bytes) -> object:
 
 def test_known_pieces_in_a_bad_or_odd_body_give_what_a_full_parse_gives() -> None:
     body = _turn(BODIES[0], "x")
-    parts = RepeatedParts()
+    parts = BodyParser()
     parts.remember(split_body(body))
     parts.parse(_turn(BODIES[0], "y"))
     pieces = split_body(body)
@@ -168,7 +168,7 @@ def test_parsing_past_known_pieces_equals_a_full_parse(
         messages += [{"role": role, "content": content} for role, content in turns]
         return json.dumps({"model": "m", "messages": messages, **extra, "tools": tools}).encode()
 
-    parts = RepeatedParts()
+    parts = BodyParser()
     parts.remember(split_body(body(turns[:1])))
     for n in range(len(turns)):
         raw = body(turns[: n + 1])
@@ -178,7 +178,7 @@ def test_parsing_past_known_pieces_equals_a_full_parse(
 
 
 def test_parsing_with_learn_remembers_the_pieces_of_valid_bodies_only() -> None:
-    parts = RepeatedParts()
+    parts = BodyParser()
     bad = _turn(BODIES[1], "bad")[:-1]
     with pytest.raises(ValueError):
         parts.parse(bad, learn=True)
@@ -201,7 +201,7 @@ def test_a_tail_that_is_not_a_key_and_value_is_parsed_in_full() -> None:
         }
         return json.dumps(doc).encode()
 
-    parts = RepeatedParts()
+    parts = BodyParser()
     pieces = split_body(body(0))
     assert pieces[-1].startswith(b'"tools", ')
     parts.remember(pieces)
@@ -210,3 +210,26 @@ def test_a_tail_that_is_not_a_key_and_value_is_parsed_in_full() -> None:
     parsed = [parts.parse(body(n)) for n in (4, 5)]
     assert parsed[0]["messages"][0]["content"] is parsed[1]["messages"][0]["content"]  # head
     assert parsed[0]["list"][1] is not parsed[1]["list"][1]  # nothing shared from the tail
+
+
+def test_read_refuses_a_deep_body_whatever_pieces_it_shares() -> None:
+    """The cheap depth bound (fresh bytes plus the shared pieces) and the exact test agree
+    at the door: a body of a known agent nested past the limit is refused, and one just
+    under it is read; with sharing off, the same answers."""
+    from ai_agent_proxy.bodies import MAX_DEPTH
+
+    for enabled in (True, False):
+        parser = BodyParser(enabled=enabled)
+        for n in range(3):  # learn and prepare the agent's pieces
+            parser.read(_turn(BODIES[1], f"turn {n}"))
+        body = _turn(BODIES[1], "x")
+        at = body.rindex(b'"role": "user"')  # in the fresh middle, past the shared head
+        ok = body[:at] + b'"deep": ' + b"[" * 200 + b"]" * 200 + b", " + body[at:]
+        assert parser.read(ok).value == loads(ok)
+        deep = ok.replace(b"[" * 200, b"[" * MAX_DEPTH).replace(b"]" * 200, b"]" * MAX_DEPTH)
+        with pytest.raises(ValueError, match="nested deeper"):
+            parser.read(deep)
+        parsed = parser.read(_turn(BODIES[1], "y"))
+        assert parsed.value == loads(_turn(BODIES[1], "y"))
+        assert b"".join(parsed.segments) == _turn(BODIES[1], "y")
+        assert (len(parser.heads) == 1) is enabled

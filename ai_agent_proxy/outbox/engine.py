@@ -1,0 +1,186 @@
+"""The write engine: one thread owns the SQLite write connection and runs queued work in
+group commits. It knows no domain SQL: a unit of work is any function of a connection.
+
+Every function queued while the previous commit ran goes into the next one: one
+transaction, one fsync, for a whole batch of requests, so a handler answers only after its
+row is durable without paying a commit of its own. If a batch fails for a reason of the
+DB's (busy past its timeout, disk full, read-only: `is_db_fault`), every caller gets that
+OutboxError; for any other reason (which can only be one function's), the functions are run
+again one by one, each in its own transaction, so only the guilty caller fails (with
+RowRejected: it would fail again). Results go back to the event loop in queue order: first
+to `on_committed` with the whole batch, then to each caller.
+
+The thread stops when it takes the STOP sentinel off the queue: work queued before `close`
+is still committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import OutboxError, RowRejected
+
+log = logging.getLogger("ai_agent_proxy.outbox")
+
+BUSY_TIMEOUT_MS = 5000
+MAX_BATCH = 512
+
+Work = Callable[[sqlite3.Connection], Any]
+
+
+@dataclass
+class Job:
+    """One unit of work and where its result goes. `tag` is the caller's (the engine never
+    reads it): it tells `on_committed` what the work was."""
+
+    work: Work
+    future: asyncio.Future[Any]
+    tag: Any = None
+    result: Any = None
+
+
+STOP = object()
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    # FULL: a commit is fsynced before the client hears 2xx (group commit pays for it).
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def is_db_fault(exc: BaseException) -> bool:
+    """A failure of the DB itself (busy, full, read-only, I/O, corrupt), as opposed to
+    something about one unit of work (a value it cannot bind, a constraint)."""
+    return isinstance(exc, (sqlite3.OperationalError, sqlite3.InternalError)) or (
+        type(exc) is sqlite3.DatabaseError
+    )
+
+
+class WriteEngine:
+    def __init__(self, path: Path, on_committed: Callable[[list[Job]], None] | None = None) -> None:
+        self.path = path
+        self.on_committed = on_committed
+        self.last_error: str | None = None  # a DB fault of the last commit; None once one works
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._opened: asyncio.Future[None] | None = None
+
+    async def open(self) -> None:
+        """Start the thread; raise OutboxError if the DB cannot be opened."""
+        self._loop = asyncio.get_running_loop()
+        self._opened = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
+        self._thread.start()
+        await self._opened
+
+    async def run(self, work: Work, tag: Any = None) -> Any:
+        """Queue `work` for the next group commit; return its result once committed."""
+        assert self._loop is not None, "engine not open"
+        future = self._loop.create_future()
+        self._queue.put(Job(work, future, tag))
+        return await future
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop the thread."""
+        if self._thread is None:
+            return
+        self._queue.put(STOP)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    # -- the thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            conn = connect(self.path)
+        except sqlite3.Error as exc:
+            error = OutboxError(f"cannot open database {self.path}: {exc}")
+            self._call(self._opened.set_exception, error)  # type: ignore[union-attr]
+            return
+        self._call(self._opened.set_result, None)  # type: ignore[union-attr]
+        try:
+            while True:
+                first = self._queue.get()
+                if first is STOP:
+                    return
+                batch, stop = [first], False
+                while len(batch) < MAX_BATCH:
+                    try:
+                        job = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is STOP:
+                        stop = True
+                        break
+                    batch.append(job)
+                self._commit(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[Job]) -> None:
+        try:
+            _transaction(conn, batch)
+        except Exception as exc:
+            if len(batch) > 1 and not is_db_fault(exc):
+                log.error("outbox_batch_failed jobs=%d error=%r; one by one", len(batch), exc)
+                for job in batch:
+                    self._commit(conn, [job])
+                return
+            self._call(self._failed, batch, exc)
+            return
+        self._call(self._committed, batch)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    # -- back on the event loop --------------------------------------------------------
+
+    def _committed(self, batch: list[Job]) -> None:
+        self.last_error = None
+        if self.on_committed is not None:
+            self.on_committed(batch)
+        for job in batch:
+            if not job.future.done():
+                job.future.set_result(job.result)
+
+    def _failed(self, batch: list[Job], exc: BaseException) -> None:
+        if is_db_fault(exc):
+            error: OutboxError = OutboxError(str(exc))
+            self.last_error = str(exc)
+        else:
+            error = RowRejected(f"{type(exc).__name__}: {exc}")
+        log.error("outbox_commit_failed jobs=%d error=%s", len(batch), error)
+        for job in batch:
+            if not job.future.done():
+                job.future.set_exception(error)
+
+
+def _transaction(conn: sqlite3.Connection, batch: list[Job]) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for job in batch:
+            job.result = job.work(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
