@@ -1,12 +1,7 @@
 """Pending outbox rows -> inbox files, in arrival order, retried with backoff.
 
-Rows come two ways. Each group commit hands over its new rows in memory, already leased
-to this process, so a file usually appears within milliseconds of the answer. Everything
-else (rows left from before a restart or by a dead worker, rows whose backend outcome has
-just been recorded, rows after a failed write) is claimed from the DB, oldest first; while
-claims are in charge, handed rows wait, and those the claims took are dropped.
-The files are rendered and written by the inbox writer process; the event loop only
-waits on it.
+The files are rendered and written by the inbox writer process; the event loop only waits
+on it. Where the flusher takes its rows from is its `source` (see Flusher).
 """
 
 from __future__ import annotations
@@ -18,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 from .config import Settings
 from .errors import OutboxError
@@ -54,7 +50,37 @@ def next_backoff(failures: int) -> float:
     return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * (2 ** max(0, failures - 1)))
 
 
+class Source(Enum):
+    """Where the flusher takes its next rows from."""
+
+    HANDED = "handed"  # the rows each commit hands over in memory, already leased to us
+    CLAIMS = "claims"  # leases taken in the DB, oldest pending first
+
+
 class Flusher:
+    """Writes pending rows as inbox files, in arrival order.
+
+    Each commit hands its new rows over in memory (`hand`), already leased to this process,
+    so a file usually appears within milliseconds of the answer. Everything else (rows from
+    before a restart or of a dead worker, rows whose backend outcome was just recorded, rows
+    after a failed write or a dropped hand-over) is claimed from the DB. `source` says which
+    feeds the next batch; `_use` is the one place it changes, and says why.
+
+    Invariants:
+    - Order: handed rows and claims agree on order by seq. While claims are in charge,
+      handed rows wait; a claim takes every pending row up to its last seq, so the handed
+      rows up to there are dropped (the claim has them). Claims stay in charge until one
+      comes back short: then every row committed before it was in it, and the handed rows
+      after it follow on.
+    - No row written twice by one process: before a claim, the rows already written are
+      marked in the DB (a claim also takes back this process's own leased rows).
+    - A handed row near the end of its lease is re-leased by a claim before it is written,
+      so another worker does not take it over meanwhile.
+    - Memory: handed rows are bounded (HANDED_MAX_ROWS / HANDED_MAX_BYTES); past that they
+      are dropped and claims take over (the rows are in the DB, leased to us).
+    - A failed write keeps its row pending and the next try starts from it (claims).
+    """
+
     def __init__(
         self,
         outbox: Outbox,
@@ -69,7 +95,7 @@ class Flusher:
         self._handed: deque[PendingRow] = deque()
         self._handed_bytes = 0
         self._drops = 0  # times the handed rows were dropped for claims to take over
-        self._claiming = True  # at start: whatever is pending from before
+        self.source = Source.CLAIMS  # at start: whatever is pending from before
         self.writer = InboxWriter(
             WriterOptions(
                 settings.inbox,
@@ -91,12 +117,12 @@ class Flusher:
             self._handed.clear()
             self._handed_bytes = 0
             self._drops += 1
-            self._claiming = True
+            self._use(Source.CLAIMS, "handed rows over their bound")
         self._wake.set()
 
     def wake(self) -> None:
         """Rows became pending that only a claim finds."""
-        self._claiming = True
+        self._use(Source.CLAIMS, "rows only a claim finds")
         self._wake.set()
 
     def start(self) -> None:
@@ -123,7 +149,7 @@ class Flusher:
         """On stop: write what is committed and waiting, for up to STOP_WRITE_S (what is
         left then stays pending in the DB and is written at the next start)."""
         deadline = time.monotonic() + STOP_WRITE_S
-        self._claiming = True
+        self._use(Source.CLAIMS, "stopping: whatever is pending")
         while time.monotonic() < deadline:
             try:
                 if not await self.flush_once():
@@ -138,12 +164,12 @@ class Flusher:
                 progressed = await self.flush_once()
             except OutboxError as exc:
                 log.warning("flusher_db_error error=%s", exc)
-                self._claiming = True  # what was handed over may not be marked: re-claim
+                self._use(Source.CLAIMS, "a DB error: what was handed may not be marked")
                 await self._sleep(self._fail(f"database: {exc}"))
                 continue
             except Exception:  # never let the flusher die silently
                 log.exception("flusher_crashed; restarting in 1s")
-                self._claiming = True
+                self._use(Source.CLAIMS, "after a crash")
                 await self._sleep(1.0)
                 continue
             if progressed:
@@ -154,7 +180,7 @@ class Flusher:
             try:
                 await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
             except asyncio.TimeoutError:
-                self._claiming = True  # rows a dead worker held, once their lease ends
+                self._use(Source.CLAIMS, "idle: rows a dead worker held, once their lease ends")
                 await self._release_stale_backend_waits()
 
     async def _release_stale_backend_waits(self) -> None:
@@ -196,7 +222,7 @@ class Flusher:
             return True
         done = set(result.written)
         release = [r.seq for r in rows if r.seq not in done and r.seq != result.failed_seq]
-        self._claiming = True  # the retry must start from the failed row
+        self._use(Source.CLAIMS, "a failed write: the retry starts from its row")
         error = result.error or "unknown error"
         await self.outbox.record_inbox_failure(result.failed_seq, error, release)
         delay = self._fail(error)
@@ -222,7 +248,7 @@ class Flusher:
                 log.error("inbox_row_undeliverable request_id=%s error=%s", ids[seq], error)
             else:
                 log.warning("inbox_row_failed request_id=%s error=%s", ids[seq], error)
-        self._claiming = True  # a claim picks the released rows up again
+        self._use(Source.CLAIMS, "rows rejected by the writer, to try again")
 
     async def _mark(self, seqs: list[int]) -> None:
         await self.outbox.mark_written(seqs)
@@ -244,8 +270,8 @@ class Flusher:
         # A handed row near the end of its lease is re-leased by a claim first, so that
         # another worker does not take it over while it is being written.
         if handed and handed[0].received_ms < time.time() * 1000 - CLAIM_LEASE_MS / 2:
-            self._claiming = True
-        if self._claiming:
+            self._use(Source.CLAIMS, "a handed row near the end of its lease")
+        if self.source is Source.CLAIMS:
             # A claim takes back this process's own leased rows: first mark those already
             # in the inbox (also after a DB failure), or they would be written twice.
             await self._settle_marks()
@@ -255,7 +281,8 @@ class Flusher:
             rows = await self.outbox.claim_pending(BATCH)
             # Claims stay in charge while there may be more, or if rows were dropped from
             # memory meanwhile (committed after this claim, so not in it).
-            self._claiming = len(rows) == BATCH or self._drops != drops
+            if len(rows) < BATCH and self._drops == drops:
+                self._use(Source.HANDED, "a claim came back short: nothing older is pending")
             if rows:
                 # Handed rows up to here were pending and leased to us: the claim took them.
                 last = rows[-1].seq
@@ -265,6 +292,12 @@ class Flusher:
         rows = [handed.popleft() for _ in range(min(BATCH, len(handed)))]
         self._handed_bytes -= sum(len(r.body) for r in rows)
         return rows
+
+    def _use(self, source: Source, why: str) -> None:
+        """The one place the source of rows changes."""
+        if source is not self.source:
+            log.debug("flusher_source %s -> %s: %s", self.source.value, source.value, why)
+            self.source = source
 
     def _recovered(self) -> None:
         self.status.consecutive_failures = 0
