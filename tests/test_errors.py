@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import httpx
 import openai
 import pytest
 
-from .conftest import Server
+from .conftest import Server, wait_until
 
 KEY = "test-key-0123456789"
 GOOD = {"messages": [{"role": "user", "content": "still serving?"}]}
@@ -22,11 +24,23 @@ def assert_error(r: httpx.Response, status: int, type_: str) -> dict:
     return body
 
 
-def assert_nothing_recorded_and_still_serving(server: Server) -> None:
-    assert server.rows() == []
+def assert_nothing_recorded_and_still_serving(server: Server, before: int = 0) -> None:
+    assert len(server.rows()) == before
     assert server.post_chat(GOOD).status_code == 200
-    assert len(server.rows()) == 1
-    server.wait_files(1)
+    assert len(server.rows()) == before + 1
+    server.wait_files(before + 1)
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the many bad bodies (each test counts rows from where it starts)."""
+    import os
+
+    workdir = tmp_path_factory.mktemp("errors")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
+    server = Server(workdir, workdir / "inbox", workdir / "outbox.db", [], env).start()
+    yield server
+    server.stop()
 
 
 @pytest.mark.parametrize(
@@ -42,12 +56,14 @@ def assert_nothing_recorded_and_still_serving(server: Server) -> None:
     ],
     ids=["broken", "empty", "binary", "array", "string", "null", "deep-nesting"],
 )
-def test_bad_json_is_400(server: Server, body: bytes, needle: str) -> None:
+def test_bad_json_is_400(shared_server: Server, body: bytes, needle: str) -> None:
+    server = shared_server
+    before, logged = len(server.rows()), server.log().count("invalid_json ")
     r = server.post_chat(body, headers={"content-type": "application/json"})
     err = assert_error(r, 400, "invalid_request_error")
     assert needle in err["error"]["message"]
-    assert "invalid_json " in server.log()
-    assert_nothing_recorded_and_still_serving(server)
+    wait_until(lambda: server.log().count("invalid_json ") > logged, message=server.log)
+    assert_nothing_recorded_and_still_serving(server, before)
 
 
 def test_body_over_max_body_is_413(make_server) -> None:
