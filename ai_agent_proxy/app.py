@@ -164,9 +164,9 @@ def create_app(settings: Settings) -> Sanic:
         )
         if app.ctx.pruner:
             app.ctx.pruner.start()
-        # Everything alive now (modules, app, settings: ~46,000 objects) lives as long as
-        # the process. Frozen, the GC stops walking it on every full collection: those took
-        # ~16 ms each and were most of the p99 at saturation (73 -> 42 ms measured).
+        # Everything alive now (modules, app, settings) lives as long as the process.
+        # Frozen, the GC stops walking it on every full collection, which otherwise made
+        # most of the tail latency at saturation (README, Performance).
         gc.collect()
         gc.freeze()
 

@@ -28,8 +28,8 @@ import orjson
 
 MIN_SEGMENT = 192  # smaller pieces cost more to reference than they save
 PIECE_MIN = 4096  # first and last segments at least this long are looked for in later bodies
-# ... and at most this long: an agent's system prompt is ~50 KB; one odd 15 MiB body must
-# not stay in memory after its request (PIECES_KEPT of them would be 120 MiB).
+# ... and at most this long: a system prompt is far smaller, and one odd huge body must not
+# stay in memory after its request.
 PIECE_MAX = 1024 * 1024
 PIECES_KEPT = 8  # one per agent (system prompt, tools) sending at the same time
 SHARED_VALUE_MIN = 1024  # a piece's large value is parsed once if at least this long
@@ -54,8 +54,8 @@ def loads(raw: bytes) -> Any:
 
 def check_depth(value: Any) -> None:
     """Raise ValueError if `value` nests deeper than MAX_DEPTH, the limit every reader and
-    renderer here honours (orjson renders 254 levels; Python's json reads ~990). Serialising
-    with orjson is the cheapest exact test: microseconds for a 60 KB body."""
+    renderer here honours (orjson renders 254 levels; Python's json reads about 990).
+    Serialising with orjson is the cheapest exact test."""
     try:
         orjson.dumps(value)
         return
@@ -225,7 +225,7 @@ class BodyParser:
     the next message, the tail its tool list to the end (one of each per agent, newest
     first). The app owns one; the writer process another; the outbox never sees it.
 
-    Most of parsing a 60 KB OpenClaw body is making Python objects of those two pieces. A
+    Most of parsing an OpenClaw body is making Python objects of those two pieces. A
     body with a known head or tail is parsed with the piece's large value (the head's
     longest string, the tail's first value) swapped for a short sentinel string, which is
     then replaced by the value parsed from an earlier body. Why the result equals a full

@@ -347,7 +347,7 @@ def _internal_blocks(text: str) -> Iterator[str]:
 
 
 def _same_text_memo(fn: Callable[[str], str | None]) -> Callable[[str], str | None]:
-    """Remember `fn`'s answer for the last few string objects. An agent's 49 KB system
+    """Remember `fn`'s answer for the last few string objects. An agent's large system
     prompt is one and the same str from request to request (bodies.BodyParser), so it is
     searched once, not on every request; looking it up by identity costs no hashing."""
     memo: dict[int, tuple[str, str | None]] = {}

@@ -113,7 +113,7 @@ def ensure_dir(inbox: Path) -> None:
 
 def _load_syncfs() -> Callable[[int], int] | None:
     """Linux syncfs(2): one flush for a whole batch of files instead of one fsync each
-    (each fsync of a new file is a journal commit, ~1.5 ms on ext4)."""
+    (each fsync of a new file is a journal commit of its own)."""
     if not sys.platform.startswith("linux"):
         return None
     try:

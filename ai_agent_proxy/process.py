@@ -31,8 +31,8 @@ def raise_open_files_limit() -> int:
 def return_large_allocations() -> None:
     """Have glibc serve every allocation of MMAP_THRESHOLD or more with its own mapping,
     given back to the system when freed. By default glibc raises that threshold after each
-    large free, so the buffers of a few 15 MiB bodies end up in the heap and stay: RSS then
-    stayed ~150 MB above its baseline; with a fixed threshold it returns to within ~20 MB."""
+    large free, so the buffers of a few large bodies end up in the heap and stay there
+    (README, Reliability, has the measurements)."""
     if not sys.platform.startswith("linux"):
         return
     try:

@@ -89,7 +89,7 @@ class Outbox:
         """Return once the request row is committed; raise OutboxError if it cannot be (and
         RowRejected if it never could)."""
         segments = [(self._segment_hash(part), part) for part in req.segments]
-        # The body's own hash, from its segments' (hashing 60 KB twice costs more).
+        # The body's own hash, from its segments' (cheaper than hashing the body again).
         body_hash = digest(b"".join(h for h, _ in segments))
         params = {
             "id": req.id,
