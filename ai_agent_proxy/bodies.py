@@ -126,7 +126,7 @@ def _find_all(raw: bytes, needle: bytes) -> list[int]:
 
 def cut_points(raw: bytes) -> list[int]:
     """Offsets of `{` opening a `{"role": ...}` object, and of the `"tools"` key.
-    (bytes.find runs at memory speed; a regex over 60 KB costs ten times more.)"""
+    (bytes.find runs at memory speed; a regex over a whole body costs far more.)"""
     cuts = _find_all(raw, b'"tools"')
     for i in _find_all(raw, b'"role"'):
         brace = raw.rfind(b"{", max(0, i - 8), i)
@@ -142,7 +142,7 @@ def split_body(
     """Cut `raw` into segments. A body that starts with one of `known_heads` (large first
     segments of earlier bodies: an agent's system prompt) keeps it as its first segment,
     one that ends with one of `known_tails` (its tools) as its last, and only the rest is
-    scanned, as scanning is most of the cost of a 60 KB body."""
+    scanned, as scanning is most of the cost of a large body."""
     head = next((h for h in known_heads if _starts(raw, h)), b"")
     tail = next((t for t in known_tails if _ends(raw, t) and len(head) + len(t) < len(raw)), b"")
     if not head and not tail:
