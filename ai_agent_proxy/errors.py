@@ -8,7 +8,7 @@ already phrased for the person who will read it (one line, no traceback).
      │    └── RowRejected this one row can never be stored (the client gets 400, not 503)
      ├── HistoryError     a history/replay query that cannot run (bad id, time, state, DB)
      ├── ReplayError      a row that cannot be written again as an inbox file
-     └── BackendError     the backend LLM gave no usable answer (safe to log and store)
+     └── BackendError     the backend LLM gave no usable answer (safe to log and record)
 
 The CLI turns any ProxyError into one line on stderr and a non-zero exit; the server turns
 OutboxError into 503 and RowRejected into 400.

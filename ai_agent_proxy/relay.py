@@ -1,7 +1,7 @@
 """Backend LLM relay over one pooled httpx client: plain and streaming (SSE passthrough).
 
 The relay only talks to the backend and reports what happened (`RelayOutcome`); the app
-decides what the client sees and the store records the outcome.
+decides what the client sees and the outbox records the outcome.
 """
 
 from __future__ import annotations

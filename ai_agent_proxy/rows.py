@@ -1,6 +1,6 @@
 """Pure data about outbox rows: what a request becomes (NewRequest) and what the flusher
 turns into an inbox file (PendingRow). No I/O and no DB import, so the inbox writer process
-and the payload code use them without the store.
+and the payload code use them without the outbox.
 """
 
 from __future__ import annotations
