@@ -21,9 +21,14 @@ from .errors import HistoryError, SchemaError
 from .ids import inbox_file_name
 from .migrations import check_version
 from .outbox.queries import BACKLOG, SEGMENT_DATA, in_chunks
-from .rows import PENDING_COLUMNS, PendingRow, body_needed
+from .rows import PENDING_COLUMNS, PendingRow, State, body_needed
 
-STATES = ("pending", "written", "failed", "duplicate", "awaiting-backend", "undeliverable")
+FAILED = "failed"  # not a state of its own: pending, and its last write failed
+STATES = (
+    State.PENDING.shown, State.WRITTEN.shown, FAILED, State.DUPLICATE.shown,
+    State.AWAITING_BACKEND.shown, State.UNDELIVERABLE.shown,
+)  # fmt: skip
+_FAILED_SQL = f"state = '{State.PENDING.value}' AND last_error IS NOT NULL"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.I)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -92,10 +97,10 @@ class Selection:
             if self.state not in STATES:
                 raise HistoryError(f"unknown state {self.state!r}: use one of {', '.join(STATES)}")
             if self.state == "failed":
-                clauses.append("state = 'pending' AND last_error IS NOT NULL")
+                clauses.append(_FAILED_SQL)
             else:
                 clauses.append("state = ?")
-                params.append(self.state.replace("-", "_"))
+                params.append(State.from_shown(self.state).value)
         if self.search:
             clauses.append("latest_user_prompt LIKE ? ESCAPE '\\'")
             escaped = re.sub(r"([%_\\])", r"\\\1", self.search)
@@ -119,13 +124,13 @@ def record(row: sqlite3.Row) -> dict[str, Any]:
 def written_file(request_id: str, received_ms: int, state: str) -> str | None:
     """The inbox file of a row that was written; a duplicate never gets one, and a row not
     yet written has none yet."""
-    return inbox_file_name(request_id, received_ms) if state == "written" else None
+    return inbox_file_name(request_id, received_ms) if state == State.WRITTEN.value else None
 
 
 def display_state(state: str, last_error: str | None) -> str:
-    if state == "pending" and last_error:
+    if state == State.PENDING.value and last_error:
         return "failed"
-    return state.replace("_", "-")
+    return State(state).shown
 
 
 class History:
@@ -212,7 +217,7 @@ class History:
             raise HistoryError(f"no request with id {text!r} in {self.path}")
         if len(rows) > 1:
             raise HistoryError(f"{text!r} matches several requests; give more digits")
-        return str(rows[0][0])
+        return str(rows[0]["id"])
 
     def _query(self, sql: str, params: Any = ()) -> list[Any]:
         try:
@@ -232,7 +237,7 @@ class History:
         out["state"] = display_state(out["state"], out["last_error"])
         out["received_at"] = iso(out.pop("received_ms"))
         out["written_at"] = iso(out.pop("written_ms"))
-        out["failed_attempts"] = [{"at": iso(f[0]), "error": f[1]} for f in failures]
+        out["failed_attempts"] = [{"at": iso(f["at_ms"]), "error": f["error"]} for f in failures]
         for key in ("sender", "attachments", "backend_usage"):  # stored as JSON text
             if out.get(key) is not None:
                 out[key] = json.loads(out[key])
@@ -247,15 +252,13 @@ class History:
             display_state(state, None): n
             for state, n in q("SELECT state, count(*) FROM requests GROUP BY state")
         }
-        ((failed,),) = q(
-            "SELECT count(*) FROM requests WHERE state = 'pending' AND last_error IS NOT NULL"
-        )
+        ((failed,),) = q(f"SELECT count(*) FROM requests WHERE {_FAILED_SQL}")
         ((backlog, oldest),) = q(BACKLOG)
         latencies = [
-            r[0]
+            r["l"]
             for r in q(
                 "SELECT written_ms - received_ms AS l FROM requests"
-                " WHERE state = 'written' ORDER BY l"
+                f" WHERE state = '{State.WRITTEN.value}' ORDER BY l"
             )
         ]
         tops = q(
@@ -264,7 +267,8 @@ class History:
             (top,),
         )
         (backend,) = q(
-            "SELECT count(*), sum(backend_error IS NOT NULL), avg(backend_latency_ms)"
+            "SELECT count(*) AS calls, sum(backend_error IS NOT NULL) AS failed,"
+            " avg(backend_latency_ms) AS latency"
             " FROM requests WHERE backend_status IS NOT NULL OR backend_error IS NOT NULL"
         )
         return {
@@ -278,9 +282,11 @@ class History:
                 {"context_id": c, "requests": n, "last_at": iso(last)} for c, n, last in tops
             ],
             "backend": {
-                "calls": backend[0],
-                "failed": backend[1] or 0,
-                "avg_latency_ms": None if backend[2] is None else round(backend[2], 1),
+                "calls": backend["calls"],
+                "failed": backend["failed"] or 0,
+                "avg_latency_ms": None
+                if backend["latency"] is None
+                else round(backend["latency"], 1),
             },
         }
 

@@ -10,6 +10,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from .errors import OutboxError
 from .flusher import FlusherStatus
 from .outbox import Outbox
+from .rows import State
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -59,8 +60,8 @@ class Metrics:
             backlog, oldest = await outbox.backlog()
         except OutboxError:
             counts, backlog, oldest = {}, -1, None
-        for state in ("awaiting_backend", "pending", "written", "duplicate", "undeliverable"):
-            self.rows.labels(state).set(counts.get(state, 0))
+        for state in State:
+            self.rows.labels(state.value).set(counts.get(state.value, 0))
         self.backlog.set(backlog)
         self.backlog_age.set(0 if oldest is None else max(0.0, time.time() - oldest / 1000))
         self.files.set(flusher.files_written)

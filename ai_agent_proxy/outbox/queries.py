@@ -87,8 +87,8 @@ def insert_request(
             )
         ids.update(learned)
     body_segments = pack_ids([ids[h] for h, _ in segments])  # type: ignore[misc]
-    row = conn.execute(INSERT_REQUEST, {**params, "body_segments": body_segments}).fetchone()
-    return (row[0], row[1], row[2]), learned
+    (row,) = named_rows(conn.execute(INSERT_REQUEST, {**params, "body_segments": body_segments}))
+    return (row["seq"], row["payload_kind"], row["state"]), learned
 
 
 def claim_pending(
