@@ -19,7 +19,7 @@ from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, raw
 
 from . import wire
-from .bodies import BodyParser, ParsedBody
+from .bodies import BodyParser, ParsedBody, TooDeep
 from .chat import Answer, json_response, relay_chat
 from .config import Settings
 from .connections import LIMITS, closing_response, connection_bound, drain
@@ -128,6 +128,9 @@ def read_body(raw_body: bytes, remote: str, parser: BodyParser) -> ParsedBody:
     (not JSON, not an object, nested too deep: see bodies.loads and check_depth)."""
     try:
         parsed = parser.read(raw_body)
+    except TooDeep as exc:
+        log.warning("invalid_json remote=%s bytes=%d error=%s", remote, len(raw_body), exc)
+        raise ApiError(400, f"request body is not accepted: {exc}") from None
     except (ValueError, RecursionError) as exc:
         log.warning("invalid_json remote=%s bytes=%d error=%s", remote, len(raw_body), exc)
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None

@@ -39,6 +39,10 @@ SHARE_REPEATED_PIECES = True  # False: parse every body in full (see BodyParser)
 MAX_DEPTH = 254  # levels of arrays and objects: what orjson renders; chat bodies use ~12
 
 
+class TooDeep(ValueError):
+    """Valid JSON, nested deeper than MAX_DEPTH: refused all the same."""
+
+
 def loads(raw: bytes) -> Any:
     """Parse a JSON document, strictly: what JSON allows, nothing else. orjson first; the
     standard library for what orjson refuses but JSON allows (lone surrogate escapes, as
@@ -48,7 +52,7 @@ def loads(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         if "depth limit" in str(exc):
-            raise ValueError(f"nested deeper than {MAX_DEPTH} levels") from None
+            raise TooDeep(f"nested deeper than {MAX_DEPTH} levels") from None
         return json.loads(raw, parse_constant=_not_json, parse_float=_finite_float)
 
 
@@ -61,10 +65,10 @@ def check_depth(value: Any) -> None:
         return
     except TypeError as exc:  # orjson.JSONEncodeError
         if "Recursion limit" in str(exc):
-            raise ValueError(f"nested deeper than {MAX_DEPTH} levels") from None
+            raise TooDeep(f"nested deeper than {MAX_DEPTH} levels") from None
     # orjson stopped at something else first (a lone surrogate, a huge integer): measure.
     if _depth(value) > MAX_DEPTH:
-        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+        raise TooDeep(f"nested deeper than {MAX_DEPTH} levels")
 
 
 def _depth(value: Any) -> int:

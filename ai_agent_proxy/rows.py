@@ -84,6 +84,25 @@ class PendingRow:
         """From a DB row (or any mapping) by column name; `body` joined by the caller."""
         return cls(body=body, **{name: row[name] for name in META_FIELDS})
 
+    @classmethod
+    def handed(cls, req: NewRequest, seq: int, payload_kind: str) -> PendingRow:
+        """The row of a request just committed, for the flusher (no DB read)."""
+        return cls(
+            seq=seq,
+            id=req.id,
+            received_ms=req.received_ms,
+            body=req.body if body_needed(payload_kind) else b"",
+            payload_kind=payload_kind,
+            context_id=req.context_id,
+            channel=req.channel,
+            target=req.target,
+            latest_user_prompt=req.latest_user_prompt,
+            message_id=req.message_id,
+            sender=req.sender,
+            attachments=req.attachments,
+            modality=req.modality,
+        )
+
     def meta(self) -> dict[str, Any]:
         """Every field but the body, by name (the writer pipe carries bodies apart)."""
         return {name: getattr(self, name) for name in META_FIELDS}

@@ -74,6 +74,8 @@ def test_an_odd_body_among_60_concurrent_good_ones(make_server, odd: bytes, expe
     if expected == 400:
         assert r.json()["error"]["type"] == "invalid_request_error"
         assert "please retry" not in r.text  # a permanent error is not told to retry
+        if b"[[[" in odd:
+            assert "not accepted: nested deeper than 254 levels" in r.json()["error"]["message"]
     names = server.wait_files(60 + (expected == 200), timeout=15)
     assert sorted(p for p in prompts(server) if p.startswith("good")) == sorted(
         f"good {i}" for i in range(60)

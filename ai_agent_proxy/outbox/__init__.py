@@ -142,7 +142,7 @@ class Outbox:
                 self._segment_ids.update(learned)
                 job.result = None
                 if state == State.PENDING.value:
-                    handed.append(_handed_row(job.tag.request, seq, payload_kind))
+                    handed.append(PendingRow.handed(job.tag.request, seq, payload_kind))
         if handed and self._on_rows is not None:
             self._on_rows(handed)
         if any(job.tag == NEW_WORK for job in batch) and self._on_claimable is not None:
@@ -239,24 +239,6 @@ def check_storable(params: dict[str, Any]) -> None:
                 raise RowRejected(f"{name} is not valid Unicode text") from None
         elif isinstance(value, int) and not -(2**63) <= value < 2**63:
             raise RowRejected(f"{name} is beyond a 64-bit integer")
-
-
-def _handed_row(req: NewRequest, seq: int, payload_kind: str) -> PendingRow:
-    return PendingRow(
-        seq=seq,
-        id=req.id,
-        received_ms=req.received_ms,
-        body=req.body if body_needed(payload_kind) else b"",
-        payload_kind=payload_kind,
-        context_id=req.context_id,
-        channel=req.channel,
-        target=req.target,
-        latest_user_prompt=req.latest_user_prompt,
-        message_id=req.message_id,
-        sender=req.sender,
-        attachments=req.attachments,
-        modality=req.modality,
-    )
 
 
 def _now_ms() -> int:
