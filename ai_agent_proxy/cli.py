@@ -9,10 +9,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -342,6 +344,9 @@ def history(
     state: StateOpt = None,
     search: SearchOpt = None,
     limit: Annotated[int, typer.Option("--limit", help="Newest N rows (0 = all).")] = 50,
+    unanswered: Annotated[
+        bool, typer.Option("--unanswered", help="Only those not yet replied to or done.")
+    ] = False,
     fmt: FormatOpt = "table",
 ) -> None:
     """List recorded requests, newest first."""
@@ -352,6 +357,7 @@ def history(
 
     check_format(fmt, FORMATS)
     selection = make_selection(context_id, since, until, state, search, limit)
+    selection.unanswered = unanswered
     with history_session(config, db, inbox) as (_, audit), reader_may_leave():
         write_records(audit.records(selection), fmt)
 
@@ -449,7 +455,131 @@ def replay(
     typer.echo(report, err=True)
 
 
-SUBCOMMANDS = {"serve", "history", "replay"}
+# -- the agent's side: next, reply, done --------------------------------------------------
+
+
+@contextmanager
+def replies_session(
+    config: str | None, db: str | None, inbox: str | None
+) -> Iterator[tuple[Settings, Any, Any]]:
+    """Settings, the History (to resolve ids) and a read-write connection for replies."""
+    from . import replies
+
+    with history_session(config, db, inbox) as (settings, history):
+        try:
+            conn = replies.connect(settings.db_path)
+        except HistoryError as exc:
+            raise fail(str(exc)) from None
+        try:
+            yield settings, history, conn
+        except sqlite3.Error as exc:
+            raise fail(f"database {settings.db_path}: {exc}", 1) from None
+        finally:
+            conn.close()
+
+
+@cli.command()
+def reply(
+    request_id: Annotated[str, typer.Argument(help="Request id (any unique part) or file name.")],
+    message: Annotated[str | None, _opt("The reply text.", "--message", "-m")] = None,
+    message_file: Annotated[
+        str | None, _opt("Read the reply from this file ('-': standard input).", "--message-file")
+    ] = None,
+    reply_to: Annotated[
+        bool, typer.Option("--reply-to", help="Thread it under the person's message.")
+    ] = False,
+    again: Annotated[
+        bool, typer.Option("--again", help="Send even if the request was answered.")
+    ] = False,
+    config: ConfigOpt = None,
+    db: DbOpt = None,
+    inbox: InboxOpt = None,
+) -> None:
+    """Send the reply to a request through `openclaw message send`, once: a second reply
+    to an answered request is refused (exit 1) unless --again."""
+    from . import replies
+
+    if (message is None) == (message_file is None):
+        raise fail("give the reply as --message TEXT or --message-file FILE ('-' for stdin)")
+    if message_file is not None:
+        try:
+            text = sys.stdin.read() if message_file == "-" else Path(message_file).read_text()
+        except OSError as exc:
+            raise fail(f"cannot read {message_file}: {exc}") from None
+    else:
+        text = message or ""
+    if not text.strip():
+        raise fail("the reply is empty")
+    with replies_session(config, db, inbox) as (settings, history, conn):
+        rid = history.resolve_id(request_id)
+        to = replies.target_of(conn, rid)
+        try:
+            replies.claim(conn, rid, text, again)
+        except replies.Refused as exc:
+            raise fail(f"{exc}; not sent again (--again to send anyway)", 1) from None
+        status, output = replies.send(settings.openclaw_bin, to, text, reply_to)
+        replies.finish(conn, rid, status, settings.redact(output))
+    if status != 0:
+        from .history_render import printable
+
+        last = output.strip().splitlines()[-1] if output.strip() else f"exit status {status}"
+        raise fail(f"reply to {rid} failed: {printable(last, one_line=True)} (try again later)", 1)
+    typer.echo(f"replied to {rid} on {to.channel}:{to.target}", err=True)
+
+
+@cli.command()
+def done(
+    request_id: Annotated[str, typer.Argument(help="Request id (any unique part) or file name.")],
+    again: Annotated[bool, typer.Option("--again", help="Even if it was answered.")] = False,
+    config: ConfigOpt = None,
+    db: DbOpt = None,
+    inbox: InboxOpt = None,
+) -> None:
+    """Mark a request handled without a reply (no answer is needed)."""
+    from . import replies
+
+    with replies_session(config, db, inbox) as (_, history, conn):
+        rid = history.resolve_id(request_id)
+        try:
+            replies.claim(conn, rid, None, again)
+        except replies.Refused as exc:
+            raise fail(str(exc), 1) from None
+    typer.echo(f"done: {rid}", err=True)
+
+
+@cli.command("next")
+def next_request(
+    wait: Annotated[bool, typer.Option("--wait", help="Block until a request is waiting.")] = False,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="With --wait: give up after SECONDS.")
+    ] = None,
+    path_only: Annotated[bool, typer.Option("--path", help="Print the file's path only.")] = False,
+    config: ConfigOpt = None,
+    db: DbOpt = None,
+    inbox: InboxOpt = None,
+) -> None:
+    """Print the oldest inbox file not yet replied to or done (exit 3 if there is none)."""
+    from . import replies
+    from .inbox import render
+
+    with replies_session(config, db, inbox) as (settings, history, conn):
+        found = (
+            replies.wait_for_unanswered(conn, timeout) if wait else replies.oldest_unanswered(conn)
+        )
+        if found is None:
+            raise fail("no request is waiting for a reply", 3)
+        selection = make_selection(None, None, None, None, None, None, [found])
+        ((row, _),) = list(history.pending_rows(selection))
+    path = settings.inbox / row.inbox_file
+    with reader_may_leave():
+        if path_only:
+            typer.echo(str(path))
+        else:  # the file's bytes, from the DB: the agent may have moved the file already
+            sys.stdout.write(render(row, settings).decode())
+            sys.stdout.flush()
+
+
+SUBCOMMANDS = {"serve", "history", "replay", "reply", "done", "next"}
 
 
 def main(argv: list[str] | None = None) -> None:

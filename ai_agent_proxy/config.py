@@ -62,6 +62,8 @@ class Settings(BaseModel):
     dedup_window: float = 60.0
     retention_days: float = 0.0
     debug: bool = False
+    # The OpenClaw CLI `reply` sends with (a path, or a name found on PATH).
+    openclaw_bin: str = "openclaw"
 
     @field_validator("port")
     @classmethod

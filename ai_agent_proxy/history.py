@@ -20,8 +20,8 @@ from .bodies import join_segments, unpack_ids
 from .errors import HistoryError, SchemaError
 from .ids import inbox_file_name
 from .migrations import check_version
-from .outbox.queries import BACKLOG, SEGMENT_DATA, in_chunks
-from .rows import PENDING_COLUMNS, PendingRow, State, body_needed
+from .outbox.queries import ANSWERED, BACKLOG, SEGMENT_DATA, UNANSWERED, in_chunks
+from .rows import PENDING_COLUMNS, PendingRow, ReplyState, State, body_needed
 
 FAILED = "failed"  # not a state of its own: pending, and its last write failed
 STATES = (
@@ -34,9 +34,13 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 RECORD_COLUMNS = (
     "id, received_ms, context_id, channel, target, state, payload_kind, duplicate_of,"
-    " latest_user_prompt, backend_status, backend_error, attempts, last_error, written_ms"
+    " latest_user_prompt, backend_status, backend_error, attempts, last_error, written_ms,"
+    " (SELECT state FROM replies WHERE request_id = requests.id) AS reply_state,"
+    " (SELECT finished_ms FROM replies WHERE request_id = requests.id"
+    f" AND state IN {ANSWERED}) AS replied_ms"
 )
 SEGMENT_CACHE_SIZE = 20_000
+UNANSWERED_AFTER_S = 300  # `stats`: unanswered for longer than this
 
 
 def parse_when(text: str, now: float | None = None) -> int:
@@ -74,11 +78,12 @@ class Selection:
     search: str | None = None
     ids: list[str] = field(default_factory=list)
     limit: int | None = None
+    unanswered: bool = False  # written, and neither replied to nor done
 
     def is_empty(self) -> bool:
         return not (
             self.context_id or self.since_ms or self.until_ms or self.state or self.search
-            or self.ids or self.limit
+            or self.ids or self.limit or self.unanswered
         )  # fmt: skip
 
     def where(self) -> tuple[str, list[Any]]:
@@ -108,6 +113,8 @@ class Selection:
         if self.ids:
             clauses.append(f"id IN ({', '.join('?' * len(self.ids))})")
             params.extend(self.ids)
+        if self.unanswered:
+            clauses.append(UNANSWERED)
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
@@ -117,6 +124,7 @@ def record(row: sqlite3.Row) -> dict[str, Any]:
     received_ms = out.pop("received_ms")
     out["inbox_file"] = written_file(out["id"], received_ms, out["state"])
     out["written_at"] = iso(out.pop("written_ms"))
+    out["replied_at"] = iso(out.pop("replied_ms"))
     out["state"] = display_state(out["state"], out.get("last_error"))
     return {"id": out.pop("id"), "received_at": iso(received_ms), **out}
 
@@ -241,6 +249,14 @@ class History:
         for key in ("sender", "attachments", "backend_usage"):  # stored as JSON text
             if out.get(key) is not None:
                 out[key] = json.loads(out[key])
+        replies = self._query("SELECT * FROM replies WHERE request_id = ?", (rid,))
+        out["reply"] = None
+        for r in replies:
+            out["reply"] = {
+                "state": r["state"], "message": r["message"], "claimed_at": iso(r["claimed_ms"]),
+                "finished_at": iso(r["finished_ms"]), "exit_status": r["exit_status"],
+                "output": r["output"], "attempts": r["attempts"],
+            }  # fmt: skip
         out["body"] = self.body(out.pop("body_segments"))
         for key in ("seq", "claimed_until_ms", "body_hash"):
             out.pop(key, None)
@@ -271,6 +287,19 @@ class History:
             " avg(backend_latency_ms) AS latency"
             " FROM requests WHERE backend_status IS NOT NULL OR backend_error IS NOT NULL"
         )
+        reply_latencies = [
+            r["l"]
+            for r in q(
+                "SELECT replies.finished_ms - requests.received_ms AS l FROM replies JOIN"
+                " requests ON requests.id = replies.request_id"
+                f" WHERE replies.state = '{ReplyState.SENT.value}' ORDER BY l"
+            )
+        ]
+        stale_ms = int((time.time() - UNANSWERED_AFTER_S) * 1000)
+        ((unanswered, stale),) = q(
+            f"SELECT count(*), coalesce(sum(received_ms < ?), 0) FROM requests WHERE {UNANSWERED}",
+            (stale_ms,),
+        )
         return {
             "db": str(self.path),
             "total": sum(counts.values()),
@@ -278,6 +307,9 @@ class History:
             "backlog": backlog,
             "oldest_unwritten_at": iso(oldest),
             "request_to_file_ms": percentiles(latencies),
+            "request_to_reply_ms": percentiles(reply_latencies),
+            "unanswered": unanswered,
+            "unanswered_over_5_min": stale,
             "top_contexts": [
                 {"context_id": c, "requests": n, "last_at": iso(last)} for c, n, last in tops
             ],

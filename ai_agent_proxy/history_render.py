@@ -27,7 +27,7 @@ FORMATS = ("table", "json", "jsonl", "csv")
 CSV_COLUMNS = (
     "id", "received_at", "context_id", "channel", "target", "state", "payload_kind",
     "duplicate_of", "inbox_file", "latest_user_prompt", "backend_status", "backend_error",
-    "attempts", "last_error", "written_at",
+    "attempts", "last_error", "written_at", "reply_state", "replied_at",
 )  # fmt: skip
 
 # C0 controls but tab and newline, DEL, C1 controls, and the bidi embedding/override/isolate

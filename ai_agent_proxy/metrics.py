@@ -45,6 +45,11 @@ class Metrics:
             "Failed inbox writes in this process",
             registry=self.registry,
         )
+        self.unanswered = Gauge(
+            "aiap_unanswered_requests",
+            "Requests in the inbox the agent has neither replied to nor marked done",
+            registry=self.registry,
+        )
         self.flush_latency = Histogram(
             "aiap_request_to_file_seconds",
             "Time from receipt to inbox file",
@@ -58,11 +63,13 @@ class Metrics:
         try:
             counts = await outbox.counts_by_state()
             backlog, oldest = await outbox.backlog()
+            unanswered = await outbox.count_unanswered()
         except OutboxError:
-            counts, backlog, oldest = {}, -1, None
+            counts, backlog, oldest, unanswered = {}, -1, None, -1
         for state in State:
             self.rows.labels(state.value).set(counts.get(state.value, 0))
         self.backlog.set(backlog)
+        self.unanswered.set(unanswered)
         self.backlog_age.set(0 if oldest is None else max(0.0, time.time() - oldest / 1000))
         self.files.set(flusher.files_written)
         self.failures.set(flusher.write_failures)

@@ -32,6 +32,15 @@ class State(str, Enum):
         return cls(text.replace("-", "_"))
 
 
+class ReplyState(str, Enum):
+    """The agent's reply to a request (table `replies`)."""
+
+    SENDING = "sending"  # claimed; the send is under way (or its process died)
+    SENT = "sent"
+    FAILED = "failed"  # the send failed: a later `reply` may try again
+    DONE = "done"  # the agent decided no answer is needed
+
+
 class PayloadKind(str, Enum):
     FULL = "full"  # the body and the proxy's keys
     COMPACT = "compact"  # the proxy's keys only: the body is in the DB

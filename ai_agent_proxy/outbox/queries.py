@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ..bodies import pack_ids
-from ..rows import PENDING_COLUMNS, PayloadKind, State
+from ..rows import PENDING_COLUMNS, PayloadKind, ReplyState, State
 
 _SQL_VARS = 500  # parameters per IN (...) query, well under SQLite's limit
 _DUP, _PENDING, _WAITING = State.DUPLICATE.value, State.PENDING.value, State.AWAITING_BACKEND.value
@@ -203,4 +203,11 @@ BACKLOG = (
     f"SELECT count(*), min(received_ms) FROM requests WHERE state IN ('{_PENDING}', '{_WAITING}')"
 )
 COUNT_IN_STATE = "SELECT count(*) FROM requests WHERE state = ?"
+ANSWERED = (ReplyState.SENT.value, ReplyState.DONE.value)
+# Requests the agent has a file for and has neither replied to nor marked done.
+UNANSWERED = (
+    f"requests.state = '{State.WRITTEN.value}' AND NOT EXISTS (SELECT 1 FROM replies"
+    f" WHERE replies.request_id = requests.id AND replies.state IN {ANSWERED})"
+)
+COUNT_UNANSWERED = f"SELECT count(*) FROM requests WHERE {UNANSWERED}"
 COUNTS_BY_STATE = "SELECT state, count(*) FROM requests GROUP BY state"

@@ -1,0 +1,134 @@
+"""The agent's replies: claimed in the DB before they are sent, so each request is
+answered once (`reply`), or marked as needing no answer (`done`); and the oldest request
+still waiting for either (`next`). Runs in the CLI, beside a running server: every change is
+one short `BEGIN IMMEDIATE` transaction on the shared WAL database.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import HistoryError
+from .outbox.engine import BUSY_TIMEOUT_MS
+from .outbox.queries import ANSWERED, UNANSWERED
+from .rows import ReplyState
+
+SEND_TIMEOUT_S = 120.0
+OUTPUT_KEPT = 4000  # characters of the CLI's output kept with the reply
+
+
+class Refused(Exception):
+    """The reply was not claimed: already answered, or being sent by someone else."""
+
+
+@dataclass(frozen=True)
+class Target:
+    request_id: str
+    channel: str
+    target: str
+    message_id: str | None
+
+
+def connect(db_path: Path) -> sqlite3.Connection:
+    if not db_path.is_file():
+        raise HistoryError(f"database {db_path} does not exist (set --db or DB)")
+    conn = sqlite3.connect(db_path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def target_of(conn: sqlite3.Connection, request_id: str) -> Target:
+    row = conn.execute(
+        "SELECT channel, target, message_id FROM requests WHERE id = ?", (request_id,)
+    ).fetchone()
+    if row is None or not row["channel"] or not row["target"]:
+        raise HistoryError(f"request {request_id} has no channel and target: nobody to reply to")
+    return Target(request_id, row["channel"], row["target"], row["message_id"])
+
+
+def claim(conn: sqlite3.Connection, request_id: str, message: str | None, again: bool) -> None:
+    """Claim the request for a reply (`message`) or for `done` (None). Raises Refused if it
+    is answered already or a reply is being sent, unless `again`."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute(
+            "SELECT state FROM replies WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        if row is not None and not again:
+            if row["state"] in ANSWERED:
+                raise Refused(f"request {request_id} is answered already ({row['state']})")
+            if row["state"] == ReplyState.SENDING.value:
+                raise Refused(f"a reply to request {request_id} is being sent")
+        state = ReplyState.SENDING if message is not None else ReplyState.DONE
+        now = _now_ms()
+        conn.execute(
+            "INSERT INTO replies (request_id, state, message, claimed_ms, finished_ms, attempts)"
+            " VALUES (:id, :state, :message, :now, :finished, 1)"
+            " ON CONFLICT (request_id) DO UPDATE SET state = :state, message = :message,"
+            " claimed_ms = :now, finished_ms = :finished, exit_status = NULL, output = NULL,"
+            " attempts = attempts + 1",
+            {"id": request_id, "state": state.value, "message": message, "now": now,
+             "finished": None if message is not None else now},
+        )  # fmt: skip
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def finish(conn: sqlite3.Connection, request_id: str, exit_status: int, output: str) -> None:
+    state = ReplyState.SENT if exit_status == 0 else ReplyState.FAILED
+    conn.execute(
+        "UPDATE replies SET state = ?, finished_ms = ?, exit_status = ?, output = ?"
+        " WHERE request_id = ?",
+        (state.value, _now_ms(), exit_status, output[-OUTPUT_KEPT:], request_id),
+    )
+
+
+def send(openclaw: str, to: Target, message: str, reply_to: bool) -> tuple[int, str]:
+    """`openclaw message send` for a request: (exit status, output)."""
+    argv = [openclaw, "message", "send", "--channel", to.channel, "--target", to.target,
+            "--message", message]  # fmt: skip
+    if reply_to and to.message_id:
+        argv += ["--reply-to", to.message_id]
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=SEND_TIMEOUT_S, stdin=subprocess.DEVNULL
+        )
+    except FileNotFoundError:
+        return 127, f"{openclaw}: not found (set OPENCLAW_BIN)"
+    except subprocess.TimeoutExpired:
+        return 124, f"{openclaw} message send did not finish in {SEND_TIMEOUT_S:.0f} s"
+    return done.returncode, (done.stdout + done.stderr).strip()
+
+
+def oldest_unanswered(conn: sqlite3.Connection) -> str | None:
+    row = conn.execute(
+        f"SELECT id FROM requests WHERE {UNANSWERED} ORDER BY seq LIMIT 1"
+    ).fetchone()
+    return None if row is None else str(row["id"])
+
+
+def wait_for_unanswered(conn: sqlite3.Connection, timeout_s: float | None) -> str | None:
+    """The oldest unanswered request, waiting up to `timeout_s` (None: for ever)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        found = oldest_unanswered(conn)
+        if found is not None or (deadline is not None and time.monotonic() >= deadline):
+            return found
+        time.sleep(0.2)
+
+
+def reply_of(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT * FROM replies WHERE request_id = ?", (request_id,)).fetchone()
+    return None if row is None else dict(row)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000

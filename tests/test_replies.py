@@ -1,0 +1,200 @@
+"""The agent's side of the loop: `next` -> work -> `reply` (or `done`), each request answered
+once, through a stand-in `openclaw` on PATH that records its argv and fails on demand."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import Server, fixture_body, wait_until
+
+TURN1 = "openclaw-2026.9-telegram-dm-turn1.json"
+TURN2 = "openclaw-2026.9-telegram-dm-turn2.json"
+GROUP = "openclaw-2026.9-telegram-group.json"
+
+FAKE_OPENCLAW = """#!/usr/bin/env python3
+import json, os, sys, time
+time.sleep(float(os.environ.get("FAKE_OPENCLAW_SLEEP", "0")))
+with open(os.environ["FAKE_OPENCLAW_LOG"], "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+if os.path.exists(os.environ["FAKE_OPENCLAW_LOG"] + ".fail"):
+    print("Error: Gateway not reachable (ws://127.0.0.1:18789)", file=sys.stderr)
+    sys.exit(1)
+print("Sent via Telegram. Message ID: 4242")
+"""
+
+
+@pytest.fixture
+def loop(make_server, tmp_path: Path) -> tuple[Server, Path, dict[str, str]]:
+    """A server holding three requests; a fake openclaw on PATH; the env to run the CLI."""
+    server = make_server("--reply", "on it")
+    for name in (TURN1, TURN2, GROUP):
+        assert server.post_chat(fixture_body(name)).status_code == 200
+    server.wait_files(3)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "openclaw").write_text(FAKE_OPENCLAW)
+    (bin_dir / "openclaw").chmod(0o755)
+    log = tmp_path / "openclaw-calls.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_OPENCLAW_LOG=str(log))
+    return server, log, env
+
+
+def run(
+    server: Server, env: dict[str, str], *args: str, **kw: object
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ai_agent_proxy", *args, "--db", str(server.db),
+         "--inbox", str(server.inbox)],
+        capture_output=True, text=True, timeout=60, env=env, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def calls(log: Path) -> list[list[str]]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def ids(server: Server) -> list[str]:
+    return [r["id"] for r in server.rows()]
+
+
+def test_reply_sends_once_to_the_right_chat(loop) -> None:
+    server, log, env = loop
+    first = ids(server)[0]
+    text = 'It\'s "done" & costs $5\nsee you'
+    r = run(server, env, "reply", first[-8:], "--message", text, "--reply-to")
+    assert r.returncode == 0, r.stderr
+    assert calls(log) == [["message", "send", "--channel", "telegram", "--target", "123456789",
+                           "--message", text, "--reply-to", "11"]]  # fmt: skip
+    (reply,) = server.rows("SELECT * FROM replies")
+    assert (reply["state"], reply["exit_status"], reply["message"]) == ("sent", 0, text)
+    assert "Message ID: 4242" in reply["output"]
+    # a second reply is refused, says so, and sends nothing
+    again = run(server, env, "reply", first, "--message", "twice?")
+    assert again.returncode == 1 and "answered already" in again.stderr
+    assert len(calls(log)) == 1
+    # unless asked for
+    assert run(server, env, "reply", first, "--message", "on purpose", "--again").returncode == 0
+    assert len(calls(log)) == 2
+
+
+def test_two_concurrent_replies_send_once(loop) -> None:
+    server, log, env = loop
+    target = ids(server)[2]
+    slow = {**env, "FAKE_OPENCLAW_SLEEP": "1"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ai_agent_proxy",
+                "reply",
+                target,
+                "--message",
+                f"m{i}",
+                "--db",
+                str(server.db),
+                "--inbox",
+                str(server.inbox),
+            ],
+            env=slow,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    codes = sorted(p.wait(60) for p in procs)
+    assert codes == [0, 1]
+    assert len(calls(log)) == 1
+    assert calls(log)[0][3:6] == ["telegram", "--target", "-1001234567890"]
+
+
+def test_a_failed_send_is_recorded_and_can_be_retried(loop) -> None:
+    server, log, env = loop
+    target = ids(server)[0]
+    Path(str(log) + ".fail").touch()  # the gateway is down
+    r = run(server, env, "reply", target, "--message-file", "-", input="hello there")
+    assert r.returncode == 1 and "Gateway not reachable" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    (reply,) = server.rows("SELECT * FROM replies")
+    assert (reply["state"], reply["exit_status"]) == ("failed", 1)
+    assert "Gateway not reachable" in reply["output"]
+    Path(str(log) + ".fail").unlink()
+    r = run(server, env, "reply", target, "--message", "hello again")
+    assert r.returncode == 0, r.stderr
+    (reply,) = server.rows("SELECT * FROM replies")
+    assert (reply["state"], reply["attempts"], reply["message"]) == ("sent", 2, "hello again")
+    assert len(calls(log)) == 2
+
+
+def test_next_done_and_waiting(loop) -> None:
+    server, _log, env = loop
+    first, second, third = ids(server)
+    shown = run(server, env, "next")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["latest-user-prompt"] == "hello from telegram DM"
+    assert shown.stdout.encode() == (server.inbox / server.inbox_names()[0]).read_bytes()
+    assert run(server, env, "done", first).returncode == 0
+    assert run(server, env, "done", first).returncode == 1  # done already
+    assert run(server, env, "reply", second, "--message", "ok").returncode == 0
+    path = run(server, env, "next", "--path").stdout.strip()
+    assert path == str(server.inbox / server.inbox_names()[2])
+    assert run(server, env, "done", third).returncode == 0
+    none = run(server, env, "next")
+    assert none.returncode == 3 and "no request is waiting" in none.stderr
+    assert run(server, env, "next", "--wait", "--timeout", "0.3").returncode == 3
+    # a request that arrives while `next --wait` blocks is printed
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "ai_agent_proxy", "next", "--wait", "--timeout", "30",
+         "--db", str(server.db), "--inbox", str(server.inbox)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    body = {"channel": "api", "user_id": "u9", "messages": [{"role": "user", "content": "late"}]}
+    assert server.post_chat(body).status_code == 200
+    out, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 0, err
+    assert json.loads(out)["latest-user-prompt"] == "late"
+
+
+def test_history_stats_and_metrics_show_the_replies(loop) -> None:
+    server, _log, env = loop
+    first, second, third = ids(server)
+    assert run(server, env, "reply", first, "--message", "answer").returncode == 0
+    assert run(server, env, "done", second).returncode == 0
+    records = json.loads(run(server, env, "history", "--format", "json").stdout)
+    states = {r["id"]: (r["reply_state"], r["replied_at"] is not None) for r in records}
+    assert states == {first: ("sent", True), second: ("done", True), third: (None, False)}
+    waiting = json.loads(run(server, env, "history", "--unanswered", "--format", "json").stdout)
+    assert [r["id"] for r in waiting] == [third]
+    shown = json.loads(run(server, env, "history", "show", first, "--format", "json").stdout)
+    assert shown["reply"]["state"] == "sent" and shown["reply"]["message"] == "answer"
+    stats = json.loads(run(server, env, "history", "stats", "--format", "json").stdout)
+    assert stats["request_to_reply_ms"]["count"] == 1 and stats["unanswered"] == 1
+    assert stats["unanswered_over_5_min"] == 0
+    wait_until(lambda: "aiap_unanswered_requests 1.0" in server.get("/metrics").text,
+               message=lambda: server.get("/metrics").text)  # fmt: skip
+
+
+def test_reply_bad_input_is_one_line(loop) -> None:
+    server, log, env = loop
+    cli_only = {"channel": "", "messages": [{"role": "user", "content": "from nowhere"}]}
+    assert server.post_chat(cli_only).status_code == 200
+    server.wait_files(4)
+    nowhere = ids(server)[3]
+    for args, needle, code in (
+        (["reply", nowhere, "--message", "x"], "nobody to reply to", 2),
+        (["reply", ids(server)[0]], "--message TEXT or --message-file", 2),
+        (["reply", ids(server)[0], "--message", "  "], "the reply is empty", 2),
+        (["reply", "0123456789abcdef", "--message", "x"], "no request with id", 2),
+    ):
+        r = run(server, env, *args)
+        assert r.returncode == code, (args, r.stderr)
+        assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert calls(log) == []
