@@ -297,60 +297,72 @@ def test_text_views_are_plain_lines(populated: Server) -> None:
     assert "None" not in stats
 
 
-def test_skills_commands_run_as_written(make_server, tmp_path: Path) -> None:
-    """Every `ai-agent-proxy` command the shipped skills tell an agent to run works as
-    written, against a server on its defaults but for the inbox (the DB found from it);
-    and the `openclaw message send` snippet, run by bash with a stand-in `openclaw`, passes
-    the channel, target and text from an inbox file through unharmed."""
+def skill_commands() -> list[str]:
+    """Every command line the shipped skills give an agent: inline `ai-agent-proxy ...` and
+    the lines of their bash blocks (front matter aside: it only names commands)."""
     import re
 
+    skills = Path(__file__).parents[1] / "ai_agent_proxy" / "skills"
+    text = "".join(p.read_text().split("---", 2)[2] for p in sorted(skills.glob("*/SKILL.md")))
+    found = re.findall(r"`(ai-agent-proxy [^`]+)`", text)
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        found += [line.split("  #")[0].strip() for line in block.splitlines()
+                  if line.startswith(("ai-agent-proxy", "openclaw"))]  # fmt: skip
+    return list(dict.fromkeys(found))
+
+
+def test_skills_commands_run_as_written(make_server, tmp_path: Path) -> None:
+    """Every command the shipped skills tell an agent to run works as written (bash, with the
+    placeholders filled in), against a server on its defaults but for the inbox (the DB
+    found from it), with a stand-in `openclaw` on PATH that records its argv: the text
+    reaches it unharmed, and replies and `done` go to requests not answered yet."""
     from ai_agent_proxy.config import load_settings
 
     server = make_server(start=False)
     server.explicit_db = False  # the agent's commands find the DB from the inbox
     server.db = load_settings(None, {"inbox": str(server.inbox)}).db_path
     server.start()
-    assert server.post_chat(fixture_body(TURN1)).status_code == 200
-    assert server.post_chat(fixture_body(TURN2)).status_code == 200
-    names = server.wait_files(2)
-    compact = json.loads((server.inbox / names[1]).read_text())
-    skills = Path(__file__).parents[1] / "ai_agent_proxy" / "skills"
-    # the bodies (the front matter only names commands)
-    text = "".join(p.read_text().split("---", 2)[2] for p in sorted(skills.glob("*/SKILL.md")))
-    commands = sorted(set(re.findall(r"`(ai-agent-proxy [^`]+)`", text)))
-    assert len(commands) >= 3, commands
+    for n in range(6):
+        body = fixture_body(TURN1 if n == 0 else TURN2)
+        body["messages"][-2]["content"] = body["messages"][-2]["content"].replace(
+            "message", f"message {n}"
+        )  # a new message each time, not a repeat
+        assert server.post_chat(body).status_code == 200
+    names = server.wait_files(6)
+    payloads = [json.loads((server.inbox / n).read_text()) for n in names]
+    fresh = iter(p["request_id"] for p in payloads[1:])  # compact: they carry request_id
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    argv_log = tmp_path / "argv.jsonl"
+    (bin_dir / "openclaw").write_text(
+        "#!/usr/bin/env python3\nimport json, sys\n"
+        f"open({str(argv_log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
+    (bin_dir / "openclaw").chmod(0o755)
+    message = 'It\'s "done" & costs $5\nsee you'
+    commands = skill_commands()
+    assert any(c.startswith("ai-agent-proxy reply") for c in commands), commands
+    assert any(c.startswith("openclaw message send") for c in commands), commands
     full_dir = tmp_path / "full"
-    env = {**os.environ, "AI_AGENT_PROXY_INBOX": str(server.inbox)}
     for command in commands:
-        line = (
-            command.replace("<request_id>", compact["request_id"])
-            .replace("<id>", compact["context_id"])
-            .replace("/tmp/full", str(full_dir))
-        )
+        request_id = next(fresh) if command.split()[1] in ("reply", "done") else payloads[1][
+            "request_id"]  # fmt: skip
+        line = (command.replace("<request_id>", request_id)
+                .replace("<id>", payloads[1]["context_id"]).replace("/tmp/full", str(full_dir))
+                .replace('"..."', '"$TEXT"'))  # fmt: skip
         assert "<" not in line, line
-        r = subprocess.run(
-            [sys.executable, "-m", "ai_agent_proxy", *line.split()[1:]],
-            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
-        )  # fmt: skip
+        env = {
+            **os.environ,
+            "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "AI_AGENT_PROXY_INBOX": str(server.inbox),
+            "REQUEST_ID": request_id, "TEXT": message,
+            "CHANNEL": payloads[1]["channel"], "TARGET": payloads[1]["target"],
+        }  # fmt: skip
+        r = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=60)  # fmt: skip
         assert r.returncode == 0, (line, r.stderr)
     (written,) = os.listdir(full_dir)
     assert json.loads((full_dir / written).read_text())["messages"]  # expanded
-    # the send snippet, with a stand-in openclaw that records its argv
-    snippet = re.search(r"```bash\n(openclaw message send[^\n]*)\n```", text)
-    assert snippet is not None
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "openclaw").write_text(
-        "#!/usr/bin/env python3\nimport json, sys\n"
-        f"open({str(tmp_path / 'argv.json')!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
-    )
-    (fake / "openclaw").chmod(0o755)
-    message = 'It\'s "done" & costs $5\nsee you'
-    subprocess.run(
-        ["bash", "-c", snippet.group(1)], check=True, timeout=30,
-        env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "CHANNEL": compact["channel"],
-             "TARGET": compact["target"], "TEXT": message},
-    )  # fmt: skip
-    argv = json.loads((tmp_path / "argv.json").read_text())
-    assert argv == ["message", "send", "--channel", "telegram", "--target", "123456789",
-                    "--message", message]  # fmt: skip
+    sent = [json.loads(line) for line in argv_log.read_text().splitlines()]
+    assert sent and all(a[:2] == ["message", "send"] and message in a for a in sent)
+    assert all(a[a.index("--target") + 1] == "123456789" for a in sent)
