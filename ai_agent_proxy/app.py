@@ -6,9 +6,11 @@ Everything slower (payload building, file writes) happens later in the flusher.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hmac
 import logging
+import signal
 import time
 from typing import Any
 
@@ -174,6 +176,23 @@ def create_app(settings: Settings) -> Sanic:
         gc.freeze()
 
     @app.after_server_start
+    async def stop_on_signals(app: Sanic) -> None:
+        # Sanic stops the loop on SIGTERM/SIGINT; a signal that comes while it is still
+        # running its start-up listeners (a service manager stopping a server that has
+        # just answered its first request) is swallowed, and the server runs on. Ask again
+        # until the stop has begun.
+        loop = asyncio.get_running_loop()
+        app.ctx.stopping = False
+
+        def stop() -> None:
+            if not app.ctx.stopping:
+                app.stop(terminate=False)
+                loop.call_later(0.2, stop)
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop)
+
+    @app.after_server_start
     async def announce_listening(app: Sanic) -> None:
         LIMITS.bound = connection_bound(settings.max_connections)
         LIMITS.header_timeout = settings.header_timeout
@@ -185,6 +204,7 @@ def create_app(settings: Settings) -> Sanic:
 
     @app.before_server_stop
     async def stop_taking_requests(app: Sanic) -> None:
+        app.ctx.stopping = True
         drain()
 
     @app.after_server_stop

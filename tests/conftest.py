@@ -179,6 +179,9 @@ class Server:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill()
+                pytest.fail(
+                    f"the server did not stop within 15 s of SIGTERM:\n{self.log()[-2000:]}"
+                )
 
     def kill(self) -> None:
         """kill -9: no chance to clean up."""

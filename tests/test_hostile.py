@@ -408,3 +408,35 @@ def test_memory_returns_near_its_baseline_after_large_bodies(make_server) -> Non
     print(f"\n  RSS KB server {base[0]} -> {after[0]}, writer {base[1]} -> {after[1]}")
     assert after[0] - base[0] < 60_000, (base, after)
     assert after[1] - base[1] < 30_000, (base, after)
+
+
+def test_sigterm_right_after_start_stops_the_server(tmp_path: Path) -> None:
+    """A stop asked for while Sanic still runs its start-up listeners used to be swallowed
+    (the server then ran on): SIGTERM the moment the port accepts connections."""
+    import socket
+    import time
+
+    from .conftest import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
+    for attempt in range(8):
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ai_agent_proxy", "--port", str(port), "--inbox",
+             str(tmp_path / f"inbox{attempt}"), "--db", str(tmp_path / f"db{attempt}")],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(("127.0.0.1", port), timeout=0.05),
+                ):
+                    break
+                time.sleep(0.001)
+            proc.send_signal(15)
+            proc.wait(10)  # raises (fails the test) if the signal was lost
+        finally:
+            if proc.poll() is None:
+                proc.kill()
