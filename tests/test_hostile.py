@@ -237,7 +237,7 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server.stop()
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(hostile_bytes())
 def test_fuzzed_bodies_every_200_is_delivered(fuzz_server: Server, case: tuple) -> None:
     """Every 200 appears in the inbox as valid JSON, and a normal request sent after it is
