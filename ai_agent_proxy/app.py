@@ -32,7 +32,7 @@ from .ids import new_request_id
 from .logs import setup_logging
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .outbox import Outbox
-from .process import return_large_allocations
+from .process import notify, return_large_allocations
 from .relay import Relay
 from .retention import Pruner
 from .rows import NewRequest, State
@@ -201,10 +201,13 @@ def create_app(settings: Settings) -> Sanic:
             "listening url=http://%s:%d/v1 inbox=%s max_connections=%d",
             host, settings.port, settings.inbox, LIMITS.bound,
         )  # fmt: skip
+        # The DB is open and the port answers: a service manager may start what needs us.
+        notify(f"READY=1\nSTATUS=listening on {host}:{settings.port}")
 
     @app.before_server_stop
     async def stop_taking_requests(app: Sanic) -> None:
         app.ctx.stopping = True
+        notify("STOPPING=1")
         drain()
 
     @app.after_server_stop

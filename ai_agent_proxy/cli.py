@@ -579,7 +579,169 @@ def next_request(
             sys.stdout.flush()
 
 
-SUBCOMMANDS = {"serve", "history", "replay", "reply", "done", "next"}
+# -- running as a service -------------------------------------------------------------------
+
+service_cli = typer.Typer(
+    help="Run the proxy as a user service (systemd on Linux, launchd on macOS).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+cli.add_typer(service_cli, name="service")
+ManagerOpt = Annotated[
+    str | None, typer.Option("--manager", help="systemd or launchd (default: this OS's).")
+]
+
+
+def _manager(name: str | None) -> str:
+    from .service import manager
+
+    chosen = name or manager()
+    if chosen not in ("systemd", "launchd"):
+        raise fail(f"unknown --manager {chosen!r}: use systemd or launchd")
+    return chosen
+
+
+def _call(argv: list[str]) -> tuple[bool, str]:
+    from .service import run
+
+    done = run(argv)
+    text = (done.stdout + done.stderr).strip()
+    return done.returncode == 0, text
+
+
+@service_cli.command("install")
+def service_install(config: ConfigOpt = None, manager_name: ManagerOpt = None) -> None:
+    """Install and start the service with the settings in force now (config file,
+    AI_AGENT_PROXY_* environment), written to a config file only you can read."""
+    from . import service
+
+    settings = settings_or_exit(config, {})
+    chosen = _manager(manager_name)
+    conf = service.service_config_path()
+    service.write_private(conf, service.config_text(settings))
+    argv = service.command(conf)
+    typer.echo(f"settings written to {conf} (mode 0600; the service reads them from there)")
+    if chosen == "launchd":
+        plist = service.plist_path()
+        log_path = Path.home() / "Library" / "Logs" / "ai-agent-proxy.log"
+        plist.parent.mkdir(parents=True, exist_ok=True)
+        plist.write_text(service.plist_text(argv, log_path))
+        ok, out = _call(["launchctl", "load", "-w", str(plist)])
+        if not ok:
+            raise fail(f"launchctl load {plist} failed: {out}", 1)
+        typer.echo(f"launchd agent {service.LABEL} installed ({plist}) and started")
+        return
+    missing = service.systemd_missing()
+    unit = service.unit_text(argv)
+    if missing:
+        typer.echo(unit)
+        raise fail(
+            f"cannot install the service: {missing}. The unit is printed above: place it in "
+            f"{service.unit_path()} on a machine with a systemd user session, or run "
+            "`ai-agent-proxy` under your own supervisor",
+            1,
+        )
+    path = service.unit_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(unit)
+    for argv_ in (["systemctl", "--user", "daemon-reload"],
+                  ["systemctl", "--user", "enable", "--now", service.UNIT]):  # fmt: skip
+        ok, out = _call(argv_)
+        if not ok:
+            raise fail(f"{' '.join(argv_)} failed: {out}", 1)
+    typer.echo(f"systemd user unit {service.UNIT} installed ({path}), enabled and started")
+    hint = service.linger_hint()
+    if hint:
+        typer.echo(hint)
+
+
+@service_cli.command("uninstall")
+def service_uninstall(manager_name: ManagerOpt = None) -> None:
+    """Stop the service and remove its unit (the settings file stays)."""
+    from . import service
+
+    if _manager(manager_name) == "launchd":
+        plist = service.plist_path()
+        _call(["launchctl", "unload", "-w", str(plist)])
+        plist.unlink(missing_ok=True)
+        typer.echo(f"launchd agent {service.LABEL} removed")
+        return
+    _call(["systemctl", "--user", "disable", "--now", service.UNIT])
+    service.unit_path().unlink(missing_ok=True)
+    _call(["systemctl", "--user", "daemon-reload"])
+    typer.echo(f"systemd user unit {service.UNIT} removed")
+
+
+def _service_verb(verb: str, manager_name: str | None) -> None:
+    from . import service
+
+    if _manager(manager_name) == "launchd":
+        verbs = {"start": ["start"], "stop": ["stop"], "restart": ["kickstart", "-k"]}[verb]
+        target = service.LABEL if verb != "restart" else f"gui/{os.getuid()}/{service.LABEL}"
+        ok, out = _call(["launchctl", *verbs, target])
+    else:
+        ok, out = _call(["systemctl", "--user", verb, service.UNIT])
+    if not ok:
+        raise fail(f"{verb} failed: {out}", 1)
+    typer.echo(f"{verb}: done")
+
+
+@service_cli.command("start")
+def service_start(manager_name: ManagerOpt = None) -> None:
+    """Start the installed service."""
+    _service_verb("start", manager_name)
+
+
+@service_cli.command("stop")
+def service_stop(manager_name: ManagerOpt = None) -> None:
+    """Stop the service."""
+    _service_verb("stop", manager_name)
+
+
+@service_cli.command("restart")
+def service_restart(manager_name: ManagerOpt = None) -> None:
+    """Restart the service."""
+    _service_verb("restart", manager_name)
+
+
+@service_cli.command("status")
+def service_status(config: ConfigOpt = None, manager_name: ManagerOpt = None) -> None:
+    """The service manager's view and the running server's /readyz; exit 0 when both are
+    well."""
+    import httpx
+
+    from . import service
+    from .history_render import printable
+
+    conf = service.service_config_path()
+    settings = settings_or_exit(config or (str(conf) if conf.is_file() else None), {})
+    if _manager(manager_name) == "launchd":
+        active, out = _call(["launchctl", "list", service.LABEL])
+    else:
+        active, out = _call(["systemctl", "--user", "is-active", service.UNIT])
+        _, detail = _call(["systemctl", "--user", "status", service.UNIT, "--no-pager",
+                           "--lines=0"])  # fmt: skip
+        out = detail or out
+    typer.echo("service: " + ("active" if active else "not active"))
+    for line in out.splitlines()[:8]:
+        typer.echo("  " + printable(line, one_line=True))
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = f"http://{host}:{settings.port}/readyz"
+    headers = {"authorization": f"Bearer {settings.key}"} if settings.key else {}
+    try:
+        answer = httpx.get(url, headers=headers, timeout=3)
+        report = answer.json()
+        ready = answer.status_code == 200
+    except (httpx.HTTPError, ValueError) as exc:
+        report, ready = {"error": f"{type(exc).__name__}: {exc}"}, False
+    typer.echo(f"server {url}: " + ("ready" if ready else "not ready"))
+    for key, value in report.items():
+        typer.echo(f"  {key}: {printable(value, one_line=True)}")
+    if not (active and ready):
+        raise typer.Exit(1)
+
+
+SUBCOMMANDS = {"serve", "history", "replay", "reply", "done", "next", "service"}
 
 
 def main(argv: list[str] | None = None) -> None:

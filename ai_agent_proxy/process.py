@@ -1,11 +1,13 @@
-"""Process-wide settings applied at start-up, before any request: the open-files limit and
-how the C heap gives memory back."""
+"""Process-wide matters: the open-files limit and how the C heap gives memory back (applied
+at start-up), and telling a service manager how the server is doing (`notify`)."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import resource
+import socket
 import sys
 
 log = logging.getLogger("ai_agent_proxy.process")
@@ -40,3 +42,23 @@ def return_large_allocations() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
         pass
+
+
+def notify(state: str) -> bool:
+    """Tell systemd (`Type=notify`) something like READY=1 or STOPPING=1, when it asked to
+    be told (NOTIFY_SOCKET is set). The sd_notify protocol: one datagram on a unix socket,
+    an address starting with @ being in the abstract namespace. Returns whether it was sent.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+        return True
+    except OSError as exc:
+        log.warning("notify_failed state=%s error=%s", state.split("\n")[0], exc)
+        return False
