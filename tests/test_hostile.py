@@ -113,9 +113,10 @@ def corrupt_body(db: Path, request_id: str) -> None:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The installed CLI, run away from the source tree."""
     return subprocess.run(
         [sys.executable, "-m", "ai_agent_proxy", *args],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2],
     )  # fmt: skip
 
 

@@ -52,7 +52,8 @@ def run(
     return subprocess.run(
         [sys.executable, "-m", "ai_agent_proxy", *args, "--db", str(server.db),
          "--inbox", str(server.inbox)],
-        capture_output=True, text=True, timeout=60, env=env, **kw,  # type: ignore[arg-type]
+        capture_output=True, text=True, timeout=60, env=env, cwd=server.workdir,
+        **kw,  # type: ignore[arg-type]
     )  # fmt: skip
 
 
@@ -107,6 +108,7 @@ def test_two_concurrent_replies_send_once(loop) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            cwd=server.workdir,
         )
         for i in range(2)
     ]
@@ -154,7 +156,7 @@ def test_next_done_and_waiting(loop) -> None:
     waiting = subprocess.Popen(
         [sys.executable, "-m", "ai_agent_proxy", "next", "--wait", "--timeout", "30",
          "--db", str(server.db), "--inbox", str(server.inbox)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=server.workdir,
     )  # fmt: skip
     body = {"channel": "api", "user_id": "u9", "messages": [{"role": "user", "content": "late"}]}
     assert server.post_chat(body).status_code == 200
