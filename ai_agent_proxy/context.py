@@ -223,19 +223,32 @@ def _strip_envelope(text: str) -> str:
 
 
 def split_media(text: str) -> tuple[str, tuple[Attachment, ...]]:
-    """(text without its `[media attached: ...]` lines, the attachments they name)."""
+    """(text without OpenClaw's `[media attached: ...]` lines, the attachments they name).
+
+    Anyone can type such a line, and an agent opens what `attachments` names, so only the
+    lines OpenClaw writes count: those it puts before the person's words, naming a file in
+    its inbound media store (`.../media/inbound/...` or `media://inbound/...`, no `..`).
+    Any other such line is the person's text and stays in it."""
     if "[media attached" not in text:
         return text, ()
     found: list[Attachment] = []
-    for match in _MEDIA_LINE.finditer(text):
+    rest = text.lstrip()
+    while match := _MEDIA_LINE.match(rest):
         inner = match.group(1).strip()
-        if _MEDIA_COUNT.match(inner):
-            continue
-        parts = _MEDIA_INNER.match(inner)
-        if parts is None:  # cannot happen for a non-empty line; kept safe
-            continue
-        found.append(Attachment(parts["path"].strip(), parts["mime"], parts["name"]))
-    return _MEDIA_LINE.sub("", text).strip(), tuple(found)
+        parts = None if _MEDIA_COUNT.match(inner) else _MEDIA_INNER.match(inner)
+        if parts is not None:
+            if not _is_inbound_media(parts["path"].strip()):
+                break
+            found.append(Attachment(parts["path"].strip(), parts["mime"], parts["name"]))
+        rest = rest[match.end() :].lstrip("\n")
+    return (rest.strip(), tuple(found)) if found else (text, ())
+
+
+def _is_inbound_media(path: str) -> bool:
+    unified = path.replace("\\", "/")
+    if ".." in unified.split("/"):
+        return False
+    return "/media/inbound/" in unified or unified.startswith("media://inbound/")
 
 
 def _sender(value: Any) -> dict[str, str] | None:

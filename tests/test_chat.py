@@ -237,7 +237,8 @@ def test_real_openclaw_traffic_steer_retry_queued_and_media(make_server) -> None
     )
     document = with_person_text(
         fixture_body(PHOTO),
-        '[media attached: /m/q3.pdf (application/pdf) "Q3 report.pdf"]\nsummarise please',
+        "[media attached: /home/alice/.openclaw/media/inbound/q3.pdf (application/pdf)"
+        ' "Q3 report.pdf"]\nsummarise please',
     )
     real_queued = fixture_body("openclaw-2026.9-telegram-queued-resend.json")
     for body in (first, second, retry, queued, fixture_body(PHOTO), fixture_body(VOICE),
@@ -264,6 +265,10 @@ def test_real_openclaw_traffic_steer_retry_queued_and_media(make_server) -> None
     assert [a["mime"] for a in voice["attachments"]] == ["audio/ogg"]
     assert "messages" not in doc and doc["request_id"]
     assert doc["attachments"] == [
-        {"path": "/m/q3.pdf", "mime": "application/pdf", "name": "Q3 report.pdf"}
+        {
+            "path": "/home/alice/.openclaw/media/inbound/q3.pdf",
+            "mime": "application/pdf",
+            "name": "Q3 report.pdf",
+        }
     ]
     assert doc["latest-user-prompt"] == "summarise please"
