@@ -112,23 +112,17 @@ class GuardedHttpProtocol(HttpProtocol):
             for c in self.connections
             if c is not self and c.http is not None and c.http.stage in (Stage.IDLE, Stage.REQUEST)
         ]
-        if victims:
-            oldest = min(victims, key=lambda c: c._time)
-            oldest.abort()
+        if victims:  # a slow or idle one makes room for the new one
+            closed, why = min(victims, key=lambda c: c._time), "closing the longest idle or slowest"
             LIMITS.evicted += 1
-            LIMITS.say(
-                "connection_limit_reached open=%d limit=%d: closing the longest idle or "
-                "slowest connection for each new one (%d so far)",
-                len(self.connections), LIMITS.bound, LIMITS.evicted,
-            )  # fmt: skip
-            return
-        LIMITS.refused += 1
+        else:  # every connection is inside a request: the new one waits its turn elsewhere
+            closed, why = self, "every connection is busy: closing the new one"
+            LIMITS.refused += 1
         LIMITS.say(
-            "connection_limit_reached open=%d limit=%d: every connection is busy; new "
-            "connections are closed (%d so far)",
-            len(self.connections), LIMITS.bound, LIMITS.refused,
+            "connection_limit_reached open=%d limit=%d evicted=%d refused=%d: %s",
+            len(self.connections), LIMITS.bound, LIMITS.evicted, LIMITS.refused, why,
         )  # fmt: skip
-        self.abort()
+        closed.abort()
 
 
 def drain() -> None:

@@ -11,7 +11,6 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .errors import HistoryError
 from .outbox.engine import BUSY_TIMEOUT_MS
@@ -123,11 +122,6 @@ def wait_for_unanswered(conn: sqlite3.Connection, timeout_s: float | None) -> st
         if found is not None or (deadline is not None and time.monotonic() >= deadline):
             return found
         time.sleep(0.2)
-
-
-def reply_of(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
-    row = conn.execute("SELECT * FROM replies WHERE request_id = ?", (request_id,)).fetchone()
-    return None if row is None else dict(row)
 
 
 def _now_ms() -> int:
