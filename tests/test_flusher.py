@@ -105,3 +105,55 @@ def test_writer_rejects_a_row_it_cannot_render_and_writes_the_rest(tmp_path: Pat
 
     asyncio.run(scenario())
     assert prompts_in(inbox) == ["prompt 1", "prompt 3", "prompt 4"]
+
+
+def test_the_write_engine_isolates_a_failing_function_from_its_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that fails for a reason that is not the DB's is run again one function at a
+    time: the others commit, only the guilty caller gets RowRejected, and the DB is not
+    reported broken. A DB fault (a locked DB) fails every caller with OutboxError."""
+    import sqlite3
+
+    from ai_agent_proxy.errors import OutboxError, RowRejected
+    from ai_agent_proxy.outbox.engine import WriteEngine
+
+    db = tmp_path / "e.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE t (v INTEGER NOT NULL)")
+    committed: list[int] = []
+
+    def insert(v: int | None) -> Callable[[sqlite3.Connection], int]:
+        return lambda c: c.execute("INSERT INTO t VALUES (?)", (v,)).lastrowid
+
+    async def scenario() -> None:
+        engine = WriteEngine(db, on_committed=lambda batch: committed.append(len(batch)))
+        await engine.open()
+        try:
+            results = await asyncio.gather(
+                *(engine.run(insert(v)) for v in (1, 2, None, 4)), return_exceptions=True
+            )
+            assert [isinstance(r, int) for r in results] == [True, True, False, True]
+            assert isinstance(results[2], RowRejected) and "NOT NULL" in str(results[2])
+            assert engine.last_error is None
+            blocker = sqlite3.connect(db, timeout=0)
+            blocker.execute("BEGIN IMMEDIATE")
+            try:
+                with pytest.raises(OutboxError) as err:
+                    await engine.run(insert(5))
+                assert not isinstance(err.value, RowRejected)
+                assert engine.last_error and "locked" in engine.last_error
+            finally:
+                blocker.rollback()
+                blocker.close()
+            assert await engine.run(insert(6))
+            assert engine.last_error is None
+        finally:
+            await engine.close()
+
+    from ai_agent_proxy.outbox import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "BUSY_TIMEOUT_MS", 200)  # the locked case fails fast
+    asyncio.run(scenario())
+    with sqlite3.connect(db) as conn:
+        assert [v for (v,) in conn.execute("SELECT v FROM t ORDER BY rowid")] == [1, 2, 4, 6]

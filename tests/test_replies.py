@@ -200,3 +200,16 @@ def test_reply_bad_input_is_one_line(loop) -> None:
         assert r.returncode == code, (args, r.stderr)
         assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert calls(log) == []
+
+
+def test_reply_without_the_openclaw_cli_is_a_recorded_failure(loop) -> None:
+    server, log, env = loop
+    target = ids(server)[0]
+    missing = {**env, "AI_AGENT_PROXY_OPENCLAW_BIN": "/nonexistent/openclaw"}
+    r = run(server, missing, "reply", target, "--message", "hi")
+    assert r.returncode == 1 and "not found (set OPENCLAW_BIN)" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    (reply,) = server.rows("SELECT * FROM replies")
+    assert (reply["state"], reply["exit_status"]) == ("failed", 127)
+    assert run(server, env, "reply", target, "--message", "hi").returncode == 0  # retryable
+    assert len(calls(log)) == 1
