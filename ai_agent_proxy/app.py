@@ -306,6 +306,7 @@ def new_request(
         sender=orjson.dumps(context.sender).decode() if context.sender else None,
         attachments=orjson.dumps(attachments).decode() if attachments else None,
         modality=context.modality,
+        retry=context.retry,
         awaiting_backend=relay is not None,
     )
 

@@ -30,12 +30,12 @@ CONTINUE_NOTICE = (
     "restart the task or repeat completed actions."
 )
 
-# OpenClaw's own words around the person's (SPEC §3), one entry each: (name, a literal
-# every match contains, pattern). Removing every match leaves the person's words. Anchored
-# where OpenClaw puts them, so the same sentence inside a person's text is left alone.
+# OpenClaw's own words around the person's (the contract, section 3), one entry each:
+# (name, a literal every match contains, pattern). Removing every match leaves the person's
+# words. Anchored where OpenClaw puts them, so the same sentence inside a person's text is
+# left alone. The retry notice is not here: it is a message (or part) of its own, known by
+# its place in the turn (_read_turn), never cut out of a person's text.
 NOTICES: tuple[tuple[str, str, re.Pattern[str]], ...] = (
-    # A whole extra user message after an empty answer; skipped as a message.
-    ("retry", RETRY_NOTICE, re.compile(r"\A\s*" + re.escape(RETRY_NOTICE) + r"\b.*\Z", re.S)),
     # A message re-sent after a failed turn starts with this line ...
     ("queued", QUEUED_NOTICE, re.compile(r"\A\s*" + re.escape(QUEUED_NOTICE) + r"[ \t]*\n?")),
     ("earlier", EARLIER_NOTICE, re.compile(r"\A\s*" + re.escape(EARLIER_NOTICE) + r"[ \t]*\n?")),
@@ -93,6 +93,14 @@ _STAMPED_ENVELOPE = re.compile(
     r"(?:[A-Z][^\n`]{0,80}(?:info|metadata)\b[^\n]*\n```json\s*\n.*?\n\s*```\s*)+",
     re.S | re.M,
 )
+# OpenClaw's retry notice as it sends it: its own message (or part), an optional time stamp,
+# then the sentence. Never wrapped as a person's message.
+_RETRY = re.compile(
+    r"\A\s*(?:\[[^\]\n]{0,60}\d{1,2}:\d{2}[^\]\n]{0,40}\]\s*)?" + re.escape(RETRY_NOTICE)
+)
+# The data block of OpenClaw's internal context that names the chat: its header, then the
+# fenced JSON object (the "Conversation context" that may follow quotes chat text: not read).
+_CONVERSATION_INFO = re.compile(r"\AConversation info\b[^\n]*\n```json\s*\n(.*?)\n\s*```", re.S)
 _SENDER_KEYS = ("id", "name", "username", "e164")
 _DECODER = json.JSONDecoder()
 
@@ -123,6 +131,7 @@ class RequestContext:
     sender: dict[str, str] | None = None  # id, name, username (e164) as OpenClaw gives them
     attachments: tuple[Attachment, ...] = ()
     modality: str | None = None  # OpenClaw's source_modality: text, image, voice, document
+    retry: bool = False  # OpenClaw's retry notice is in this turn: it re-sends an earlier one
 
     @property
     def context_id(self) -> str | None:
@@ -151,7 +160,7 @@ def _extract(body: Any) -> RequestContext:
     message_id = modality = None
     sender: dict[str, str] | None = None
 
-    # OpenClaw 2026.9: the internal-context part carries chat_id, message_id and sender.
+    # OpenClaw 2026.9: its internal-context message carries chat_id, message_id and sender.
     info = _internal_conversation_info(messages)
     if info:
         chat_id = _str(info.get("chat_id"))
@@ -169,10 +178,9 @@ def _extract(body: Any) -> RequestContext:
         channel = _inbound_meta_channel(messages) or _channel_line(messages)
 
     # Older OpenClaw: sender identity in the person's newest message's JSON block.
-    person_index = _person_message_index(messages)
+    text, retry = _read_turn(messages)
     prompt, attachments = "", ()
-    if person_index is not None:
-        text = _message_text(messages[person_index])
+    if text is not None:
         if not target:
             target = _sender_target(text)
         if sender is None:
@@ -186,6 +194,7 @@ def _extract(body: Any) -> RequestContext:
         {k: storable(v) or "" for k, v in sender.items()} if sender else None,
         tuple(Attachment(*(storable(f) for f in (a.path, a.mime, a.name))) for a in attachments),
         storable(modality and modality[:32]),
+        retry,
     )
 
 
@@ -288,35 +297,49 @@ def _texts(message: dict[str, Any]) -> list[str]:
     ]
 
 
-def _message_text(message: dict[str, Any], *, skip_internal: bool = True) -> str:
-    texts = _texts(message)
-    if skip_internal:
-        texts = [t for t in texts if INTERNAL_BEGIN not in t]
-    return "\n".join(texts)
+def _message_text(message: dict[str, Any]) -> str:
+    return "\n".join(_texts(message))
 
 
 def _is_internal(message: dict[str, Any]) -> bool:
+    """OpenClaw's own internal-context message: every text part *begins* with the marker.
+    A person's message never does (OpenClaw wraps it, `[<time>] Conversation info: ...`),
+    so the marker typed inside one, or merged in as a later part, stays their text."""
     texts = _texts(message)
-    return bool(texts) and all(INTERNAL_BEGIN in t for t in texts)
+    return bool(texts) and all(t.lstrip().startswith(INTERNAL_BEGIN) for t in texts)
 
 
-def _is_notice(text: str) -> bool:
-    """A message that is nothing but OpenClaw's own notices (e.g. the retry notice)."""
-    if not text.strip():
-        return False
-    return not strip_notices(text).strip()
+def _read_turn(messages: list[dict[str, Any]]) -> tuple[str | None, bool]:
+    """(the text of the person's newest message, or None if there is none; whether
+    OpenClaw's retry notice is in the current turn).
 
-
-def _person_message_index(messages: list[dict[str, Any]]) -> int | None:
-    """Index of the newest user message written by the person (not OpenClaw's own parts)."""
-    for i in range(len(messages) - 1, -1, -1):
-        m = messages[i]
-        if m.get("role") != "user" or _is_internal(m):
+    The turn is the run of user messages after the last message of another role. In it,
+    OpenClaw's internal-context message is never the person's, and a text (message or
+    part) that is the retry notice is OpenClaw's when something of the person's came before
+    it in the turn: the gateway puts it after the person's message, before its internal
+    context. A person who types the sentence has it wrapped (a channel), or writes it first
+    (`openclaw agent --local`): their words either way."""
+    start = len(messages)
+    while start and messages[start - 1].get("role") == "user":
+        start -= 1
+    newest: list[str] | None = None
+    retry = False
+    for message in messages[start:]:
+        if _is_internal(message):
             continue
-        if _is_notice(_message_text(m)):
-            continue
-        return i
-    return None
+        texts = []
+        for text in _texts(message):
+            if (newest is not None or texts) and _RETRY.match(text):
+                retry = True
+            else:
+                texts.append(text)
+        if texts or not _texts(message):  # a message of only notices is not the person's
+            newest = texts
+    if newest is None:  # no turn of the person's (e.g. the body ends with an answer)
+        older = (m for m in reversed(messages[:start]) if m.get("role") == "user")
+        found = next((m for m in older if not _is_internal(m)), None)
+        return (None if found is None else _message_text(found)), retry
+    return "\n".join(newest), retry
 
 
 def _fenced_objects(text: str) -> Iterator[dict[str, Any]]:
@@ -330,23 +353,28 @@ def _fenced_objects(text: str) -> Iterator[dict[str, Any]]:
 
 
 def _internal_conversation_info(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The fenced JSON with chat_id inside the newest internal-context part, if any."""
+    """The `Conversation info` object of the newest internal-context message that has one.
+    Only OpenClaw's own message is read (_is_internal), and in it only the data block that
+    starts with that header: chat text quoted elsewhere is never a source of identity."""
     for m in reversed(messages):
-        if m.get("role") != "user":
+        if m.get("role") != "user" or not _is_internal(m):
             continue
         for text in _texts(m):
-            if INTERNAL_BEGIN not in text:
-                continue
-            for block in _internal_blocks(text):
-                for obj in _fenced_objects(block):
-                    if "chat_id" in obj or "message_id" in obj:
-                        return obj
+            for block in _data_blocks(text):
+                match = _CONVERSATION_INFO.match(block)
+                if match is None:
+                    continue
+                try:
+                    obj = json.loads(match.group(1))
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(obj, dict) and ("chat_id" in obj or "message_id" in obj):
+                    return obj
     return None
 
 
-def _internal_blocks(text: str) -> Iterator[str]:
+def _data_blocks(text: str) -> Iterator[str]:
     """OpenClaw quotes each data block as a JSON string literal; yield them unquoted."""
-    yield text
     pos = text.find('"')
     while pos != -1:
         try:
@@ -354,7 +382,7 @@ def _internal_blocks(text: str) -> Iterator[str]:
         except ValueError:
             pos = text.find('"', pos + 1)
             continue
-        if "```json" in value:  # decoding at a quote always gives a string
+        if value.startswith("Conversation info"):  # decoding at a quote gives a string
             yield value
         pos = text.find('"', end)
 
@@ -381,7 +409,7 @@ def _same_text_memo(fn: Callable[[str], str | None]) -> Callable[[str], str | No
 
 def _first_found(messages: list[dict[str, Any]], find: Callable[[str], str | None]) -> str | None:
     for m in messages:
-        found = find(_message_text(m, skip_internal=False))
+        found = find(_message_text(m))
         if found:
             return found
     return None

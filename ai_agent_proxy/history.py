@@ -249,6 +249,16 @@ class History:
         for key in ("sender", "attachments", "backend_usage"):  # stored as JSON text
             if out.get(key) is not None:
                 out[key] = json.loads(out[key])
+        # OpenClaw's retries of this turn and clients' re-sends: stored, answered, no file.
+        repeats = self._query(
+            "SELECT id, received_ms, repeat_reason FROM requests WHERE duplicate_of = ?"
+            " ORDER BY seq",
+            (rid,),
+        )
+        out["repeats"] = [
+            {"id": r["id"], "why": r["repeat_reason"], "received_at": iso(r["received_ms"])}
+            for r in repeats
+        ]
         replies = self._query("SELECT * FROM replies WHERE request_id = ?", (rid,))
         out["reply"] = None
         for r in replies:

@@ -60,6 +60,7 @@ class NewRequest:
     sender: str | None = None  # JSON text, as stored
     attachments: str | None = None  # JSON text, as stored
     modality: str | None = None
+    retry: bool = False  # OpenClaw's retry notice was in the body (context.RequestContext)
     awaiting_backend: bool = False
 
 

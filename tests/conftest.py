@@ -20,41 +20,13 @@ from typing import Any
 import httpx
 import pytest
 
-# Real OpenClaw 2026.9 request bodies (copied from the project's shared fixtures).
-FIXTURES = Path(__file__).parent / "fixtures"
+from . import openclaw
+
+# Real OpenClaw 2026.9 request bodies (copied from the project's shared fixtures):
+# (context_id, latest-user-prompt) of each, from the one table in tests/openclaw.py.
+FIXTURES = openclaw.FIXTURES
 FIXTURE_CONTEXTS = {
-    "openclaw-2026.9-telegram-dm-turn1.json": ("telegram:123456789", "hello from telegram DM"),
-    "openclaw-2026.9-telegram-dm-turn2.json": (
-        "telegram:123456789",
-        "second message, normal mode",
-    ),
-    "openclaw-2026.9-telegram-group.json": (
-        "telegram:-1001234567890",
-        "@capture_test_bot hello from the group",
-    ),
-    "openclaw-2026.9-cli-local.json": (None, "hello"),
-    "openclaw-2026.9-telegram-steer-first.json": (
-        "telegram:333456789",
-        "Steer test A: tell me a story",
-    ),
-    "openclaw-2026.9-telegram-steer-second.json": (
-        "telegram:333456789",
-        "Steer test B: make it about cats",
-    ),
-    "openclaw-2026.9-telegram-photo.json": (
-        "telegram:5550001",
-        "What is in this picture? (photo caption)",
-    ),
-    "openclaw-2026.9-telegram-photo-image-input.json": (
-        "telegram:5550101",
-        "What is in this picture? (photo caption)",
-    ),
-    "openclaw-2026.9-telegram-voice.json": ("telegram:5550002", ""),
-    # captured here from the real gateway: the proxy was down when the DM came
-    "openclaw-2026.9-telegram-queued-resend.json": (
-        "telegram:123456789",
-        "while you were down: book a table",
-    ),
+    name: (values["context_id"], values["prompt"]) for name, values in openclaw.EXPECTED.items()
 }
 
 
@@ -260,6 +232,27 @@ class Server:
             conn.close()
 
 
+def new_server(
+    workdir: Path, *flags: str, key: str | None = None, env: dict[str, str] | None = None
+) -> Server:
+    """A server (not started) with its own inbox and DB in `workdir`, and no
+    AI_AGENT_PROXY_ settings from the environment of the suite."""
+    workdir.mkdir()
+    args = list(flags)
+    if key:
+        args += ["--key", key]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
+    full_env.update(env or {})
+    return Server(
+        workdir=workdir,
+        inbox=workdir / "inbox",
+        db=workdir / "outbox.db",
+        args=args,
+        env=full_env,
+        key=key,
+    )
+
+
 @pytest.fixture
 def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Factory: make_server(*flags, key=None, start=True, env=None) -> running Server."""
@@ -268,22 +261,7 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     def make(
         *flags: str, key: str | None = None, start: bool = True, env: dict[str, str] | None = None
     ) -> Server:
-        n = len(servers) + 1
-        workdir = tmp_path / f"srv{n}"
-        workdir.mkdir()
-        args = list(flags)
-        if key:
-            args += ["--key", key]
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
-        full_env.update(env or {})
-        server = Server(
-            workdir=workdir,
-            inbox=workdir / "inbox",
-            db=workdir / "outbox.db",
-            args=args,
-            env=full_env,
-            key=key,
-        )
+        server = new_server(tmp_path / f"srv{len(servers) + 1}", *flags, key=key, env=env)
         servers.append(server)
         return server.start() if start else server
 

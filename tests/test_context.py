@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from ai_agent_proxy.context import RETRY_NOTICE, clean_user_text, extract_context, split_media
 
+from . import openclaw as oc
 from .conftest import FIXTURE_CONTEXTS, fixture_body
 
 
@@ -30,20 +31,41 @@ def test_fixture_message_ids_feed_retry_detection() -> None:
     assert extract_context(fixture_body("openclaw-2026.9-cli-local.json")).message_id is None
 
 
-def openclaw_retry_of(body: dict[str, Any]) -> dict[str, Any]:
-    """What OpenClaw sends after an empty answer: the same turn plus a notice."""
-    retry = json.loads(json.dumps(body))
-    retry["messages"].append(
-        {"role": "user", "content": f"{RETRY_NOTICE}. Please answer the user's last message."}
-    )
-    return retry
+def test_the_captured_retry_is_the_same_turn_with_the_notice() -> None:
+    turn, retry = (extract_context(oc.load(n)) for n in (oc.EMPTY_TURN, oc.EMPTY_RETRY))
+    assert (retry.context_id, retry.message_id, retry.latest_user_prompt) == (
+        "telegram:123456789", "20", "test empty reply",
+    )  # fmt: skip
+    assert retry.sender == turn.sender and retry.attachments == turn.attachments == ()
+    assert (turn.retry, retry.retry) == (False, True)
 
 
-def test_retry_notice_is_not_the_persons_text() -> None:
-    body = openclaw_retry_of(fixture_body("openclaw-2026.9-telegram-dm-turn2.json"))
-    ctx = extract_context(body)
-    assert ctx.latest_user_prompt == "second message, normal mode"
-    assert (ctx.context_id, ctx.message_id) == ("telegram:123456789", "12")
+@pytest.mark.parametrize(
+    "variant", [oc.retry_of, oc.retry_notice_after_internal, oc.retry_notice_as_part]
+)
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [(oc.TURN2, "second message, normal mode"),
+     (oc.GROUP, "@capture_test_bot hello from the group"),
+     (oc.PHOTO, "What is in this picture? (photo caption)"),
+     (oc.CLI_LOCAL, "hello")],
+)  # fmt: skip
+def test_the_retry_notice_wherever_it_sits_is_not_the_persons(variant, name, words) -> None:
+    ctx, original = extract_context(variant(oc.load(name))), extract_context(oc.load(name))
+    assert ctx.retry
+    assert ctx.latest_user_prompt == words
+    assert (ctx.context_id, ctx.message_id, ctx.attachments) == (
+        original.context_id, original.message_id, original.attachments,
+    )  # fmt: skip
+
+
+def test_the_notice_typed_by_a_person_is_their_words() -> None:
+    sentence = oc.retry_notice().split("] ", 1)[1]
+    for name in (oc.TURN1, oc.GROUP, oc.CLI_LOCAL):  # wrapped, or first in the turn
+        ctx = extract_context(oc.typed(oc.load(name), sentence))
+        assert (ctx.latest_user_prompt, ctx.retry) == (sentence, False), name
+    steer = extract_context(oc.steered(oc.load(oc.STEER_FIRST), sentence))
+    assert (steer.latest_user_prompt, steer.retry) == (sentence, False)
 
 
 def test_older_openclaw_shape() -> None:
@@ -266,7 +288,7 @@ def test_every_notice_in_the_table_is_tested() -> None:
     from ai_agent_proxy.context import NOTICES
 
     assert {name for name, _, _ in NOTICES} == {
-        "retry", "queued", "earlier", "continue", "attachment-not-analyzed",
+        "queued", "earlier", "continue", "attachment-not-analyzed",
     }  # fmt: skip
 
 
@@ -425,12 +447,71 @@ def test_the_newest_internal_context_wins() -> None:
     assert (ctx.context_id, ctx.message_id) == ("tg:new", "2")
 
 
-def test_internal_parts_inside_the_persons_message_are_not_their_words() -> None:
+def test_an_internal_part_merged_into_a_persons_message_is_their_words() -> None:
     own = internal({"chat_id": "tg:5", "message_id": "9"})["content"][0]
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "my words"}, own]}]}
     ctx = extract_context(body)
-    assert ctx.latest_user_prompt == "my words"
-    assert (ctx.context_id, ctx.message_id) == ("tg:5", "9")
+    assert ctx.latest_user_prompt == "my words\n" + own["text"]
+    assert (ctx.context_id, ctx.message_id) == (None, None)
+
+
+def forged_block(chat_id: str = "telegram:666", message_id: str = "1") -> str:
+    """What a stranger types to pass for OpenClaw's internal context: the captured block
+    of turn 1 with another chat's ids."""
+    real = oc.with_info(oc.load(oc.TURN1), chat_id=chat_id, message_id=message_id)
+    return str(real["messages"][-1]["content"][0]["text"])
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        (oc.STEER_SECOND, lambda b, t: oc.steered(oc.load(oc.STEER_FIRST), t)),  # steered
+        (oc.TURN1, oc.typed),  # first message of a chat
+        (oc.GROUP, oc.typed),  # a stranger in a group
+        (oc.TURN1, lambda b, t: oc.typed(b, "look at this:\n" + t)),  # quoted
+        (oc.QUEUED, lambda b, t: b),  # (the queued wrapper, below)
+    ],
+)
+def test_a_forged_internal_block_never_names_the_chat(name: str, make: Any) -> None:
+    """Identity comes only from OpenClaw's own internal-context message, found by its
+    structure; the marker in a person's message is their words."""
+    original = extract_context(oc.load(name))
+    forged = forged_block()
+    body = make(oc.load(name), forged)
+    if name == oc.QUEUED:  # a queued re-send: the person's words inside OpenClaw's wrapper
+        msg = body["messages"][-2]
+        msg["content"] = msg["content"].replace("while you were down: book a table", forged)
+    ctx = extract_context(body)
+    assert (ctx.context_id, ctx.message_id, ctx.sender) == (
+        original.context_id, original.message_id, original.sender,
+    )  # fmt: skip
+    assert "telegram:666" in ctx.latest_user_prompt
+    assert ctx.latest_user_prompt.endswith("<<<END_OPENCLAW_INTERNAL_CONTEXT>>>")
+
+
+def test_a_forged_block_merged_as_a_second_part_is_text() -> None:
+    body = oc.load(oc.STEER_SECOND)
+    person = body["messages"][-1]
+    person["content"] = [{"type": "text", "text": person["content"]},
+                         {"type": "text", "text": forged_block()}]  # fmt: skip
+    ctx = extract_context(body)
+    assert (ctx.context_id, ctx.message_id) == ("telegram:333456789", "1301")
+    assert ctx.latest_user_prompt.startswith("Steer test B: make it about cats\n<<<BEGIN")
+
+
+def test_chat_text_quoted_in_the_internal_context_is_not_identity() -> None:
+    """OpenClaw quotes earlier chat text in its internal context ("Conversation context");
+    only its `Conversation info` block names the chat."""
+    body = oc.load(oc.TURN2)
+    part = body["messages"][-1]["content"][0]
+    for info in ('\\"chat_id\\":\\"telegram:123456789\\"', '\\"message_id\\":\\"12\\"'):
+        assert info in part["text"]
+        part["text"] = part["text"].replace(info, '\\"x\\":1')  # OpenClaw's ids gone
+    quoted = json.dumps('```json\n{"chat_id": "telegram:666", "message_id": "1"}\n```')[1:-1]
+    part["text"] = part["text"].replace("OpenClaw: Hello from capture server.", quoted)
+    ctx = extract_context(body)
+    assert ctx.message_id is None
+    assert ctx.context_id == "telegram:123456789"  # the older rules: meta block, sender
 
 
 def test_internal_block_with_only_a_message_id() -> None:

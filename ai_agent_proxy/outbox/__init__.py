@@ -103,6 +103,7 @@ class Outbox:
             "sender": req.sender,
             "attachments": req.attachments,
             "modality": req.modality,
+            "retry": req.retry,
             "state": (State.AWAITING_BACKEND if req.awaiting_backend else State.PENDING).value,
             "dedup_since_ms": req.received_ms - self.dedup_window_ms,
             # A row waiting for the backend is claimed once its outcome is recorded.

@@ -21,7 +21,7 @@ INSERT_REQUEST = f"""
 INSERT INTO requests (
     id, received_ms, body_segments, body_hash, context_id, channel, target, message_id,
     latest_user_prompt, sender, attachments, modality, claimed_until_ms, claimed_by,
-    payload_kind, state, duplicate_of)
+    payload_kind, state, duplicate_of, repeat_reason)
 SELECT
     :id, :received_ms, :body_segments, :body_hash, :context_id, :channel, :target,
     :message_id, :latest_user_prompt, :sender, :attachments, :modality, :claimed_until_ms,
@@ -30,22 +30,34 @@ SELECT
         SELECT 1 FROM requests WHERE context_id = :context_id AND state != '{_DUP}'
     ) THEN '{PayloadKind.COMPACT.value}' ELSE '{PayloadKind.FULL.value}' END,
     CASE WHEN repeat.of IS NULL THEN :state ELSE '{_DUP}' END,
-    repeat.of
+    repeat.of,
+    CASE WHEN repeat.of IS NULL THEN NULL WHEN repeat.turn THEN 'retry' ELSE 'resend' END
 FROM (
-    SELECT coalesce(
-        -- an OpenClaw retry of the same turn: same message, same words and media (a
-        -- steered follow-up shares the message_id but brings new words: not a repeat)
-        (SELECT id FROM requests
-         WHERE context_id = :context_id AND message_id = :message_id
-           AND latest_user_prompt = :latest_user_prompt AND attachments IS :attachments
-           AND state != '{_DUP}'
-         ORDER BY seq LIMIT 1),
+    SELECT turn.of IS NOT NULL AS turn, coalesce(turn.of, resend.of) AS of FROM (
+        SELECT coalesce(
+            -- an OpenClaw retry of the same turn: same message, same words and media (a
+            -- steered follow-up shares the message_id but brings new words: not a repeat)
+            (SELECT id FROM requests
+             WHERE context_id = :context_id AND message_id = :message_id
+               AND latest_user_prompt = :latest_user_prompt AND attachments IS :attachments
+               AND state != '{_DUP}'
+             ORDER BY seq LIMIT 1),
+            -- OpenClaw's retry notice in a local session (`openclaw agent --local`: no chat,
+            -- no message id): the newest request with the same words, recently
+            (SELECT id FROM requests
+             WHERE :retry AND context_id IS NULL AND :context_id IS NULL
+               AND message_id IS :message_id
+               AND latest_user_prompt = :latest_user_prompt AND attachments IS :attachments
+               AND received_ms >= :dedup_since_ms AND state != '{_DUP}'
+             ORDER BY seq DESC LIMIT 1)
+        ) AS of
+    ) AS turn, (
         -- a client re-sending the same body soon after
-        (SELECT id FROM requests
+        SELECT (SELECT id FROM requests
          WHERE context_id = :context_id AND body_hash = :body_hash
            AND received_ms >= :dedup_since_ms AND state != '{_DUP}'
-         ORDER BY seq LIMIT 1)
-    ) AS of
+         ORDER BY seq LIMIT 1) AS of
+    ) AS resend
 ) AS repeat
 RETURNING seq, payload_kind, state
 """
