@@ -7,10 +7,12 @@ stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -553,13 +555,17 @@ def next_request(
     timeout: Annotated[
         float | None, typer.Option("--timeout", help="With --wait: give up after SECONDS.")
     ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The short view as JSON.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="The inbox file, byte for byte.")] = False,
     path_only: Annotated[bool, typer.Option("--path", help="Print the file's path only.")] = False,
     config: ConfigOpt = None,
     db: DbOpt = None,
     inbox: InboxOpt = None,
 ) -> None:
-    """Print the oldest inbox file not yet replied to or done (exit 3 if there is none)."""
+    """The oldest request not yet replied to or done, in short: id, file, sender, words
+    (exit 3 if there is none)."""
     from . import replies
+    from .agent_view import agent_view, render_text
     from .inbox import render
 
     with replies_session(config, db, inbox) as (settings, history, conn):
@@ -570,13 +576,19 @@ def next_request(
             raise fail("no request is waiting for a reply", 3)
         selection = make_selection(None, None, None, None, None, None, [found])
         ((row, _),) = list(history.pending_rows(selection))
+        earlier = replies.earlier_requests(conn, row.context_id, row.seq)
     path = settings.inbox / row.inbox_file
     with reader_may_leave():
         if path_only:
             typer.echo(str(path))
-        else:  # the file's bytes, from the DB: the agent may have moved the file already
+        elif full:  # the file's bytes, from the DB: the agent may have moved the file already
             sys.stdout.write(render(row, settings).decode())
-            sys.stdout.flush()
+        else:
+            view = agent_view(row, path, time.time() - row.received_ms / 1000, earlier)
+            sys.stdout.write(
+                json.dumps(view, ensure_ascii=False) + "\n" if as_json else render_text(view)
+            )
+        sys.stdout.flush()
 
 
 # -- running as a service -------------------------------------------------------------------

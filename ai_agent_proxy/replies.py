@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import HistoryError
 from .outbox.engine import BUSY_TIMEOUT_MS
 from .outbox.queries import ANSWERED, UNANSWERED
-from .rows import ReplyState
+from .rows import ReplyState, State
 
 SEND_TIMEOUT_S = 120.0
 OUTPUT_KEPT = 4000  # characters of the CLI's output kept with the reply
@@ -112,6 +112,17 @@ def oldest_unanswered(conn: sqlite3.Connection) -> str | None:
         f"SELECT id FROM requests WHERE {UNANSWERED} ORDER BY seq LIMIT 1"
     ).fetchone()
     return None if row is None else str(row["id"])
+
+
+def earlier_requests(conn: sqlite3.Connection, context_id: str | None, seq: int) -> int:
+    """How many requests of the same conversation came before (repeats not counted)."""
+    if context_id is None:
+        return 0
+    row = conn.execute(
+        "SELECT count(*) FROM requests WHERE context_id = ? AND seq < ? AND state != ?",
+        (context_id, seq, State.DUPLICATE.value),
+    ).fetchone()
+    return int(row[0])
 
 
 def wait_for_unanswered(conn: sqlite3.Connection, timeout_s: float | None) -> str | None:

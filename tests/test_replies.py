@@ -10,7 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner, Result
 
+from ai_agent_proxy.cli import cli
+
+from . import openclaw as oc
 from .conftest import Server, fixture_body, wait_until
 
 TURN1 = "openclaw-2026.9-telegram-dm-turn1.json"
@@ -139,10 +143,9 @@ def test_a_failed_send_is_recorded_and_can_be_retried(loop) -> None:
 def test_next_done_and_waiting(loop) -> None:
     server, _log, env = loop
     first, second, third = ids(server)
-    shown = run(server, env, "next")
+    shown = run(server, env, "next", "--json")
     assert shown.returncode == 0, shown.stderr
-    assert json.loads(shown.stdout)["latest-user-prompt"] == "hello from telegram DM"
-    assert shown.stdout.encode() == (server.inbox / server.inbox_names()[0]).read_bytes()
+    assert json.loads(shown.stdout)["words"] == "hello from telegram DM"
     assert run(server, env, "done", first).returncode == 0
     assert run(server, env, "done", first).returncode == 1  # done already
     assert run(server, env, "reply", second, "--message", "ok").returncode == 0
@@ -162,7 +165,63 @@ def test_next_done_and_waiting(loop) -> None:
     assert server.post_chat(body).status_code == 200
     out, err = waiting.communicate(timeout=30)
     assert waiting.returncode == 0, err
-    assert json.loads(out)["latest-user-prompt"] == "late"
+    assert out.endswith("\n\nlate\n")
+
+
+def next_(server: Server, *args: str) -> Result:
+    """`next` in-process (Typer's CliRunner) on the server's DB and inbox."""
+    where = ["--db", str(server.db), "--inbox", str(server.inbox)]
+    return CliRunner().invoke(cli, ["next", *args, *where])
+
+
+def test_next_shows_an_agent_the_short_view(loop) -> None:
+    server, _log, env = loop
+    first, second, _ = ids(server)
+    assert run(server, env, "done", first).returncode == 0
+    shown = next_(server)
+    assert shown.exit_code == 0, shown.output
+    path = server.inbox / server.inbox_names()[1]
+    assert len(shown.stdout.encode()) < 1024
+    lines = shown.stdout.splitlines()
+    assert lines[:4] == [f"request_id: {second}", f"file: {path}",
+                         "context_id: telegram:123456789",
+                         "sender: Alice Tester (@alice_t, id 123456789)"]  # fmt: skip
+    assert lines[4].startswith("waiting: ") and lines[4].endswith("s")
+    assert lines[5:] == [
+        "earlier: 1 in this conversation (history --context-id telegram:123456789)",
+        "", "second message, normal mode",
+    ]  # fmt: skip
+    view = json.loads(next_(server, "--json").stdout)
+    assert view == {
+        "request_id": second, "inbox_file": str(path), "context_id": "telegram:123456789",
+        "sender": oc.ALICE, "modality": None, "attachments": [],
+        "waiting_s": view["waiting_s"], "earlier_messages": 1,
+        "words": "second message, normal mode", "words_left_out": 0,
+    }  # fmt: skip
+    assert 0 <= view["waiting_s"] < 60
+    assert next_(server, "--full").stdout_bytes == path.read_bytes()
+    assert next_(server, "--path").stdout == f"{path}\n"
+
+
+def test_next_cuts_long_words_and_names_the_media(make_server) -> None:
+    server = make_server()
+    long = "é" * 19_999 + "!"
+    body = oc.with_info(oc.typed(oc.load(oc.TURN1), long), message_id="77")
+    for sent in (body, oc.load(oc.VOICE)):
+        assert server.post_chat(sent).status_code == 200
+    server.wait_files(2)
+    view = json.loads(next_(server, "--json").stdout)
+    assert view["words"] == "é" * 2000 and view["words_left_out"] == 18_000
+    text = next_(server).stdout
+    assert text.endswith("é\n[... 18,000 more characters: next --full shows all]\n")
+    assert len(text.encode()) < 5000
+    assert json.loads(next_(server, "--full").stdout)["latest-user-prompt"] == long
+    first = server.rows()[0]["id"]
+    assert CliRunner().invoke(cli, ["done", first, "--db", str(server.db)]).exit_code == 0
+    voice = next_(server).stdout.splitlines()
+    media = oc.EXPECTED[oc.VOICE]["attachments"][0]["path"]
+    assert "modality: voice" in voice and f"attachment: {media} (audio/ogg)" in voice
+    assert voice[-1] == "(no words)"
 
 
 def test_history_stats_and_metrics_show_the_replies(loop) -> None:
