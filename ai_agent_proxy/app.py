@@ -12,6 +12,8 @@ import hmac
 import logging
 import signal
 import time
+from enum import Enum
+from functools import partial
 from typing import Any
 
 import orjson
@@ -142,9 +144,52 @@ def read_body(raw_body: bytes, remote: str, parser: BodyParser) -> ParsedBody:
     return parsed
 
 
+class Phase(Enum):
+    """Where a server is in its life; set in one place each (create_app, the last start-up
+    listener, the first stop listener)."""
+
+    STARTING = "starting"
+    SERVING = "serving"
+    STOPPING = "stopping"
+
+
+RESTOP_S = 0.2
+
+
+class ProxyApp(Sanic):
+    """Sanic with a stop that is never lost, whenever SIGTERM or SIGINT comes.
+
+    Sanic stops by stopping the event loop. A stop made while its start-up listeners run
+    (the port answers already: a service manager stopping a server that has just answered
+    its first request) is consumed when that start-up step returns, and the server then
+    runs on. So a stop is only made once serving has begun, and is made again every
+    RESTOP_S until the stop listeners have begun. Signals are heard from the first start-up
+    listener on (Sanic's own handlers, installed later, call this same method)."""
+
+    def stop(self, terminate: bool = True, unregister: bool = False) -> None:
+        phase: Phase = self.ctx.phase
+        if phase is Phase.STOPPING:
+            return
+        if phase is Phase.SERVING:
+            super().stop(terminate=terminate, unregister=unregister)
+        asyncio.get_event_loop().call_later(RESTOP_S, self.stop, terminate, unregister)
+
+
+FIRST = 1_000_000  # listener priority: before every other listener of its step
+
+
+async def hear_stop_signals(app: Sanic) -> None:
+    """SIGTERM and SIGINT stop the server from the first start-up listener on, before the
+    port answers (Sanic installs its own handlers later, calling the same ProxyApp.stop)."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, partial(app.stop, terminate=False))
+
+
 def create_app(settings: Settings) -> Sanic:
     setup_logging(settings.debug)
-    app = Sanic("ai_agent_proxy", configure_logging=False)
+    app = ProxyApp("ai_agent_proxy", configure_logging=False)
+    app.ctx.phase = Phase.STARTING
     app.config.REQUEST_MAX_SIZE = settings.max_body
     app.config.ACCESS_LOG = settings.debug
     app.config.MOTD = False
@@ -152,6 +197,8 @@ def create_app(settings: Settings) -> Sanic:
     app.error_handler = ProxyErrorHandler(settings.key)
     app.ctx.settings = settings
     app.ctx.metrics = Metrics()
+
+    app.before_server_start(hear_stop_signals, priority=FIRST)
 
     @app.before_server_start
     async def open_outbox(app: Sanic) -> None:
@@ -176,23 +223,6 @@ def create_app(settings: Settings) -> Sanic:
         gc.freeze()
 
     @app.after_server_start
-    async def stop_on_signals(app: Sanic) -> None:
-        # Sanic stops the loop on SIGTERM/SIGINT; a signal that comes while it is still
-        # running its start-up listeners (a service manager stopping a server that has
-        # just answered its first request) is swallowed, and the server runs on. Ask again
-        # until the stop has begun.
-        loop = asyncio.get_running_loop()
-        app.ctx.stopping = False
-
-        def stop() -> None:
-            if not app.ctx.stopping:
-                app.stop(terminate=False)
-                loop.call_later(0.2, stop)
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop)
-
-    @app.after_server_start
     async def announce_listening(app: Sanic) -> None:
         LIMITS.bound = connection_bound(settings.max_connections)
         LIMITS.header_timeout = settings.header_timeout
@@ -203,10 +233,11 @@ def create_app(settings: Settings) -> Sanic:
         )  # fmt: skip
         # The DB is open and the port answers: a service manager may start what needs us.
         notify(f"READY=1\nSTATUS=listening on {host}:{settings.port}")
+        app.ctx.phase = Phase.SERVING
 
     @app.before_server_stop
     async def stop_taking_requests(app: Sanic) -> None:
-        app.ctx.stopping = True
+        app.ctx.phase = Phase.STOPPING
         notify("STOPPING=1")
         drain()
 
