@@ -26,7 +26,8 @@ from . import openclaw
 # (context_id, latest-user-prompt) of each, from the one table in tests/openclaw.py.
 FIXTURES = openclaw.FIXTURES
 FIXTURE_CONTEXTS = {
-    name: (values["context_id"], values["prompt"]) for name, values in openclaw.EXPECTED.items()
+    name: (values["context_id"], values.get("stored_prompt", values["prompt"]))
+    for name, values in openclaw.EXPECTED.items()
 }
 
 

@@ -26,6 +26,8 @@ PHOTO = "openclaw-2026.9-telegram-photo.json"
 PHOTO_INPUT = "openclaw-2026.9-telegram-photo-image-input.json"
 VOICE = "openclaw-2026.9-telegram-voice.json"
 QUEUED = "openclaw-2026.9-telegram-queued-resend.json"
+QUEUED_EMPTY = "openclaw-2026.9-telegram-queued-empty-turn.json"
+QUEUED_RETRY = "openclaw-2026.9-telegram-queued-empty-retry.json"
 
 INTERNAL_BEGIN = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>"
 _WRAPPER = re.compile(r"\A\[[^\]]*\] Conversation info: [^\n]*\n```json\n[^\n]*\n```\n\n")
@@ -177,6 +179,13 @@ EXPECTED: dict[str, dict[str, Any]] = {
                       prompt="test empty reply"),
     QUEUED: dict(context_id="telegram:123456789", message_id="2003", sender=ALICE,
                  prompt="while you were down: book a table"),
+    QUEUED_EMPTY: dict(context_id="telegram:123456789", message_id="862239", sender=ALICE,
+                       prompt="while you were down: book a table"),
+    # its retry: OpenClaw merged the turn's words into one message; no file of its own
+    QUEUED_RETRY: dict(context_id="telegram:123456789", message_id="862239", sender=ALICE,
+                       prompt="while you were down: book a table",
+                       stored_prompt="hello from the real gateway, REPLY empty\n"
+                                     "while you were down: book a table"),
 }  # fmt: skip
 for _values in EXPECTED.values():
     _values.setdefault("attachments", None)

@@ -22,11 +22,14 @@ from .conftest import Server, new_server
 
 ORDER = [
     oc.TURN1, oc.TURN2, oc.EMPTY_TURN, oc.EMPTY_RETRY, oc.QUEUED, oc.GROUP, oc.CLI_LOCAL,
-    oc.STEER_FIRST, oc.STEER_SECOND, oc.PHOTO, oc.PHOTO_INPUT, oc.VOICE,
+    oc.STEER_FIRST, oc.STEER_SECOND, oc.PHOTO, oc.PHOTO_INPUT, oc.VOICE, oc.QUEUED_EMPTY,
+    oc.QUEUED_RETRY,
 ]  # fmt: skip
 # (bodies in the order sent, inbox files they make together)
-SEQUENCES = [((oc.TURN1, oc.TURN2), 2), ((oc.STEER_FIRST, oc.STEER_SECOND), 2),
-             ((oc.EMPTY_TURN, oc.EMPTY_RETRY), 1)]  # fmt: skip
+SEQUENCES = [
+    ((oc.TURN1, oc.TURN2), 2), ((oc.STEER_FIRST, oc.STEER_SECOND), 2),
+    ((oc.EMPTY_TURN, oc.EMPTY_RETRY), 1), ((oc.QUEUED_EMPTY, oc.QUEUED_RETRY), 1),
+]  # fmt: skip
 
 
 def test_the_corpus_is_every_captured_body() -> None:
@@ -71,12 +74,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.mark.parametrize("name", ORDER)
 def test_each_captured_body_end_to_end(corpus: Corpus, name: str) -> None:
-    expected, row = oc.EXPECTED[name], corpus.rows[name]
+    expected, row = dict(oc.EXPECTED[name]), corpus.rows[name]
     assert corpus.server.body(row["id"]) == oc.raw(name)  # stored byte for byte
+    stored_prompt = expected.pop("stored_prompt", expected["prompt"])
+    assert row["latest_user_prompt"] == stored_prompt
     stored = {
         "context_id": row["context_id"], "message_id": row["message_id"],
         "sender": row["sender"] and json.loads(row["sender"]),
-        "prompt": row["latest_user_prompt"],
+        "prompt": expected["prompt"] if row["duplicate_of"] else row["latest_user_prompt"],
         "attachments": row["attachments"] and json.loads(row["attachments"]),
         "modality": row["modality"],
     }  # fmt: skip
@@ -93,7 +98,9 @@ def test_each_captured_body_end_to_end(corpus: Corpus, name: str) -> None:
     assert corpus.answers[name].endswith(b"data: [DONE]\n\n")
 
 
-@pytest.mark.parametrize(("names", "files"), SEQUENCES, ids=["dm", "steer", "empty-retry"])
+@pytest.mark.parametrize(
+    ("names", "files"), SEQUENCES, ids=["dm", "steer", "empty-retry", "queued-retry"]
+)
 def test_each_sequence_makes_its_files(corpus: Corpus, names: tuple[str, str], files: int) -> None:
     rows = [corpus.rows[n] for n in names]
     assert sum(r["state"] == "written" for r in rows) == files

@@ -42,13 +42,16 @@ FROM (
                AND latest_user_prompt = :latest_user_prompt AND attachments IS :attachments
                AND state != '{_DUP}'
              ORDER BY seq LIMIT 1),
-            -- OpenClaw's retry notice in a local session (`openclaw agent --local`: no chat,
-            -- no message id): the newest request with the same words, recently
+            -- OpenClaw's retry notice: the newest request of the same message. OpenClaw may
+            -- re-assemble the turn's words for the retry (after a queued re-send it merges
+            -- them into one message); without a message id (a local session), the same
+            -- words, recently
             (SELECT id FROM requests
-             WHERE :retry AND context_id IS NULL AND :context_id IS NULL
-               AND message_id IS :message_id
-               AND latest_user_prompt = :latest_user_prompt AND attachments IS :attachments
-               AND received_ms >= :dedup_since_ms AND state != '{_DUP}'
+             WHERE :retry AND context_id IS :context_id AND message_id IS :message_id
+               AND (:message_id IS NOT NULL OR (
+                    latest_user_prompt = :latest_user_prompt AND attachments IS :attachments
+                    AND received_ms >= :dedup_since_ms))
+               AND state != '{_DUP}'
              ORDER BY seq DESC LIMIT 1)
         ) AS of
     ) AS turn, (
