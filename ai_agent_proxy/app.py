@@ -10,6 +10,7 @@ import asyncio
 import gc
 import hmac
 import logging
+import os
 import signal
 import time
 from enum import Enum
@@ -27,11 +28,11 @@ from .bodies import BodyParser, ParsedBody, TooDeep
 from .chat import Answer, json_response, relay_chat
 from .config import Settings
 from .connections import LIMITS, closing_response, connection_bound, drain
-from .context import RequestContext, extract_context
+from .context import MediaStore, RequestContext, extract_context
 from .errors import OutboxError, RowRejected
 from .flusher import Flusher
 from .ids import new_request_id
-from .logs import setup_logging
+from .logs import redact_logs, setup_logging
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .outbox import Outbox
 from .process import notify, return_large_allocations
@@ -188,8 +189,12 @@ async def hear_stop_signals(app: Sanic) -> None:
 
 def create_app(settings: Settings) -> Sanic:
     setup_logging(settings.debug)
+    redact_logs(settings.redact)
     app = ProxyApp("ai_agent_proxy", configure_logging=False)
     app.ctx.phase = Phase.STARTING
+    # Symlinks followed: a media line's path counts only if the file it names is inside.
+    # (A few lstat calls, for the rare message that has such a line.)
+    app.ctx.media = MediaStore(str(settings.media_dir), os.path.realpath)
     app.config.REQUEST_MAX_SIZE = settings.max_body
     app.config.ACCESS_LOG = settings.debug
     app.config.MOTD = False
@@ -268,7 +273,7 @@ def create_app(settings: Settings) -> Sanic:
     async def chat_completions(request: Request) -> HTTPResponse | None:
         parsed = read_body(request.body, request.client_ip, request.app.ctx.parser)
         body = parsed.value
-        context = extract_context(body)
+        context = extract_context(body, request.app.ctx.media)
         request_id, received_ms = new_request_id()
         relay: Relay | None = request.app.ctx.relay
         row = new_request(request_id, received_ms, parsed, request.body, context, relay)

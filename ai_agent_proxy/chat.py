@@ -20,6 +20,7 @@ from .config import Settings
 from .errors import BackendError, OutboxError
 from .outbox import Outbox
 from .relay import (
+    LineRedactor,
     Relay,
     RelayOutcome,
     SSEReader,
@@ -122,15 +123,18 @@ async def relay_stream(
         if not resp.headers.get("content-type", "").startswith("text/event-stream"):
             # The backend ignored "stream": answer its completion as a stream ourselves.
             relay.read_completion(await resp.aread(), outcome)
-            return replace(answer, reply=outcome.reply or "").fallback()
+            return replace(answer, reply=relay.redact(outcome.reply or "")).fallback()
         response = await request.respond(content_type=SSE, headers=SSE_HEADERS)
-        reader = SSEReader()
+        reader, passed_on = SSEReader(), LineRedactor(relay.redact_bytes)
         try:
             async for chunk in iterate(resp):
                 reader.feed(chunk)
                 if reader.finished:  # complete: keep it even if the client hangs up now
                     outcome.reply, outcome.usage = reader.text, reader.usage
-                await response.send(chunk)
+                if out := passed_on.feed(chunk):
+                    await response.send(out)
+            if rest := passed_on.flush():
+                await response.send(rest)
             if not reader.finished:
                 raise BackendError("backend stream ended before a finish_reason")
             outcome.reply, outcome.usage = reader.text, reader.usage
@@ -140,6 +144,7 @@ async def relay_stream(
             notice = cutoff_text(reader.text, request.app.ctx.settings.cutoff_notice)
             outcome.error = relay.describe(exc) if isinstance(exc, httpx.HTTPError) else str(exc)
             outcome.reply, outcome.usage = reader.text + notice, reader.usage
+            # (a line the backend left unfinished is not passed on: it would spoil the next)
             await response.send(wire.stream_close(answer.model, notice))
         await response.eof()
         return None

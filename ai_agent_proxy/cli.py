@@ -107,6 +107,13 @@ def serve(
         str | None,
         _opt("Seconds a request's headers may take (HEADER_TIMEOUT).", "--header-timeout"),
     ] = None,
+    body_timeout: Annotated[
+        str | None, _opt("Seconds a request's body may take (BODY_TIMEOUT).", "--body-timeout")
+    ] = None,
+    body_min_rate: Annotated[
+        str | None,
+        _opt("Bytes/s a body must keep up after BODY_TIMEOUT (BODY_MIN_RATE).", "--body-min-rate"),
+    ] = None,
     backend_timeout: Annotated[
         str | None, _opt("Backend timeout in seconds.", "--backend-timeout")
     ] = None,
@@ -115,6 +122,13 @@ def serve(
     ] = None,
     retention_days: Annotated[
         str | None, _opt("Prune written rows older than this (0 = keep).", "--retention-days")
+    ] = None,
+    openclaw_bin: Annotated[
+        str | None, _opt("The openclaw CLI `reply` runs (OPENCLAW_BIN).", "--openclaw-bin")
+    ] = None,
+    media_dir: Annotated[
+        str | None,
+        _opt("OpenClaw's folder holding media/inbound (MEDIA_DIR).", "--media-dir"),
     ] = None,
     debug: Annotated[bool | None, typer.Option("--debug/--no-debug", show_default=False)] = None,
 ) -> None:

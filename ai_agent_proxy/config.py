@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -26,6 +28,43 @@ SECRET_KEYS = frozenset({"KEY", "API_KEY"})
 SKILL_PATH = Path(__file__).parent / "skills" / "openclaw-message-cli" / "SKILL.md"
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+# Settings in seconds (retention in days): (lowest, highest) allowed. NaN, infinities and
+# values no operator means (a timeout of a century) are refused at start.
+SECONDS: dict[str, tuple[float, float]] = {
+    "header_timeout": (0.001, 3600),
+    "body_timeout": (0.001, 86400),
+    "backend_timeout": (0.001, 86400),
+    "dedup_window": (0, 86400),
+    "retention_days": (0, 36500),
+}
+
+
+def check_seconds(value: float, low: float, high: float) -> None:
+    """ValueError unless `value` is a finite number within [low, high]."""
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    if not low <= value <= high:
+        raise ValueError(f"must be from {low:g} to {high:g}")
+
+
+def check_backend_url(url: str) -> str:
+    """The backend URL, checked: http(s), a host, no user info; no trailing slash."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or " " in url:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        # httpx would send them as Basic auth to the backend, and they would be one more
+        # secret in every URL shown: the backend's key goes in API_KEY.
+        raise ValueError("must not hold a user name or password: give the backend key as API_KEY")
+    if parts.fragment:
+        raise ValueError("must not have a #fragment")
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/")))
 
 
 class Settings(BaseModel):
@@ -58,12 +97,19 @@ class Settings(BaseModel):
     max_connections: int = 1000
     # Seconds a request's headers may take to arrive, however slowly they trickle.
     header_timeout: float = 10.0
+    # Seconds a request's body may take to arrive (60 KB at ~1 KB/s, a poor mobile link);
+    # a larger body may take longer while it keeps BODY_MIN_RATE bytes per second.
+    body_timeout: float = 60.0
+    body_min_rate: int = 4096
     backend_timeout: float = 120.0
     dedup_window: float = 60.0
     retention_days: float = 0.0
     debug: bool = False
     # The OpenClaw CLI `reply` sends with (a path, or a name found on PATH).
     openclaw_bin: str = "openclaw"
+    # Where OpenClaw saves what people send (its inbound media store): only a media line
+    # naming a file inside it is an attachment. `~/.openclaw` holds OpenClaw's state.
+    media_dir: Path = Path("~/.openclaw")
 
     @field_validator("port")
     @classmethod
@@ -99,18 +145,18 @@ class Settings(BaseModel):
             raise ValueError("must be at least 1024 bytes")
         return v
 
-    @field_validator("backend_timeout", "dedup_window", "retention_days")
+    @field_validator(*SECONDS)
     @classmethod
-    def _non_negative(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError("must not be negative")
+    def _seconds(cls, v: float, info: Any) -> float:
+        low, high = SECONDS[info.field_name]
+        check_seconds(v, low, high)
         return v
 
-    @field_validator("backend_timeout", "header_timeout")
+    @field_validator("body_min_rate")
     @classmethod
-    def _positive_timeout(cls, v: float) -> float:
-        if v == 0:
-            raise ValueError("must be more than 0 seconds")
+    def _rate(cls, v: int) -> int:
+        if not 1 <= v <= 1 << 30:
+            raise ValueError("must be a whole number of bytes per second, 1-1073741824")
         return v
 
     @field_validator("url")
@@ -118,11 +164,9 @@ class Settings(BaseModel):
     def _url(cls, v: str | None) -> str | None:
         if v is None:
             return None
-        if not re.match(r"^https?://[^\s/]+", v):
-            raise ValueError("must be an http:// or https:// URL")
-        return v.rstrip("/")
+        return check_backend_url(v)
 
-    @field_validator("inbox", "db", "openclaw_message_cli_skill_path")
+    @field_validator("inbox", "db", "openclaw_message_cli_skill_path", "media_dir")
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
         return None if v is None else cls.expand_path(v)

@@ -8,7 +8,9 @@ message) and on plain OpenAI bodies. Nothing here does I/O and nothing here rais
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -140,15 +142,45 @@ class RequestContext:
         return self.channel or None
 
 
-def extract_context(body: Any) -> RequestContext:
-    """Everything the proxy needs to know about a request body. Never raises."""
+@dataclass(frozen=True)
+class MediaStore:
+    """OpenClaw's inbound media folder: `<root>/.../media/inbound/...` (root: the MEDIA_DIR
+    setting, OpenClaw's `~/.openclaw`). `resolve` turns a path into the one it names
+    (os.path.realpath follows symlinks: the server's; the default only normalises `..`)."""
+
+    root: str
+    resolve: Callable[[str], str] = os.path.normpath
+
+    def holds(self, path: str) -> bool:
+        """Whether `path` names a file in the store (`media://inbound/...` always does)."""
+        if path.startswith("media://inbound/"):
+            return ".." not in path.split("/")
+        if not path.startswith("/") or ".." in path.split("/"):
+            return False
+        # Inside as written (no `..`, no /proc/self/root/...) and as resolved (no symlink out).
+        return _in_inbound(os.path.normpath(path), os.path.normpath(self.root)) and _in_inbound(
+            self.resolve(path), self.resolve(self.root)
+        )
+
+
+def _in_inbound(path: str, root: str) -> bool:
+    """`path` is a file below a `media/inbound` folder somewhere inside `root`."""
+    inside = os.path.relpath(path, root).split(os.sep)
+    if inside[0] == ".." or len(inside) < 3:
+        return False
+    return any(a == "media" and b == "inbound" for a, b in itertools.pairwise(inside[:-1]))
+
+
+def extract_context(body: Any, media: MediaStore | None = None) -> RequestContext:
+    """Everything the proxy needs to know about a request body. Never raises. Without
+    `media`, a media line names an attachment by its shape alone (split_media)."""
     try:
-        return _extract(body)
+        return _extract(body, media)
     except Exception:  # extraction is best effort; a weird body must still be recorded
         return RequestContext()
 
 
-def _extract(body: Any) -> RequestContext:
+def _extract(body: Any, media: MediaStore | None) -> RequestContext:
     if not isinstance(body, dict):
         return RequestContext()
     messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
@@ -185,7 +217,7 @@ def _extract(body: Any) -> RequestContext:
             target = _sender_target(text)
         if sender is None:
             sender = next((_sender(o.get("sender")) for o in _fenced_objects(text)), None)
-        prompt, attachments = split_media(clean_user_text(text))
+        prompt, attachments = split_media(clean_user_text(text), media)
     return RequestContext(
         storable(channel),
         storable(target),
@@ -231,13 +263,13 @@ def _strip_envelope(text: str) -> str:
     return _RUNTIME.sub("", text, count=1)
 
 
-def split_media(text: str) -> tuple[str, tuple[Attachment, ...]]:
+def split_media(text: str, media: MediaStore | None = None) -> tuple[str, tuple[Attachment, ...]]:
     """(text without OpenClaw's `[media attached: ...]` lines, the attachments they name).
 
     Anyone can type such a line, and an agent opens what `attachments` names, so only the
     lines OpenClaw writes count: those it puts before the person's words, naming a file in
-    its inbound media store (`.../media/inbound/...` or `media://inbound/...`, no `..`).
-    Any other such line is the person's text and stays in it."""
+    its inbound media store (`media`; without one, any `.../media/inbound/...` or
+    `media://inbound/...` path without `..`). Any other such line is the person's text."""
     if "[media attached" not in text:
         return text, ()
     found: list[Attachment] = []
@@ -246,14 +278,15 @@ def split_media(text: str) -> tuple[str, tuple[Attachment, ...]]:
         inner = match.group(1).strip()
         parts = None if _MEDIA_COUNT.match(inner) else _MEDIA_INNER.match(inner)
         if parts is not None:
-            if not _is_inbound_media(parts["path"].strip()):
+            path = parts["path"].strip()
+            if not (media.holds(path) if media else _looks_inbound(path)):
                 break
-            found.append(Attachment(parts["path"].strip(), parts["mime"], parts["name"]))
+            found.append(Attachment(path, parts["mime"], parts["name"]))
         rest = rest[match.end() :].lstrip("\n")
     return (rest.strip(), tuple(found)) if found else (text, ())
 
 
-def _is_inbound_media(path: str) -> bool:
+def _looks_inbound(path: str) -> bool:
     unified = path.replace("\\", "/")
     if ".." in unified.split("/"):
         return False

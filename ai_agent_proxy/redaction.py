@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 MASK = "****"
 _KEYLIKE = re.compile(r"(?i)(key|token|secret|passw|pwd|auth|sig|credential|session)")
+_USERINFO = re.compile(r"//([^/?#]*)@")
 MIN_SECRET = 4  # shorter strings would mask ordinary text; such a secret is no secret
 
 
@@ -20,7 +21,12 @@ def url_secrets(url: str | None) -> list[str]:
     """The secret parts of a URL: user name and password, key-like query values."""
     if not url:
         return []
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError:  # not a URL a client could use; whatever is before an @ is secret
+        userinfo = _USERINFO.search(url)
+        return [userinfo.group(1)] if userinfo else []
     found = [s for s in (parts.username, parts.password) if s]
     found += [v for k, v in parse_qsl(parts.query, keep_blank_values=False) if _KEYLIKE.search(k)]
     return found
@@ -30,7 +36,10 @@ def mask_url(url: str | None) -> str:
     """The URL as it may be shown: user info and key-like query values masked."""
     if not url:
         return ""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a malformed URL (e.g. a bad IPv6 host) is shown without user info
+        return _USERINFO.sub("//" + MASK + "@", url.split("?", 1)[0])
     netloc = parts.netloc
     if "@" in netloc:
         netloc = MASK + "@" + netloc.rsplit("@", 1)[1]
@@ -53,6 +62,14 @@ class Redactor:
     @classmethod
     def for_settings(cls, key: str | None, api_key: str | None, url: str | None) -> Redactor:
         return cls([key, api_key, *url_secrets(url)])
+
+    def in_bytes(self, data: bytes) -> bytes:
+        """The same on bytes as they are sent (UTF-8), for data passed on as it came."""
+        for secret in self._secrets:
+            raw = secret.encode("utf-8", "surrogatepass")
+            if raw in data:
+                data = data.replace(raw, MASK.encode())
+        return data
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:

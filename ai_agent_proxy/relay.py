@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -112,20 +113,50 @@ class SSEReader:
         return "".join(self.parts)
 
 
+class LineRedactor:
+    """A backend stream passed on with the secrets masked, line by line: a key cut across
+    two chunks is still found (keys hold no newline). What follows the last newline waits
+    for the next chunk; SSE events end with one, so nothing waits in practice."""
+
+    HOLD_MAX = 1 << 16  # a backend that never sends a newline is passed on anyway
+
+    def __init__(self, redact: Callable[[bytes], bytes]) -> None:
+        self._redact = redact
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._held + chunk
+        cut = data.rfind(b"\n") + 1 if len(data) <= self.HOLD_MAX else len(data)
+        self._held = data[cut:]
+        return self._redact(data[:cut])
+
+    def flush(self) -> bytes:
+        data, self._held = self._held, b""
+        return self._redact(data)
+
+
 class Relay:
     def __init__(self, settings: Settings) -> None:
         assert settings.url
         self.settings = settings
         self.redact = settings.redact
         headers = {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+        # A query in URL (`?api-version=...`) goes after each path, not into the base path.
+        base = urlsplit(settings.url)
         self.client = httpx.AsyncClient(
-            base_url=settings.url + "/",
+            base_url=urlunsplit(base._replace(query="", path=base.path + "/")),
+            params=parse_qsl(base.query, keep_blank_values=True),
             headers=headers,
             timeout=httpx.Timeout(
                 settings.backend_timeout, connect=min(CONNECT_TIMEOUT_S, settings.backend_timeout)
             ),
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
         )
+
+    def redact_bytes(self, data: bytes) -> bytes:
+        """`data` with the configured secrets masked: backends echo keys (in errors, in
+        answers), and what they send is passed on to the client."""
+        return self.redact.in_bytes(data)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -145,7 +176,7 @@ class Relay:
         if not resp.is_success:
             raise BackendError(self._status_error(resp.status_code, resp.content))
         self.read_completion(resp.content, outcome)
-        return resp.content
+        return self.redact_bytes(resp.content)
 
     def read_completion(self, content: bytes, outcome: RelayOutcome) -> None:
         """Take the reply and usage of a chat.completion body; BackendError if it is not one."""
@@ -176,7 +207,7 @@ class Relay:
         """The backend's model list, or None if it cannot be had."""
         try:
             resp = await self.client.get("models", timeout=min(10.0, self.settings.backend_timeout))
-            data = resp.json() if resp.is_success else None
+            data = orjson.loads(self.redact_bytes(resp.content)) if resp.is_success else None
         except (httpx.HTTPError, ValueError) as exc:
             log.warning("backend_models_failed error=%s", self.describe(exc))
             return None

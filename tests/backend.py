@@ -1,7 +1,9 @@
 """A small real OpenAI-style backend LLM for relay tests (HTTP/1.1 in a thread).
 
 `mode` picks the behaviour: ok, status500, garbage, hang, cut, slow, json-for-stream, echo
-(a successful answer that repeats `echo_text`, e.g. secrets a careless backend echoes).
+(a successful answer that repeats `echo_text`, e.g. secrets a careless backend echoes; a
+stream sends each event in two chunks cut in its middle). `requests` records each request's
+path (query included), headers and body.
 With `gate` cleared, a stream pauses after its first content chunk until the test sets it.
 """
 
@@ -39,11 +41,13 @@ class FakeBackend:
                 pass
 
             def do_GET(self) -> None:
-                if self.path.endswith("/models"):
+                backend.requests.append({"path": self.path, "body": None, "headers": {}})
+                if self.path.split("?")[0].endswith("/models"):
                     self._json(200, {"object": "list", "data": [
                         {"id": "backend-a", "object": "model", "owned_by": "fake"},
                         {"id": "backend-b", "object": "model", "owned_by": "fake"},
-                    ]})  # fmt: skip
+                    ] + ([{"id": f"echo {backend.echo_text}", "object": "model"}]
+                         if backend.mode == "echo" else [])})  # fmt: skip
                 else:
                     self._json(404, {"error": {"message": "no"}})
 
@@ -51,8 +55,9 @@ class FakeBackend:
                 length = int(self.headers.get("content-length", 0))
                 body = json.loads(self.rfile.read(length))
                 backend.requests.append(
-                    {"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body}
-                )
+                    {"path": self.path, "body": body,
+                     "headers": {k.lower(): v for k, v in self.headers.items()}}
+                )  # fmt: skip
                 backend.handle(self, body)
 
             def _json(self, status: int, obj: Any) -> None:
@@ -98,7 +103,7 @@ class FakeBackend:
             h.end_headers()
             h.wfile.write(data)
             return
-        if mode == "echo":
+        if mode == "echo" and not body.get("stream"):
             h._json(200, completion(body.get("model", "?"), f"you said {self.echo_text}"))
             return
         if body.get("stream") and mode != "json-for-stream":
@@ -114,12 +119,16 @@ class FakeBackend:
         model = body.get("model", "?")
 
         def send(data: bytes) -> None:
-            h.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-            h.wfile.flush()
+            # echo: each event in two chunks, cut in its middle (a key may straddle them)
+            for piece in (data[: len(data) // 2], data[len(data) // 2 :]) if echo else (data,):
+                h.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                h.wfile.flush()
 
+        echo = self.mode == "echo"
+        parts = [f"you said {self.echo_text}"] if echo else REPLY_PARTS
         try:
             send(event(chunk(model, {"role": "assistant", "content": ""})))
-            for i, part in enumerate(REPLY_PARTS):
+            for i, part in enumerate(parts):
                 send(event(chunk(model, {"content": part})))
                 if self.delay:
                     time.sleep(self.delay)

@@ -25,6 +25,7 @@ from . import openclaw
 # Real OpenClaw 2026.9 request bodies (copied from the project's shared fixtures):
 # (context_id, latest-user-prompt) of each, from the one table in tests/openclaw.py.
 FIXTURES = openclaw.FIXTURES
+OPENCLAW_HOME = "/home/alice/.openclaw"
 FIXTURE_CONTEXTS = {
     name: (values["context_id"], values.get("stored_prompt", values["prompt"]))
     for name, values in openclaw.EXPECTED.items()
@@ -239,7 +240,8 @@ def new_server(
     """A server (not started) with its own inbox and DB in `workdir`, and no
     AI_AGENT_PROXY_ settings from the environment of the suite."""
     workdir.mkdir()
-    args = list(flags)
+    # The captured bodies name files under the OpenClaw home of the machine they came from.
+    args = ["--media-dir", OPENCLAW_HOME, *flags]
     if key:
         args += ["--key", key]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}

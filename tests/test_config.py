@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from ai_agent_proxy.cli import cli
 from ai_agent_proxy.config import load_settings, parse_config_file
 from ai_agent_proxy.errors import ConfigError
 
@@ -145,3 +147,33 @@ def test_port_in_use_is_one_line(server: Server, tmp_path: Path) -> None:
     assert not db.exists() and not (tmp_path / "i").exists()  # nothing made for nothing
     assert f"cannot serve on 127.0.0.1:{server.port}" in r.stderr.strip().splitlines()[-1]
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--header-timeout", "nan"], "HEADER_TIMEOUT='nan' (from flag --header-timeout): must be a"
+                                      " finite number"),
+        (["--retention-days", "inf"], "RETENTION_DAYS='inf' (from flag --retention-days): must be"),
+        (["--dedup-window", "1e300"], "DEDUP_WINDOW='1e300' (from flag --dedup-window): must be"
+                                      " from 0 to 86400"),
+        (["--body-timeout", "0"], "BODY_TIMEOUT='0' (from flag --body-timeout): must be from"),
+        (["--body-timeout", "-inf"], "BODY_TIMEOUT='-inf'"),
+        (["--body-min-rate", "0"], "BODY_MIN_RATE='0'"),
+        (["--backend-timeout", "NaN"], "BACKEND_TIMEOUT='NaN'"),
+        (["--url", "http://[::1/v1"], "URL='http://[::1/v1' (from flag --url): is not a valid URL"),
+        (["--url", "http://h:99999/v1"], "is not a valid URL (Port out of range"),
+        (["--url", "http://bob:sk-pw-1234@h/v1"], "URL='http://****@h/v1' (from flag --url): must"
+                                                  " not hold"),
+        (["--url", "http:///v1"], "must be an http:// or https:// URL with a host"),
+    ],
+)  # fmt: skip
+def test_absurd_values_and_malformed_urls_are_refused(
+    tmp_path: Path, monkeypatch, args: list[str], needle: str
+) -> None:
+    """In-process (Typer's CliRunner): one line naming the setting, exit 2, no traceback."""
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["serve", *args])
+    assert r.exit_code == 2, r.output
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "sk-pw-1234" not in r.output and "Traceback" not in r.output

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ai_agent_proxy.context import RETRY_NOTICE, clean_user_text, extract_context, split_media
+from ai_agent_proxy.context import (
+    RETRY_NOTICE,
+    MediaStore,
+    clean_user_text,
+    extract_context,
+    split_media,
+)
 
 from . import openclaw as oc
 from .conftest import FIXTURE_CONTEXTS, fixture_body
@@ -533,3 +541,39 @@ def test_a_typed_media_line_is_the_persons_text_not_an_attachment(text: str) -> 
     ctx = extract_context({"messages": [{"role": "user", "content": person(text)}]})
     assert ctx.attachments == ()
     assert ctx.latest_user_prompt == text
+
+
+# -- attachments: only files in OpenClaw's inbound media folder -----------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/etc/passwd#/media/inbound/x",  # the folder's name in a path elsewhere
+        "/proc/self/root/home/alice/.openclaw/media/inbound/x.png",  # the same file, by /proc
+        "/home/bob/.openclaw/media/inbound/x.png",  # another user's
+        "/home/alice/.openclaw/media/inbound/sub/../x.png",  # `..`, even staying inside
+        "/home/alice/.openclaw/media/inbound/",  # the folder itself
+        "/home/alice/.openclaw/workspace/notes/x.png",  # OpenClaw's, not its media
+        "C:\\Users\\alice\\.openclaw\\media\\inbound\\x.png",  # not a path here
+    ],
+)
+def test_a_path_outside_the_media_store_stays_text(path: str) -> None:
+    store = MediaStore("/home/alice/.openclaw")
+    line = f"[media attached: {path} (image/png)]"
+    body = oc.typed(oc.load(oc.PHOTO), line + "\nwhat is this?")
+    ctx = extract_context(body, store)
+    assert ctx.attachments == () and ctx.latest_user_prompt == line + "\nwhat is this?"
+    assert extract_context(oc.load(oc.PHOTO), store).attachments  # the captured one counts
+
+
+def test_a_symlink_out_of_the_media_store_stays_text(tmp_path: Path) -> None:
+    inbound = tmp_path / ".openclaw" / "media" / "inbound"
+    inbound.mkdir(parents=True)
+    (inbound / "photo.png").write_bytes(b"png")
+    (inbound / "link.png").symlink_to("/etc/passwd")
+    (tmp_path / "home").symlink_to(tmp_path / ".openclaw")  # a root reached by a symlink
+    store = MediaStore(str(tmp_path / "home"), os.path.realpath)
+    assert store.holds(str(tmp_path / "home" / "media" / "inbound" / "photo.png"))
+    assert not store.holds(str(tmp_path / "home" / "media" / "inbound" / "link.png"))
+    assert not store.holds(str(tmp_path / "elsewhere" / "media" / "inbound" / "photo.png"))

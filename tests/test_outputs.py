@@ -13,6 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ai_agent_proxy.cli import cli
+from ai_agent_proxy.config import load_settings
+from ai_agent_proxy.errors import ConfigError
 from ai_agent_proxy.history_render import csv_cell, printable
 from ai_agent_proxy.redaction import Redactor, mask_url, url_secrets
 
@@ -160,29 +162,48 @@ def test_redaction_rules() -> None:
     assert redact("x sk-long-secret y sk-long abc") == "x **** y **** abc"  # "abc": too short
 
 
-def test_url_credentials_and_echoed_keys_leave_no_trace(make_server, tmp_path: Path) -> None:
+def test_echoed_keys_leave_no_trace(make_server, tmp_path: Path) -> None:
+    """A backend that echoes the keys (in answers, streamed or not, and in its model list),
+    with DEBUG on: the keys reach neither the client, nor the DB, the inbox or the log."""
     api_key = "sk-api-key-0123456789"
     backend = FakeBackend(api_key=api_key)
     try:
-        host = backend.url.removeprefix("http://").removesuffix("/v1")
-        url = f"http://user:sk-url-password@{host}/v1?api_key=sk-url-query-key"
+        url = f"{backend.url}?api_key=sk-url-query-key&api-version=2"
         backend.mode = "echo"
-        backend.echo_text = f"{api_key} sk-url-password sk-url-query-key KEY=proxy-key-98765"
-        server = make_server("--url", url, "--api-key", api_key, key="proxy-key-98765")
+        backend.echo_text = f"{api_key} sk-url-query-key KEY=proxy-key-98765"
+        server = make_server("--url", url, "--api-key", api_key, "--debug", key="proxy-key-98765")
+        answers = []
         for stream, name in ((False, "turn1"), (True, "turn2")):
             body = fixture_body(f"openclaw-2026.9-telegram-dm-{name}.json")
-            assert server.post_chat({**body, "stream": stream}).status_code == 200
+            response = server.post_chat({**body, "stream": stream})
+            assert response.status_code == 200
+            answers.append(response.content)
+        models = server.get("/v1/models")
+        assert models.status_code == 200
+        answers.append(models.content)
         server.wait_files(2)
         server.stop()
     finally:
         backend.close()
-    assert "user:sk-url-password" not in server.log() and "****@" in server.log()
-    secrets = (api_key, "sk-url-password", "sk-url-query-key", "proxy-key-98765")
+    assert "HTTP Request: POST" in server.log()  # httpx's own line, shown with DEBUG
+    assert "api_key=****" in server.log() and "api-version=2" in server.log()
+    secrets = (api_key, "sk-url-query-key", "proxy-key-98765")
     places = [p for p in server.db.parent.iterdir() if p.name.startswith(server.db.name)]
     places += [server.inbox / n for n in server.inbox_names()] + server.logs
-    for path in places:
-        data = path.read_bytes()
+    for data, where in [(p.read_bytes(), p.name) for p in places] + [
+        (a, "answer") for a in answers
+    ]:
         for secret in secrets:
-            assert secret.encode() not in data, (secret, path.name)
+            assert secret.encode() not in data, (secret, where)
     replies = [p.get("backend-llm-reply") for p in server.inbox_payloads()]
-    assert replies[0] == "you said **** **** **** KEY=****"
+    assert replies == ["you said **** **** KEY=****"] * 2
+    assert b"you said **** **** KEY=****" in answers[0]  # the JSON answer
+    assert b'"content": "you said **** **** KEY=****"' in answers[1]  # the stream, unsplit
+    assert "echo **** **** KEY=****" in [m["id"] for m in json.loads(answers[2])["data"]]
+
+
+def test_a_backend_url_with_credentials_is_refused() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, {"url": "http://user:sk-secret-pw@127.0.0.1:9/v1"}, {})
+    assert "must not hold a user name or password" in str(err.value)
+    assert "sk-secret-pw" not in str(err.value) and "****@127.0.0.1" in str(err.value)

@@ -315,3 +315,16 @@ def test_client_leaving_right_after_done_keeps_the_reply(make_server, backend) -
     (row,) = server.rows()
     assert (row["backend_reply"], row["backend_error"]) == (FULL_REPLY, None)
     assert server.inbox_payloads()[0]["backend-llm-reply"] == FULL_REPLY
+
+
+def test_a_query_in_url_stays_after_each_path(make_server, backend: FakeBackend) -> None:
+    """`URL=https://host/v1?api-version=2`: each call goes to `/v1/<path>?api-version=2`."""
+    server = relay_server(make_server, backend.url + "?api-version=2&x=a%20b")
+    answer = sdk(server).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert answer.choices[0].message.content == FULL_REPLY
+    assert server.get("/v1/models").json()["data"][0]["id"] == "backend-a"
+    assert [r["path"] for r in backend.requests] == [
+        "/v1/chat/completions?api-version=2&x=a+b", "/v1/models?api-version=2&x=a+b",
+    ]  # fmt: skip
