@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .history_render import printable
+from .printable import printable
 from .rows import PendingRow
 
 WORDS_SHOWN = 2000  # characters of the person's words; the rest is in the file (--full)

@@ -32,7 +32,7 @@ from .context import MediaStore, RequestContext, extract_context
 from .errors import OutboxError, RowRejected
 from .flusher import Flusher
 from .ids import new_request_id
-from .logs import redact_logs, setup_logging
+from .logs import safe_logs, setup_logging
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .outbox import Outbox
 from .process import notify, return_large_allocations
@@ -78,6 +78,7 @@ class ProxyErrorHandler(ErrorHandler):
 
     def default(self, request: Request, exception: Exception) -> HTTPResponse:
         if request is not None and not is_authorized(request, self.key):
+            end_without_body(request)
             return error_response(401, "missing or invalid API key")
         status = getattr(exception, "status_code", 500)
         if status >= 500 and not isinstance(exception, ApiError):
@@ -91,6 +92,15 @@ class ProxyErrorHandler(ErrorHandler):
         elif status == 413:
             message = "request body too large"
         return error_response(status, message)
+
+
+def end_without_body(request: Request) -> None:
+    """This answer ends the connection, and the body not read yet is not waited for (Sanic
+    would read it to the end first, however slowly it came)."""
+    stream = request.stream
+    if stream is not None:
+        stream.keep_alive = False
+        stream.request_body = None
 
 
 def is_authorized(request: Request, key: str | None) -> bool:
@@ -189,7 +199,7 @@ async def hear_stop_signals(app: Sanic) -> None:
 
 def create_app(settings: Settings) -> Sanic:
     setup_logging(settings.debug)
-    redact_logs(settings.redact)
+    safe_logs(settings.redact)
     app = ProxyApp("ai_agent_proxy", configure_logging=False)
     app.ctx.phase = Phase.STARTING
     # Symlinks followed: a media line's path counts only if the file it names is inside.
@@ -231,6 +241,7 @@ def create_app(settings: Settings) -> Sanic:
     async def announce_listening(app: Sanic) -> None:
         LIMITS.bound = connection_bound(settings.max_connections)
         LIMITS.header_timeout = settings.header_timeout
+        LIMITS.body_timeout, LIMITS.body_min_rate = settings.body_timeout, settings.body_min_rate
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         log.info(
             "listening url=http://%s:%d/v1 inbox=%s max_connections=%d",
@@ -257,8 +268,9 @@ def create_app(settings: Settings) -> Sanic:
 
     auth_warned = AuthWarnings()
 
-    @app.on_request
-    async def authenticate(request: Request) -> None:
+    @app.signal("http.routing.after")
+    async def authenticate(request: Request, **_: Any) -> None:
+        # Routed, and the body not read yet: a client without the key gets 401 at once.
         if not is_authorized(request, settings.key):
             auth_warned.note(request.client_ip, request.path)
             raise ApiError(401, "missing or invalid API key")

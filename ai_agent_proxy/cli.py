@@ -536,7 +536,7 @@ def reply(
         status, output = replies.send(settings.openclaw_bin, to, text, reply_to)
         replies.finish(conn, rid, status, settings.redact(output))
     if status != 0:
-        from .history_render import printable
+        from .printable import printable
 
         last = output.strip().splitlines()[-1] if output.strip() else f"exit status {status}"
         raise fail(f"reply to {rid} failed: {printable(last, one_line=True)} (try again later)", 1)
@@ -737,7 +737,7 @@ def service_status(config: ConfigOpt = None, manager_name: ManagerOpt = None) ->
     import httpx
 
     from . import service
-    from .history_render import printable
+    from .printable import printable
 
     conf = service.service_config_path()
     settings = settings_or_exit(config or (str(conf) if conf.is_file() else None), {})

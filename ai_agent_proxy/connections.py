@@ -6,11 +6,13 @@ descriptor (with a common `ulimit -n 1024`, a thousand do). `GuardedHttpProtocol
 
 - a header deadline: a request's headers must be complete within HEADER_TIMEOUT seconds
   of its first byte, however they trickle;
+- a body deadline: its body must be complete BODY_TIMEOUT seconds after that first byte,
+  or keep arriving at BODY_MIN_RATE bytes per second on average from then on;
 - a bound on open connections per process, under the open-files limit; at the bound, a
-  new connection takes the place of the connection that has sent nothing useful for the
-  longest (idle, or still sending headers), so normal clients are served even during a
-  flood; when every connection is busy in a request, the new one is closed. Either way a
-  log line says so, at most once per LOG_EVERY_S;
+  new connection takes the place of the connection that has waited longest without a
+  whole request (idle, or its headers or body still coming), so normal clients are served
+  even during a flood; when every connection is busy in a handler, the new one is closed.
+  Each of these says so in one log line, at most once per LOG_EVERY_S;
 - on shutdown (`drain`), every connection answers the request it is in with
   `Connection: close` and closes, instead of serving keep-alive clients until the grace
   period runs out and then dropping requests already committed.
@@ -46,17 +48,22 @@ class _Limits:
     def __init__(self) -> None:
         self.bound = 1000
         self.header_timeout = 10.0  # HEADER_TIMEOUT
+        self.body_timeout = 60.0  # BODY_TIMEOUT
+        self.body_min_rate = 4096  # BODY_MIN_RATE
         self.stopping = False
         self.connections: set[Any] = set()  # Sanic's set of this server's connections
         self.refused = 0
         self.timed_out = 0
+        self.body_timed_out = 0
         self.evicted = 0
-        self._last_log = 0.0
+        self._last_said: dict[str, float] = {}
 
     def say(self, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last_log >= LOG_EVERY_S:
-            self._last_log = now
+        """Log `message` unless the same event (its first word) was said in the last
+        LOG_EVERY_S: a flood makes one line of each kind, not one per connection."""
+        event, now = message.split(":", 1)[0].split(" ", 1)[0], time.monotonic()
+        if now - self._last_said.get(event, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._last_said[event] = now
             log.warning(message, *args)
 
 
@@ -64,12 +71,14 @@ LIMITS = _Limits()
 
 
 class GuardedHttpProtocol(HttpProtocol):
-    """Sanic's HTTP/1.1 protocol with a header deadline and a connection bound."""
+    """Sanic's HTTP/1.1 protocol with header and body deadlines and a connection bound."""
 
-    __slots__ = ("_header_deadline",)
+    __slots__ = ("_deadline", "_request_began", "_request_bytes")
 
     def connection_made(self, transport: Any) -> None:
-        self._header_deadline: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._request_began = 0.0  # monotonic time of the current request's first byte
+        self._request_bytes = 0  # bytes of it received so far
         super().connection_made(transport)
         LIMITS.connections = self.connections
         if LIMITS.stopping:
@@ -79,41 +88,82 @@ class GuardedHttpProtocol(HttpProtocol):
 
     def data_received(self, data: bytes) -> None:
         http = self.http
-        if self._header_deadline is None or (http is not None and http.stage is Stage.IDLE):
-            # The first bytes of a request: its headers have HEADER_TIMEOUT from now.
-            # (Sanic's own timeouts restart with every byte, and are checked every 30 s.)
-            if self._header_deadline is not None:
-                self._header_deadline.cancel()
-            self._header_deadline = self.loop.call_later(LIMITS.header_timeout, self._headers_due)
+        if self._deadline is None or (http is not None and http.stage is Stage.IDLE):
+            # The first bytes of a request: its deadlines count from now. (Sanic's own
+            # timeouts restart with every byte, and are checked every 30 s.)
+            self._request_began, self._request_bytes = time.monotonic(), 0
+            self._check_in(min(LIMITS.header_timeout, LIMITS.body_timeout))
+        self._request_bytes += len(data)
         super().data_received(data)
 
-    def _headers_due(self) -> None:
+    def _check_in(self, delay: float) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(delay, self._deadlines)
+
+    def _deadlines(self) -> None:
+        """Cut a request whose headers are late, or whose body is late and slow; otherwise
+        look again when the next deadline is due."""
         http = self.http
         if self.transport is None or http is None:
             return
+        took = time.monotonic() - self._request_began
         if http.stage in (Stage.IDLE, Stage.REQUEST) and b"\r\n\r\n" not in self.recv_buffer:
+            if took < LIMITS.header_timeout:
+                self._check_in(LIMITS.header_timeout - took)
+                return
             LIMITS.timed_out += 1
             LIMITS.say(
-                "header_timeout: closed a connection whose request headers took over %.0f s"
+                "header_timeout: closed a connection whose request headers took over %g s"
                 " (%d so far)", LIMITS.header_timeout, LIMITS.timed_out,
             )  # fmt: skip
             self.abort()
+        elif self._receiving_body():
+            if took < LIMITS.body_timeout:
+                self._check_in(LIMITS.body_timeout - took)
+            elif self._request_bytes >= LIMITS.body_min_rate * took:
+                self._check_in(1.0)  # late but keeping the pace: looked at each second
+            else:
+                LIMITS.body_timed_out += 1
+                LIMITS.say(
+                    "body_timeout: closed a connection whose request body took over %g s"
+                    " at %.0f bytes/s (%d so far)",
+                    LIMITS.body_timeout, self._request_bytes / took, LIMITS.body_timed_out,
+                )  # fmt: skip
+                self.abort()
+
+    def _receiving_body(self) -> bool:
+        http = self.http
+        return http is not None and http.stage is Stage.HANDLER and bool(http.request_body)
+
+    def _waiting_since(self) -> float | None:
+        """When this connection began waiting for a whole request (idle, or headers or body
+        still coming); None while a handler works on one."""
+        http = self.http
+        if http is None:
+            return None
+        if http.stage is Stage.IDLE:
+            return float(self._time)  # Sanic's last activity (monotonic)
+        if http.stage is Stage.REQUEST or self._receiving_body():
+            return self._request_began
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._header_deadline is not None:
-            self._header_deadline.cancel()
+        if self._deadline is not None:
+            self._deadline.cancel()
         super().connection_lost(exc)
 
     def _make_room(self) -> None:
-        """At the bound: close the connection that has waited longest without a request in
-        progress (idle keep-alive, or headers still coming), or this new one."""
-        victims = [
-            c
+        """At the bound: close the connection that has waited longest without a whole
+        request (idle keep-alive, or headers or body still coming), or this new one."""
+        waiting = [
+            (since, c)
             for c in self.connections
-            if c is not self and c.http is not None and c.http.stage in (Stage.IDLE, Stage.REQUEST)
+            if c is not self and (since := c._waiting_since()) is not None
         ]
-        if victims:  # a slow or idle one makes room for the new one
-            closed, why = min(victims, key=lambda c: c._time), "closing the longest idle or slowest"
+        if waiting:  # a slow or idle one makes room for the new one
+            closed = min(waiting, key=lambda pair: pair[0])[1]
+            why = "closing the longest idle or slowest"
             LIMITS.evicted += 1
         else:  # every connection is inside a request: the new one waits its turn elsewhere
             closed, why = self, "every connection is busy: closing the new one"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -22,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .bodies import dumps as json_dumps
+from .printable import printable
 
 FORMATS = ("table", "json", "jsonl", "csv")
 CSV_COLUMNS = (
@@ -30,26 +30,7 @@ CSV_COLUMNS = (
     "attempts", "last_error", "written_at", "reply_state", "replied_at",
 )  # fmt: skip
 
-# C0 controls but tab and newline, DEL, C1 controls, and the bidi embedding/override/isolate
-# controls (U+202A-U+202E, U+2066-U+2069) and marks (U+200E, U+200F, U+061C). Zero-width
-# joiners stay: emoji need them and they move nothing.
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_UNSAFE_LINE = re.compile(_UNSAFE.pattern[:-1] + "\t\n]")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _escape(match: re.Match[str]) -> str:
-    char = match.group()
-    return {"\t": "\\t", "\n": "\\n", "\r": "\\r"}.get(char) or (
-        f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
-    )
-
-
-def printable(value: Any, *, one_line: bool = False) -> str:
-    """`value` as text safe to print on a terminal: unsafe characters visibly escaped (and
-    tabs and newlines too, for a one-line cell); None as '-'."""
-    text = "-" if value is None else str(value)
-    return (_UNSAFE_LINE if one_line else _UNSAFE).sub(_escape, text)
 
 
 def csv_cell(value: Any) -> Any:

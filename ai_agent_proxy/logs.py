@@ -3,9 +3,13 @@ with a fresh interpreter and no handlers)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+import time
 from collections.abc import Callable
+
+from .printable import printable
 
 
 def setup_logging(debug: bool) -> None:
@@ -18,27 +22,64 @@ def setup_logging(debug: bool) -> None:
     logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
-class RedactingFilter(logging.Filter):
-    """Masks the configured secrets in every record a handler emits, whoever logged it
-    (httpx logs each request URL, query and all, when DEBUG is on)."""
+class SafeLogFilter(logging.Filter):
+    """What every handler emits, whoever logged it:
+
+    - the configured secrets masked (httpx logs each request URL, query and all, when
+      DEBUG is on);
+    - control characters escaped (a request line is written by a stranger: an escape
+      sequence in it must not recolour, clear or forge the operator's log lines);
+    - a connection Sanic gave up on (aborted by the client, cut at a deadline, a request
+      line it could not parse) one short line, not a traceback, and one such line per kind
+      per PERIOD_S, as `auth_failed` is."""
+
+    PERIOD_S = 60.0
 
     def __init__(self, redact: Callable[[str], str]) -> None:
         super().__init__()
         self.redact = redact
+        self._last: dict[str, float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and record.name == "sanic.error" and "connection" in str(record.msg):
+            return self._connection_failed(record, exc)
         message = record.getMessage()
-        masked = self.redact(message)
-        if masked != message:
-            record.msg, record.args = masked, None
-        if record.exc_info and not record.exc_text:  # formatted here, so it is masked too
-            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
+        safe = printable(self.redact(message), one_line=True)
+        if safe != message:
+            record.msg, record.args = safe, None
+        if record.exc_info and not record.exc_text:  # formatted here, so it is made safe too
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = printable(self.redact(text))
+        return True
+
+    def _connection_failed(self, record: logging.LogRecord, exc: BaseException) -> bool:
+        while exc.__context__ is not None:  # the first failure, not Sanic's own after it
+            exc = exc.__context__
+        kind = type(exc).__name__
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.PERIOD_S) < self.PERIOD_S:
+            return False
+        self._last[kind] = now
+        if isinstance(exc, asyncio.CancelledError):
+            detail = "the connection was closed (by the client, or cut at a deadline)"
+        else:
+            detail = printable(self.redact(str(exc)), one_line=True)[:200]
+        record.msg, record.args = (
+            "connection_failed error=%s: %s (said once a minute)",
+            (
+                kind,
+                detail or "-",
+            ),
+        )
+        record.exc_info, record.exc_text, record.levelno = None, None, logging.WARNING
+        record.levelname = "WARNING"
         return True
 
 
-def redact_logs(redact: Callable[[str], str]) -> None:
-    """Put the redaction on the root logger's handlers (one filter each, replaced)."""
+def safe_logs(redact: Callable[[str], str]) -> None:
+    """Put SafeLogFilter on the root logger's handlers (one each, replaced)."""
     for handler in logging.getLogger().handlers:
-        for old in [f for f in handler.filters if isinstance(f, RedactingFilter)]:
+        for old in [f for f in handler.filters if isinstance(f, SafeLogFilter)]:
             handler.removeFilter(old)
-        handler.addFilter(RedactingFilter(redact))
+        handler.addFilter(SafeLogFilter(redact))

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -475,3 +476,159 @@ def test_sigterm_soon_after_the_first_answer_stops_the_server() -> None:
         sys.path.pop(0)
     cycles = run_cycles(4, parallel=2, grace_s=7.0, seed=1)
     assert all(c.stopped_in_s is not None and c.exit_code == 0 for c in cycles), cycles
+
+
+def _trickle_bodies(port: int, count: int, key: str | None = None) -> list[Any]:
+    """`count` connections that send whole headers of a 60 KB chat request, then its body
+    a byte now and then (a few bytes at once here)."""
+    import socket
+
+    auth = f"authorization: Bearer {key}\r\n" if key else ""
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"{auth}content-length: 60000\r\n\r\n{{"
+    ).encode()
+    flood = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(head)
+        flood.append(s)
+    return flood
+
+
+def _closed(s: Any) -> bool:
+    s.setblocking(False)
+    try:
+        return s.recv(65536) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_trickling_bodies_do_not_lock_out_normal_clients(make_server) -> None:
+    """200 connections trickle their bodies (headers whole, then a byte now and then) at
+    MAX_CONNECTIONS=64: a steady client is served throughout (the slowest body-stage
+    connection makes room), and the tricklers are cut once BODY_TIMEOUT has passed and
+    they keep no BODY_MIN_RATE."""
+    import threading
+    import time
+
+    server = make_server("--max-connections", "64", "--body-timeout", "2")
+    stop = threading.Event()
+    flood = _trickle_bodies(server.port, 200)
+
+    def trickle() -> None:
+        while not stop.wait(0.3):
+            for s in flood:
+                with contextlib.suppress(OSError):
+                    s.send(b" ")
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        served = 0
+        t_end = time.monotonic() + 3
+        while time.monotonic() < t_end:  # during the flood
+            r = server.post_chat(good(served), timeout=2)
+            assert r.status_code == 200
+            served += 1
+        assert served >= 10
+        assert "connection_limit_reached" in server.log()
+        wait_until(lambda: all(_closed(s) for s in flood), timeout=10,
+                   message="trickling bodies outlived BODY_TIMEOUT")  # fmt: skip
+        assert "body_timeout" in server.log()
+    finally:
+        stop.set()
+        thread.join(10)
+        for s in flood:
+            s.close()
+    server.wait_files(served)
+
+
+def test_a_wrong_key_is_refused_on_the_headers_before_the_body(make_server) -> None:
+    """With KEY set, 80 connections with no key (or a wrong one) send headers and trickle
+    their bodies at MAX_CONNECTIONS=64: each gets 401 at once and is closed; the client
+    with the key is served meanwhile."""
+    import time
+
+    server = make_server("--max-connections", "64", key="sk-proxy-key-123456")
+    started = time.monotonic()
+    flood = _trickle_bodies(server.port, 40) + _trickle_bodies(server.port, 40, key="wrong")
+    try:
+        for s in flood:
+            s.settimeout(5)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += s.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 401 "), answer[:100]
+        assert time.monotonic() - started < 5  # at once: nobody waited for a body
+        wait_until(lambda: all(_closed(s) for s in flood), timeout=5,
+                   message="refused connections were kept open")  # fmt: skip
+        assert server.post_chat(good(1), timeout=2).status_code == 200
+    finally:
+        for s in flood:
+            s.close()
+    server.wait_files(1)
+
+
+def test_a_slow_but_steady_body_is_served_past_body_timeout(make_server) -> None:
+    """BODY_TIMEOUT 1 s, BODY_MIN_RATE 1,000 B/s: a 4 KB body sent at ~2.5 KB/s over
+    ~1.6 s is served; one sent at ~250 B/s is cut."""
+    import socket
+    import time
+
+    server = make_server("--body-timeout", "1", "--body-min-rate", "1000")
+    body = json.dumps(good(7)).encode()
+    body += b" " * (4000 - len(body))
+
+    def send(chunks: int, pause: float) -> tuple[bytes, float]:
+        """Send the first `chunks` 500-byte pieces, `pause` s apart; (answer, when)."""
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            began = time.monotonic()
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
+                      b"application/json\r\ncontent-length: 4000\r\n\r\n")  # fmt: skip
+            for i in range(0, 500 * chunks, 500):
+                s.sendall(body[i : i + 500])
+                time.sleep(pause)
+            try:
+                return s.recv(4096), time.monotonic() - began
+            except OSError:
+                return b"", time.monotonic() - began
+
+    answer, _ = send(8, 0.2)  # 4 KB in ~1.6 s
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    answer, took = send(1, 0)  # 500 bytes, then nothing: cut soon after the deadline
+    assert answer == b"" and 0.9 < took < 3, took
+    server.wait_files(1)
+    assert len(server.rows()) == 1
+
+
+def test_aborted_and_unparsable_connections_are_one_short_escaped_line(make_server) -> None:
+    """Connections Sanic gives up on (a request line with escape sequences, headers cut at
+    their deadline, a body the client abandons) log one short line per kind a minute, no
+    traceback, and no raw control character reaches the log."""
+    import socket
+    import time
+
+    server = make_server("--header-timeout", "0.5", "--debug")
+
+    def connect(data: bytes, wait: float) -> None:
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(data)
+            s.settimeout(wait)
+            with contextlib.suppress(OSError):
+                s.recv(100)
+
+    for _ in range(3):
+        connect(b"GET /\x1b[2J\x1b[31mred\x07\x9b HTTP/1.1\r\nhost: x\r\n\r\n", 0.3)
+        connect(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n", 1.0)  # cut at 0.5 s
+        connect(b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 9\r\n\r\n{", 0.05)
+    wait_until(lambda: server.log().count("connection_failed") >= 2, message=server.log)
+    time.sleep(0.3)  # (nothing more may come: checked below)
+    log = server.log()
+    assert "Traceback" not in log, log
+    assert "\x1b" not in log and "\x07" not in log and "\x9b" not in log
+    failed = [line.split("error=")[1] for line in log.splitlines() if "connection_failed" in line]
+    assert len(failed) == 2 and failed[1].startswith("CancelledError: the connection was")
+    assert log.count("header_timeout:") == 1
