@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .config import Settings, load_settings
+from .config import Settings, check_seconds, load_settings
 from .errors import ConfigError, HistoryError, ProxyError, ReplayError, SchemaError
 from .logs import setup_logging
 from .migrations import migrate
@@ -302,6 +302,10 @@ def history_session(
         audit.close()
 
 
+MAX_LIMIT = 1_000_000_000
+NEXT_WAIT_MAX_S = 7 * 86400
+
+
 def make_selection(
     context_id: str | None,
     since: str | None,
@@ -313,8 +317,8 @@ def make_selection(
 ) -> Any:
     from .history import STATES, Selection, parse_when
 
-    if limit is not None and limit < 0:
-        raise fail(f"--limit must be 0 (no limit) or more, got {limit}")
+    if limit is not None and not 0 <= limit <= MAX_LIMIT:
+        raise fail(f"--limit must be 0 (no limit) to {MAX_LIMIT:,}, got {limit}")
     if state and state not in STATES:
         raise fail(f"unknown --state {state!r}: use one of {', '.join(STATES)}")
     try:
@@ -519,9 +523,16 @@ def reply(
         raise fail("give the reply as --message TEXT or --message-file FILE ('-' for stdin)")
     if message_file is not None:
         try:
-            text = sys.stdin.read() if message_file == "-" else Path(message_file).read_text()
+            raw = (
+                sys.stdin.buffer.read() if message_file == "-" else Path(message_file).read_bytes()
+            )
+            text = raw.decode("utf-8")
         except OSError as exc:
             raise fail(f"cannot read {message_file}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise fail(
+                f"{message_file} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
     else:
         text = message or ""
     if not text.strip():
@@ -581,7 +592,13 @@ def next_request(
     from . import replies
     from .agent_view import agent_view, render_text
     from .inbox import render
+    from .printable import json_safe
 
+    if timeout is not None:
+        try:
+            check_seconds(timeout, 0, NEXT_WAIT_MAX_S)
+        except ValueError as exc:
+            raise fail(f"--timeout {timeout}: {exc}") from None
     with replies_session(config, db, inbox) as (settings, history, conn):
         found = (
             replies.wait_for_unanswered(conn, timeout) if wait else replies.oldest_unanswered(conn)
@@ -600,7 +617,9 @@ def next_request(
         else:
             view = agent_view(row, path, time.time() - row.received_ms / 1000, earlier)
             sys.stdout.write(
-                json.dumps(view, ensure_ascii=False) + "\n" if as_json else render_text(view)
+                json_safe(json.dumps(view, ensure_ascii=False)) + "\n"
+                if as_json
+                else render_text(view)
             )
         sys.stdout.flush()
 

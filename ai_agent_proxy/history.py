@@ -48,7 +48,10 @@ def parse_when(text: str, now: float | None = None) -> int:
     now = time.time() if now is None else now
     m = _DURATION.match(text)
     if m:
-        return int((now - float(m.group(1)) * _UNIT_S[m.group(2).lower()]) * 1000)
+        back_s = float(m.group(1)) * _UNIT_S[m.group(2).lower()]
+        if back_s > now:  # before 1970: no request is older, and SQLite has no such time
+            raise HistoryError(f"time {text!r} is too far back: no request is that old")
+        return int((now - back_s) * 1000)
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -266,6 +269,8 @@ class History:
                 "state": r["state"], "message": r["message"], "claimed_at": iso(r["claimed_ms"]),
                 "finished_at": iso(r["finished_ms"]), "exit_status": r["exit_status"],
                 "output": r["output"], "attempts": r["attempts"],
+                # an earlier send's process died mid-send; this one took its claim over
+                "abandoned_attempt_found_at": iso(r["abandoned_ms"]),
             }  # fmt: skip
         out["body"] = self.body(out.pop("body_segments"))
         for key in ("seq", "claimed_until_ms", "body_hash"):

@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .bodies import dumps as json_dumps
-from .printable import printable
+from .printable import json_safe, printable
 
 FORMATS = ("table", "json", "jsonl", "csv")
 CSV_COLUMNS = (
@@ -50,12 +50,12 @@ def write_records(records: Iterable[dict[str, Any]], fmt: str, out: TextIO | Non
         sep = "\n  "
         out.write("[")
         for rec in records:
-            out.write(sep + json.dumps(rec, ensure_ascii=False))
+            out.write(sep + json_safe(json.dumps(rec, ensure_ascii=False)))
             sep = ",\n  "
         out.write("]\n" if sep == "\n  " else "\n]\n")
     elif fmt == "jsonl":
         for rec in records:
-            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            out.write(json_safe(json.dumps(rec, ensure_ascii=False)) + "\n")
     elif fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -76,11 +76,12 @@ def write_table(records: Iterable[dict[str, Any]], out: TextIO) -> None:
     leaves. The id shown is its random tail: unique, and `history show` and `replay` take
     it as it is."""
     console = _Console(file=out, width=None if out.isatty() else 200, highlight=False)
-    table = Table(box=None, expand=console.is_terminal, pad_edge=False, padding=(0, 1, 0, 0))
-    table.add_column("received", style="dim", no_wrap=True)
-    table.add_column("id", style="cyan", no_wrap=True)
-    table.add_column("state", no_wrap=True)
-    table.add_column("backend", no_wrap=True)
+    table = Table(box=None, expand=True, pad_edge=False, padding=(0, 1, 0, 0))
+    # Only the prompt gives way when the line is short: the other columns keep their width.
+    table.add_column("received", style="dim", no_wrap=True, min_width=11)
+    table.add_column("id", style="cyan", no_wrap=True, min_width=8)
+    table.add_column("state", no_wrap=True, min_width=len("awaiting-backend"))
+    table.add_column("backend", no_wrap=True, min_width=len("backend"))
     table.add_column("context", style="green", no_wrap=True, max_width=16, overflow="ellipsis")
     table.add_column("prompt", no_wrap=True, overflow="ellipsis", ratio=1)
     for rec in records:
@@ -108,7 +109,7 @@ def write_document(doc: dict[str, Any], fmt: str, out: TextIO | None = None) -> 
     out = out or sys.stdout
     if fmt in ("json", "jsonl"):
         # bodies.dumps: a stored body of any depth the server accepted, lone surrogates too
-        out.write(json_dumps(doc, indent=fmt == "json").decode() + "\n")
+        out.write(json_safe(json_dumps(doc, indent=fmt == "json").decode()) + "\n")
         return
     for key, value in _flatten(doc, ""):
         text = printable(value)

@@ -26,3 +26,14 @@ def printable(value: Any, *, one_line: bool = False) -> str:
     tabs and newlines too, for a one-line cell); None as '-'."""
     text = "-" if value is None else str(value)
     return (_UNSAFE_LINE if one_line else _UNSAFE).sub(_escape, text)
+
+
+# In JSON: C1 controls, DEL, the bidi controls and marks, and the line/paragraph separators
+# (U+2028/U+2029 end a line in JavaScript and in some viewers). JSON itself escapes C0.
+_UNSAFE_JSON = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+
+
+def json_safe(text: str) -> str:
+    """JSON text with those characters as \\uXXXX escapes: the same JSON value, and safe to
+    print (they can only occur inside strings, where any character may be escaped)."""
+    return _UNSAFE_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)

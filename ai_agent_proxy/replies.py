@@ -18,6 +18,9 @@ from .outbox.queries import ANSWERED, UNANSWERED
 from .rows import ReplyState, State
 
 SEND_TIMEOUT_S = 120.0
+# A claim ('sending') older than this is abandoned (its process was killed mid-send): the
+# next `reply` or `done` takes it over. Longer than any send may take.
+LEASE_MS = int((SEND_TIMEOUT_S + 60) * 1000)
 OUTPUT_KEPT = 4000  # characters of the CLI's output kept with the reply
 
 
@@ -53,19 +56,29 @@ def target_of(conn: sqlite3.Connection, request_id: str) -> Target:
 
 def claim(conn: sqlite3.Connection, request_id: str, message: str | None, again: bool) -> None:
     """Claim the request for a reply (`message`) or for `done` (None). Raises Refused if it
-    is answered already or a reply is being sent, unless `again`."""
+    is answered already or a reply is being sent (a claim younger than LEASE_MS), unless
+    `again`. A claim older than that was abandoned: it is taken over, and noted."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         row = conn.execute(
-            "SELECT state FROM replies WHERE request_id = ?", (request_id,)
+            "SELECT state, claimed_ms FROM replies WHERE request_id = ?", (request_id,)
         ).fetchone()
-        if row is not None and not again:
+        now = _now_ms()
+        abandoned = (
+            row is not None
+            and row["state"] == ReplyState.SENDING.value
+            and now - row["claimed_ms"] >= LEASE_MS
+        )
+        if row is not None and not again and not abandoned:
             if row["state"] in ANSWERED:
                 raise Refused(f"request {request_id} is answered already ({row['state']})")
             if row["state"] == ReplyState.SENDING.value:
                 raise Refused(f"a reply to request {request_id} is being sent")
+        if abandoned:
+            conn.execute(
+                "UPDATE replies SET abandoned_ms = ? WHERE request_id = ?", (now, request_id)
+            )
         state = ReplyState.SENDING if message is not None else ReplyState.DONE
-        now = _now_ms()
         conn.execute(
             "INSERT INTO replies (request_id, state, message, claimed_ms, finished_ms, attempts)"
             " VALUES (:id, :state, :message, :now, :finished, 1)"

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from ai_agent_proxy.cli import cli
 from ai_agent_proxy.config import load_settings
 from ai_agent_proxy.errors import ConfigError
-from ai_agent_proxy.history_render import csv_cell, printable
+from ai_agent_proxy.history_render import csv_cell, printable, write_records
 from ai_agent_proxy.redaction import Redactor, mask_url, url_secrets
 
 from .backend import FakeBackend
@@ -207,3 +207,35 @@ def test_a_backend_url_with_credentials_is_refused() -> None:
         load_settings(None, {"url": "http://user:sk-secret-pw@127.0.0.1:9/v1"}, {})
     assert "must not hold a user name or password" in str(err.value)
     assert "sk-secret-pw" not in str(err.value) and "****@127.0.0.1" in str(err.value)
+
+
+UNSAFE_FOR_JSON = "\x7f\x85\x9b\u061c\u200e\u200f\u202a\u202e\u2066\u2069\u2028\u2029"
+
+
+def test_json_outputs_escape_what_a_terminal_would_act_on() -> None:
+    """json and jsonl (history, history show, next --json) escape C1 controls, DEL, bidi
+    controls and U+2028/U+2029 as \\uXXXX: the same value, nothing a terminal acts on."""
+    rec = {"id": "x", "latest_user_prompt": f"a{UNSAFE_FOR_JSON}b", "zwj": "👩\u200d💻"}
+    for fmt in ("json", "jsonl"):
+        out = io.StringIO()
+        write_records([rec], fmt, out)
+        text = out.getvalue()
+        assert not any(c in text for c in UNSAFE_FOR_JSON), repr(text)
+        assert "\\u009b" in text and "\\u2028" in text and "\u200d" in text  # ZWJ kept
+        parsed = json.loads(text)
+        assert (parsed[0] if fmt == "json" else parsed) == rec
+
+
+def test_a_piped_history_table_keeps_its_id_column() -> None:
+    """Piped (200 columns), a long prompt and a long context are cut; received, id, state
+    and backend keep their width."""
+    rec = {"id": "01a23780385e70fd8409ae7625e76e5f", "received_at": "2026-12-02T16:04:39Z",
+           "context_id": "telegram:-1001234567890" * 3, "state": "awaiting-backend",
+           "backend_status": None, "backend_error": None,
+           "latest_user_prompt": "long words " * 100}  # fmt: skip
+    out = io.StringIO()
+    write_records([rec], "table", out)
+    header, line = out.getvalue().splitlines()[:2]
+    assert header.split()[:5] == ["received", "id", "state", "backend", "context"]
+    assert line.startswith("12-02 16:04 25e76e5f awaiting-backend -       telegram:")
+    assert line.rstrip().endswith("…") and len(line) <= 200

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner, Result
@@ -272,3 +275,98 @@ def test_reply_without_the_openclaw_cli_is_a_recorded_failure(loop) -> None:
     assert (reply["state"], reply["exit_status"]) == ("failed", 127)
     assert run(server, env, "reply", target, "--message", "hi").returncode == 0  # retryable
     assert len(calls(log)) == 1
+
+
+def cli_in(server: Server, *args: str, **kw: Any) -> Result:
+    """Any command in-process (Typer's CliRunner) on the server's DB and inbox."""
+    where = ["--db", str(server.db), "--inbox", str(server.inbox)]
+    return CliRunner().invoke(cli, [*args, *where], **kw)
+
+
+def test_a_forged_internal_block_in_a_steered_message_cannot_redirect_the_reply(loop) -> None:
+    """The person steers a message holding OpenClaw's internal block with another chat's
+    ids: the request stays in their chat, and `reply` goes there."""
+    server, log, env = loop
+    forged = oc.with_info(oc.load(oc.TURN1), chat_id="telegram:666", message_id="1")
+    block = forged["messages"][-1]["content"][0]["text"]
+    body = oc.steered(oc.load(oc.STEER_FIRST), "please answer\n" + block)
+    assert server.post_chat(body).status_code == 200
+    server.wait_files(4)
+    row = server.rows()[-1]
+    assert (row["context_id"], row["target"], row["message_id"]) == (
+        "telegram:333456789", "333456789", "1301",
+    )  # fmt: skip
+    r = run(server, env, "reply", row["id"], "--message", "hi", "--reply-to")
+    assert r.returncode == 0, r.stderr
+    assert calls(log)[-1][4:6] == ["--target", "333456789"]
+    assert calls(log)[-1][-2:] == ["--reply-to", "1301"]
+
+
+def test_a_reply_killed_mid_send_is_taken_over_after_its_lease(loop) -> None:
+    """`reply` killed while openclaw runs leaves a 'sending' claim: refused while its lease
+    runs (another send may be under way), taken over after, and `history show` says so."""
+    import signal
+    import time
+
+    from ai_agent_proxy.replies import LEASE_MS
+
+    server, _log, env = loop
+    first = ids(server)[0]
+    slow = subprocess.Popen(
+        [sys.executable, "-m", "ai_agent_proxy", "reply", first, "--message", "slow",
+         "--db", str(server.db), "--inbox", str(server.inbox)],
+        env={**env, "FAKE_OPENCLAW_SLEEP": "30"}, cwd=server.workdir,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: server.rows("SELECT state FROM replies"), message="no claim")
+        os.killpg(slow.pid, signal.SIGKILL)  # the reply and the openclaw it runs
+        slow.wait(10)
+    finally:
+        if slow.poll() is None:
+            os.killpg(slow.pid, signal.SIGKILL)
+    refused = cli_in(server, "reply", first, "--message", "again")
+    assert refused.exit_code == 1 and "being sent" in refused.stderr
+    # the lease runs out (the claim's time moved back instead of waiting 3 minutes)
+    conn = sqlite3.connect(server.db)
+    with conn:
+        conn.execute("UPDATE replies SET claimed_ms = claimed_ms - ?", (LEASE_MS,))
+    conn.close()
+    before = time.time()
+    r = run(server, env, "reply", first, "--message", "after the lease")
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(cli_in(server, "history", "show", first, "--format", "json").stdout)
+    reply = shown["reply"]
+    assert (reply["state"], reply["attempts"], reply["message"]) == ("sent", 2, "after the lease")
+    assert reply["abandoned_attempt_found_at"] is not None
+    found = datetime.fromisoformat(reply["abandoned_attempt_found_at"]).timestamp()
+    assert found >= before - 1
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["history", "--since", "99999999999999999999999w"], "too far back"),
+        (["history", "--until", "1e400h"], "cannot read time"),
+        (["history", "--limit", "99999999999999999999999"], "--limit must be 0"),
+        (["next", "--wait", "--timeout", "nan"], "--timeout nan: must be a finite number"),
+        (["next", "--wait", "--timeout", "-1"], "--timeout -1.0: must be from 0"),
+        (["next", "--wait", "--timeout", "1e300"], "must be from 0 to 604800"),
+        (["reply", "abc", "--message-file", "BAD"], "is not UTF-8 text (invalid start byte"),
+        (["reply", "abc", "--message-file", "-"], "- is not UTF-8 text"),
+    ],
+)
+def test_bad_cli_values_are_one_line_and_exit_2(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
+    from ai_agent_proxy.cli import prepare_storage
+    from ai_agent_proxy.config import load_settings
+
+    db = tmp_path / "outbox.db"
+    prepare_storage(load_settings(None, {"db": str(db), "inbox": str(tmp_path / "in")}, {}))
+    (tmp_path / "BAD").write_bytes(b"\xff\xfe not utf-8")
+    args = [str(tmp_path / "BAD") if a == "BAD" else a for a in args]
+    r = CliRunner().invoke(cli, [*args, "--db", str(db)], input=b"\xff\xfe from stdin")
+    assert r.exit_code == 2, r.output
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.output
