@@ -191,10 +191,23 @@ FIRST = 1_000_000  # listener priority: before every other listener of its step
 
 async def hear_stop_signals(app: Sanic) -> None:
     """SIGTERM and SIGINT stop the server from the first start-up listener on, before the
-    port answers (Sanic installs its own handlers later, calling the same ProxyApp.stop)."""
+    port answers, and whether the event loop runs or not.
+
+    Between its start-up steps Sanic leaves the loop paused (and sends READY=1 just before
+    such a pause, so a service manager's SIGTERM comes then). uvloop only records a signal
+    that comes while it is paused, and acts on it when another signal comes: the stop was
+    lost. So besides the loop's handler (it wakes a running loop), our own Python handler,
+    run whatever the loop does, queues the stop for when the loop runs. Run again after
+    Sanic installs its handlers, which replace both."""
     loop = asyncio.get_running_loop()
+    stop = partial(app.stop, terminate=False)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(stop)
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, partial(app.stop, terminate=False))
+        loop.add_signal_handler(signum, stop)
+        signal.signal(signum, on_signal)
 
 
 def create_app(settings: Settings) -> Sanic:
@@ -214,6 +227,7 @@ def create_app(settings: Settings) -> Sanic:
     app.ctx.metrics = Metrics()
 
     app.before_server_start(hear_stop_signals, priority=FIRST)
+    app.after_server_start(hear_stop_signals, priority=FIRST)  # (Sanic's replaced them)
 
     @app.before_server_start
     async def open_outbox(app: Sanic) -> None:
