@@ -22,7 +22,14 @@ from typing import Annotated, Any
 import typer
 
 from .config import Settings, check_seconds, load_settings
-from .errors import ConfigError, HistoryError, ProxyError, ReplayError, SchemaError
+from .errors import (
+    ConfigError,
+    HistoryError,
+    ProxyError,
+    ReplayError,
+    ReplyRefused,
+    SchemaError,
+)
 from .logs import setup_logging
 from .migrations import migrate
 
@@ -371,6 +378,17 @@ def history(
 ) -> None:
     """List recorded requests, newest first."""
     if ctx.invoked_subcommand is not None:
+        # `show` and `stats` take no filters: refused, rather than silently not applied
+        given = {
+            "--context-id": context_id, "--since": since, "--until": until, "--state": state,
+            "--search": search, "--unanswered": unanswered or None,
+            "--limit": None if limit == 50 else limit, "--format": None if fmt == "table" else fmt,
+        }  # fmt: skip
+        if named := [flag for flag, value in given.items() if value is not None]:
+            raise fail(
+                f"history {ctx.invoked_subcommand} takes no {', '.join(named)}: give it after"
+                f" the sub-command where it applies (history {ctx.invoked_subcommand} --help)"
+            )
         ctx.obj = {"config": config, "db": db, "inbox": inbox}
         return
     from .history_render import FORMATS, write_records
@@ -542,7 +560,7 @@ def reply(
         to = replies.target_of(conn, rid)
         try:
             replies.claim(conn, rid, text, again)
-        except replies.Refused as exc:
+        except ReplyRefused as exc:
             raise fail(f"{exc}; not sent again (--again to send anyway)", 1) from None
         status, output = replies.send(settings.openclaw_bin, to, text, reply_to)
         replies.finish(conn, rid, status, settings.redact(output))
@@ -569,7 +587,7 @@ def done(
         rid = history.resolve_id(request_id)
         try:
             replies.claim(conn, rid, None, again)
-        except replies.Refused as exc:
+        except ReplyRefused as exc:
             raise fail(str(exc), 1) from None
     typer.echo(f"done: {rid}", err=True)
 

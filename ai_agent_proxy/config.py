@@ -102,7 +102,10 @@ class Settings(BaseModel):
     body_timeout: float = 60.0
     body_min_rate: int = 4096
     backend_timeout: float = 120.0
+    # Seconds an identical body of the same conversation counts as a client's re-send (and
+    # a local session's turn with OpenClaw's retry notice as its retry).
     dedup_window: float = 60.0
+    # Delivered rows older than this many days are pruned (0: kept).
     retention_days: float = 0.0
     debug: bool = False
     # The OpenClaw CLI `reply` sends with (a path, or a name found on PATH).

@@ -8,10 +8,12 @@ already phrased for the person who will read it (one line, no traceback).
      │    └── RowRejected this one row can never be stored (the client gets 400, not 503)
      ├── HistoryError     a history/replay query that cannot run (bad id, time, state, DB)
      ├── ReplayError      a row that cannot be written again as an inbox file
+     ├── ReplyRefused     a request answered already, or whose reply is being sent (exit 1)
      └── BackendError     the backend LLM gave no usable answer (safe to log and record)
 
 The CLI turns any ProxyError into one line on stderr and a non-zero exit; the server turns
-OutboxError into 503 and RowRejected into 400.
+OutboxError into 503 and RowRejected into 400. The write engine raises OutboxError for work
+given to it once closed.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ class HistoryError(ProxyError):
 
 class ReplayError(ProxyError):
     """A row that cannot be replayed, phrased for the user."""
+
+
+class ReplyRefused(ProxyError):
+    """`reply`/`done` did not claim the request: answered already, or a reply is being
+    sent (by another process, within its lease)."""
 
 
 class BackendError(ProxyError):

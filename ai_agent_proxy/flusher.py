@@ -40,7 +40,6 @@ class FlusherStatus:
     files_written: int = 0
     write_failures: int = 0
     consecutive_failures: int = 0
-    undeliverable: int = 0  # rows given up on by this process
     last_error: str | None = None
     retry_in_s: float = 0.0
 
@@ -243,8 +242,7 @@ class Flusher:
         ids = {r.seq: r.id for r in rows}
         for seq, error in rejected:
             undeliverable = await self.outbox.record_row_failure(seq, error)
-            if undeliverable is not None:
-                self.status.undeliverable += 1
+            if undeliverable is not None:  # (counted in the DB: /readyz, /metrics)
                 log.error("inbox_row_undeliverable request_id=%s error=%s", ids[seq], error)
             else:
                 log.warning("inbox_row_failed request_id=%s error=%s", ids[seq], error)

@@ -104,7 +104,7 @@ class Selection:
         if self.state:
             if self.state not in STATES:
                 raise HistoryError(f"unknown state {self.state!r}: use one of {', '.join(STATES)}")
-            if self.state == "failed":
+            if self.state == FAILED:
                 clauses.append(_FAILED_SQL)
             else:
                 clauses.append("state = ?")

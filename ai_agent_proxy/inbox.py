@@ -42,7 +42,8 @@ class PayloadSettings(Protocol):
 Parse = Callable[[bytes], Any]
 
 BODY_OWN_KEYS = "request-body-own-keys"  # where a body's own values for the proxy's keys go
-# Every key the proxy puts at the top level of an inbox file (SPEC §3), and that one.
+# Every key the proxy puts at the top level of an inbox file (README: The inbox contract),
+# and that one.
 PROXY_KEYS = (
     "instruction", "openclaw_message_cli_skill_path", "latest-user-prompt", "context_id",
     "request_id", "channel", "target", "message_id", "sender", "attachments", "modality",
@@ -53,7 +54,8 @@ PROXY_KEYS = (
 def build_payload(
     row: PendingRow, settings: PayloadSettings, *, full: bool = False, parse: Parse = loads
 ) -> dict[str, Any]:
-    """The JSON object written for a row (SPEC §3). `full` forces the full form."""
+    """The JSON object written for a row (README: The inbox contract). `full`: the full
+    form, whatever the row's kind."""
     common: dict[str, Any] = {
         "instruction": settings.instruction,
         "openclaw_message_cli_skill_path": str(settings.openclaw_message_cli_skill_path),

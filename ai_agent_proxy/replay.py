@@ -11,6 +11,7 @@ from .config import Settings
 from .errors import ReplayError
 from .history import History, Selection
 from .inbox import ensure_dir, render, write_files
+from .rows import State
 
 CHUNK = 256  # files per durable batch
 
@@ -38,7 +39,7 @@ def replay_rows(
         task = progress.add_task("replaying", total=total)
         for row, state in audit.pending_rows(selection, full):
             progress.advance(task)
-            if state == "duplicate":
+            if state == State.DUPLICATE.value:
                 skipped += 1
                 continue
             kind = "full" if full or row.payload_kind == "full" else "compact"

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HistoryError
+from .errors import HistoryError, ReplyRefused
 from .outbox.engine import BUSY_TIMEOUT_MS
 from .outbox.queries import ANSWERED, UNANSWERED
 from .rows import ReplyState, State
@@ -22,10 +22,6 @@ SEND_TIMEOUT_S = 120.0
 # next `reply` or `done` takes it over. Longer than any send may take.
 LEASE_MS = int((SEND_TIMEOUT_S + 60) * 1000)
 OUTPUT_KEPT = 4000  # characters of the CLI's output kept with the reply
-
-
-class Refused(Exception):
-    """The reply was not claimed: already answered, or being sent by someone else."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +51,7 @@ def target_of(conn: sqlite3.Connection, request_id: str) -> Target:
 
 
 def claim(conn: sqlite3.Connection, request_id: str, message: str | None, again: bool) -> None:
-    """Claim the request for a reply (`message`) or for `done` (None). Raises Refused if it
+    """Claim the request for a reply (`message`) or for `done` (None). Raises ReplyRefused if it
     is answered already or a reply is being sent (a claim younger than LEASE_MS), unless
     `again`. A claim older than that was abandoned: it is taken over, and noted."""
     conn.execute("BEGIN IMMEDIATE")
@@ -71,9 +67,9 @@ def claim(conn: sqlite3.Connection, request_id: str, message: str | None, again:
         )
         if row is not None and not again and not abandoned:
             if row["state"] in ANSWERED:
-                raise Refused(f"request {request_id} is answered already ({row['state']})")
+                raise ReplyRefused(f"request {request_id} is answered already ({row['state']})")
             if row["state"] == ReplyState.SENDING.value:
-                raise Refused(f"a reply to request {request_id} is being sent")
+                raise ReplyRefused(f"a reply to request {request_id} is being sent")
         if abandoned:
             conn.execute(
                 "UPDATE replies SET abandoned_ms = ? WHERE request_id = ?", (now, request_id)
@@ -115,6 +111,8 @@ def send(openclaw: str, to: Target, message: str, reply_to: bool) -> tuple[int, 
         )
     except FileNotFoundError:
         return 127, f"{openclaw}: not found (set OPENCLAW_BIN)"
+    except OSError as exc:  # not executable, not a program, ...: recorded as a failed send
+        return 126, f"{openclaw}: cannot run it: {exc.strerror or exc}"
     except subprocess.TimeoutExpired:
         return 124, f"{openclaw} message send did not finish in {SEND_TIMEOUT_S:.0f} s"
     return done.returncode, (done.stdout + done.stderr).strip()

@@ -157,3 +157,21 @@ def test_the_write_engine_isolates_a_failing_function_from_its_batch(
     asyncio.run(scenario())
     with sqlite3.connect(db) as conn:
         assert [v for (v,) in conn.execute("SELECT v FROM t ORDER BY rowid")] == [1, 2, 4, 6]
+
+
+def test_the_write_engine_refuses_work_once_closed(tmp_path) -> None:
+    """run() after close() raises instead of waiting for ever."""
+    import asyncio
+
+    from ai_agent_proxy.errors import OutboxError
+    from ai_agent_proxy.outbox.engine import WriteEngine
+
+    async def scenario() -> None:
+        engine = WriteEngine(tmp_path / "db.sqlite")
+        await engine.open()
+        assert await engine.run(lambda conn: conn.execute("SELECT 1").fetchone()[0]) == 1
+        await engine.close()
+        with pytest.raises(OutboxError, match="is closed"):
+            await asyncio.wait_for(engine.run(lambda conn: 1), 5)
+
+    asyncio.run(scenario())

@@ -370,3 +370,33 @@ def test_bad_cli_values_are_one_line_and_exit_2(
     assert r.exit_code == 2, r.output
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "Traceback" not in r.output
+
+
+def test_an_openclaw_bin_that_cannot_run_is_a_recorded_retryable_failure(loop, tmp_path) -> None:
+    """OPENCLAW_BIN names a file that is not executable: one line, exit 1, the reply
+    recorded as failed (not left 'sending'), and a later reply may try again."""
+    server, _log, _env = loop
+    first = ids(server)[0]
+    not_a_program = tmp_path / "openclaw-not-executable"
+    not_a_program.write_text("#!/bin/sh\n")
+    cfg = tmp_path / "proxy.conf"
+    cfg.write_text(f"OPENCLAW_BIN={not_a_program}\n")
+    r = cli_in(server, "reply", first, "--message", "hi", "-f", str(cfg))
+    assert r.exit_code == 1 and "cannot run it: Permission denied" in r.stderr, r.output
+    assert "Traceback" not in r.output
+    (reply,) = server.rows("SELECT state, exit_status FROM replies")
+    assert (reply["state"], reply["exit_status"]) == ("failed", 126)
+    not_a_program.chmod(0o755)
+    assert cli_in(server, "reply", first, "--message", "hi", "-f", str(cfg)).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--state", "written", "show", "X"], ["--since", "1h", "stats"],
+     ["--format", "json", "show", "X"], ["--unanswered", "stats"]],
+)  # fmt: skip
+def test_history_filters_given_with_show_or_stats_are_refused(loop, args: list[str]) -> None:
+    server, _log, _env = loop
+    args = [ids(server)[0] if a == "X" else a for a in args]
+    r = CliRunner().invoke(cli, ["history", "--db", str(server.db), *args])
+    assert r.exit_code == 2 and "takes no --" in r.stderr, r.output

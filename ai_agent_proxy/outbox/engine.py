@@ -88,8 +88,10 @@ class WriteEngine:
         await self._opened
 
     async def run(self, work: Work, tag: Any = None) -> Any:
-        """Queue `work` for the next group commit; return its result once committed."""
-        assert self._loop is not None, "engine not open"
+        """Queue `work` for the next group commit; return its result once committed.
+        Raises OutboxError once the engine is closed (nothing would ever commit it)."""
+        if self._loop is None or self._thread is None:
+            raise OutboxError(f"the outbox {self.path} is closed")
         future = self._loop.create_future()
         self._queue.put(Job(work, future, tag))
         return await future
