@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from . import db
 from .bodies import join_segments, unpack_ids
 from .errors import HistoryError, SchemaError
 from .ids import inbox_file_name
@@ -151,10 +152,7 @@ class History:
         if not db_path.is_file():
             raise HistoryError(f"database {db_path} does not exist (set --db or DB)")
         try:
-            # as_uri() percent-encodes the path: a '#' or '?' in it stays part of the name.
-            uri = db_path.absolute().as_uri() + "?mode=ro"
-            self.conn = sqlite3.connect(uri, uri=True, timeout=5)
-            self.conn.row_factory = sqlite3.Row
+            self.conn = db.connect(db_path, readonly=True, rows_by_name=True)
             if check_version(self.conn, db_path) == 0:
                 raise HistoryError(f"{db_path} is not an ai-agent-proxy database")
         except SchemaError as exc:

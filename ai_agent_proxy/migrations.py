@@ -13,6 +13,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from .db import connect, transaction
 from .errors import SchemaError
 
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -81,9 +82,11 @@ def create_private_file(path: Path) -> None:
 def migrate(db_path: Path) -> int:
     """Bring the DB up to date; return the number of migrations applied."""
     create_private_file(db_path)
-    conn = sqlite3.connect(db_path, isolation_level=None, timeout=30)
     try:
-        conn.execute("PRAGMA journal_mode = WAL")
+        conn = connect(db_path)
+    except sqlite3.DatabaseError as exc:
+        raise SchemaError(f"cannot use database {db_path}: {exc}") from None
+    try:
         current = check_version(conn, db_path)
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -93,11 +96,9 @@ def migrate(db_path: Path) -> int:
         for mig in load_migrations():
             if mig.version <= current:
                 continue
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(conn):
                 # Re-check under the write lock: another process may have just migrated.
                 if applied_version(conn) >= mig.version:
-                    conn.execute("ROLLBACK")
                     continue
                 for statement in _statements(mig.sql):
                     conn.execute(statement)
@@ -105,10 +106,6 @@ def migrate(db_path: Path) -> int:
                     "INSERT INTO schema_migrations VALUES (?, ?, datetime('now'))",
                     (mig.version, mig.name),
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             applied += 1
         return applied
     except sqlite3.DatabaseError as exc:

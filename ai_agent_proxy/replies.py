@@ -1,7 +1,7 @@
 """The agent's replies: claimed in the DB before they are sent, so each request is
 answered once (`reply`), or marked as needing no answer (`done`); and the oldest request
 still waiting for either (`next`). Runs in the CLI, beside a running server: every change is
-one short `BEGIN IMMEDIATE` transaction on the shared WAL database.
+one short write transaction (db.transaction) on the shared WAL database.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import db
 from .errors import HistoryError, ReplyRefused
-from .outbox.engine import BUSY_TIMEOUT_MS
 from .outbox.queries import ANSWERED, UNANSWERED
 from .rows import ReplyState, State
 
@@ -35,10 +35,7 @@ class Target:
 def connect(db_path: Path) -> sqlite3.Connection:
     if not db_path.is_file():
         raise HistoryError(f"database {db_path} does not exist (set --db or DB)")
-    conn = sqlite3.connect(db_path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA foreign_keys = ON")
-    return conn
+    return db.connect(db_path, rows_by_name=True)
 
 
 def target_of(conn: sqlite3.Connection, request_id: str) -> Target:
@@ -54,8 +51,7 @@ def claim(conn: sqlite3.Connection, request_id: str, message: str | None, again:
     """Claim the request for a reply (`message`) or for `done` (None). Raises ReplyRefused if it
     is answered already or a reply is being sent (a claim younger than LEASE_MS), unless
     `again`. A claim older than that was abandoned: it is taken over, and noted."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with db.transaction(conn):
         row = conn.execute(
             "SELECT state, claimed_ms FROM replies WHERE request_id = ?", (request_id,)
         ).fetchone()
@@ -84,10 +80,6 @@ def claim(conn: sqlite3.Connection, request_id: str, message: str | None, again:
             {"id": request_id, "state": state.value, "message": message, "now": now,
              "finished": None if message is not None else now},
         )  # fmt: skip
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def finish(conn: sqlite3.Connection, request_id: str, exit_status: int, output: str) -> None:

@@ -151,9 +151,9 @@ def test_the_write_engine_isolates_a_failing_function_from_its_batch(
         finally:
             await engine.close()
 
-    from ai_agent_proxy.outbox import engine as engine_module
+    from ai_agent_proxy import db as db_module
 
-    monkeypatch.setattr(engine_module, "BUSY_TIMEOUT_MS", 200)  # the locked case fails fast
+    monkeypatch.setattr(db_module, "BUSY_TIMEOUT_MS", 200)  # the locked case fails fast
     asyncio.run(scenario())
     with sqlite3.connect(db) as conn:
         assert [v for (v,) in conn.execute("SELECT v FROM t ORDER BY rowid")] == [1, 2, 4, 6]

@@ -23,10 +23,11 @@ from typing import Any
 import aiosqlite
 
 from ..bodies import PIECE_MAX, PIECE_MIN, digest, join_segments, unpack_ids
+from ..db import connect_async
 from ..errors import OutboxError, RowRejected
 from ..rows import NewRequest, PendingRow, State, body_needed
 from . import queries
-from .engine import BUSY_TIMEOUT_MS, Job, WriteEngine
+from .engine import Job, WriteEngine
 
 CLAIM_LEASE_MS = 10_000  # a dead worker's claimed rows go to another flusher after this
 ROW_ATTEMPTS = 3  # tries to make a file of a row before it is undeliverable
@@ -58,8 +59,7 @@ class Outbox:
     async def open(self) -> None:
         await self._engine.open()
         try:
-            self._reader = await aiosqlite.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000)
-            await self._reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._reader = await connect_async(self.path)
         except sqlite3.Error as exc:
             await self._engine.close()
             raise OutboxError(f"cannot open database {self.path}: {exc}") from None

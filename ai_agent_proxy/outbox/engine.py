@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..db import connect, transaction
 from ..errors import OutboxError, RowRejected
 
 log = logging.getLogger("ai_agent_proxy.outbox")
 
-BUSY_TIMEOUT_MS = 5000
 MAX_BATCH = 512
 
 Work = Callable[[sqlite3.Connection], Any]
@@ -49,16 +49,6 @@ class Job:
 
 
 STOP = object()
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA journal_mode = WAL")
-    # FULL: a commit is fsynced before the client hears 2xx (group commit pays for it).
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("PRAGMA foreign_keys = ON")
-    return conn
 
 
 def is_db_fault(exc: BaseException) -> bool:
@@ -176,13 +166,6 @@ class WriteEngine:
 
 
 def _transaction(conn: sqlite3.Connection, batch: list[Job]) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         for job in batch:
             job.result = job.work(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-        raise
