@@ -6,16 +6,14 @@ stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,10 +26,8 @@ from .errors import (
     ProxyError,
     ReplayError,
     ReplyRefused,
-    SchemaError,
 )
 from .logs import setup_logging
-from .migrations import migrate
 
 cli = typer.Typer(
     add_completion=False,
@@ -140,104 +136,15 @@ def serve(
     debug: Annotated[bool | None, typer.Option("--debug/--no-debug", show_default=False)] = None,
 ) -> None:
     """Run the server (the default command)."""
-    flags = {k: v for k, v in locals().items() if k != "config"}
+    flags = {k: v for k, v in locals().items() if k != "config"}  # (before any other name)
     settings = settings_or_exit(config, flags)
     setup_logging(settings.debug)
-    check_port_free(settings)  # before any DB or inbox is created for a server that can't run
-    prepare_storage(settings)
-    from .process import raise_open_files_limit
-
-    raise_open_files_limit()  # inherited by the workers
-    announce(settings)
-    run_server(settings)
-
-
-def check_port_free(settings: Settings) -> None:
-    import socket
-
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((settings.host, settings.port))
-    except OSError as exc:
-        raise fail(f"cannot serve on {settings.host}:{settings.port}: {exc}", 1) from None
-
-
-def prepare_storage(settings: Settings) -> None:
-    """Migrations, crash recovery and clean-up: once, before any worker starts."""
-    import sqlite3
-
-    from .inbox import remove_stale_temps
-    from .outbox.maintenance import collect_segment_garbage, recover_on_start
+    from .startup import serve as start
 
     try:
-        applied = migrate(settings.db_path)
-        interrupted, pending = recover_on_start(settings.db_path)
-        # Pruned rows leave body segments behind; reclaim them while no worker caches ids.
-        garbage = collect_segment_garbage(settings.db_path) if settings.retention_days else 0
-    except SchemaError as exc:
-        raise fail(str(exc)) from None
-    except (OSError, sqlite3.Error) as exc:
-        raise fail(f"cannot prepare database {settings.db_path}: {exc}") from None
-    removed = remove_stale_temps(settings.inbox)
-    log.info(
-        "outbox_ready db=%s migrations_applied=%d pending=%d interrupted=%d stale_temps=%d"
-        " unused_segments_removed=%d",
-        *(settings.db_path, applied, pending, interrupted, removed, garbage),
-    )
-
-
-def announce(settings: Settings) -> None:
-    summary = " ".join(f"{k}={v!r}" for k, v in settings.summary().items() if v != "")
-    log.info("config %s", summary)
-    if not settings.is_loopback and not settings.key:
-        log.warning(
-            "!!! SERVING ON %s WITHOUT A KEY: anyone who can reach this port can write into "
-            "your agent's inbox. Set KEY (and give OpenClaw the same apiKey) or bind 127.0.0.1.",
-            settings.host,
-        )
-    if not settings.reply and not settings.url:
-        log.info(
-            "REPLY is empty: OpenClaw treats an empty answer as a failure and retries once; "
-            "set REPLY (e.g. 'working on it') when OpenClaw is the client"
-        )
-
-
-def run_server(settings: Settings) -> None:
-    from sanic import Sanic
-    from sanic.worker.loader import AppLoader
-
-    from .app import create_app
-    from .connections import GuardedHttpProtocol
-
-    try:
-        if settings.worker == 1:
-            app = create_app(settings)
-            app.run(
-                host=settings.host,
-                port=settings.port,
-                single_process=True,
-                access_log=settings.debug,
-                motd=False,
-                protocol=GuardedHttpProtocol,
-            )
-            return
-        loader = AppLoader(factory=partial(create_app, settings))
-        app = loader.load()
-        app.prepare(
-            host=settings.host,
-            port=settings.port,
-            workers=settings.worker,
-            access_log=settings.debug,
-            motd=False,
-            protocol=GuardedHttpProtocol,
-        )
-        Sanic.serve(primary=app, app_loader=loader)
-    except OSError as exc:
-        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
-            raise fail(f"cannot serve on {settings.host}:{settings.port}: {exc}", 1) from None
-        raise fail(f"server on {settings.host}:{settings.port} stopped: {exc}", 1) from None
+        start(settings)
+    except ProxyError as exc:
+        raise fail(str(exc), exc.exit_code) from None
 
 
 # -- history and replay ---------------------------------------------------------------------
@@ -516,6 +423,17 @@ def replies_session(
             conn.close()
 
 
+def read_text_file(name: str) -> str:
+    """A UTF-8 text file, or standard input for '-'; one line and exit 2 if it cannot be."""
+    try:
+        raw = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+        return raw.decode("utf-8")
+    except OSError as exc:
+        raise fail(f"cannot read {name}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise fail(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 @cli.command()
 def reply(
     request_id: Annotated[str, typer.Argument(help="Request id (any unique part) or file name.")],
@@ -539,36 +457,15 @@ def reply(
 
     if (message is None) == (message_file is None):
         raise fail("give the reply as --message TEXT or --message-file FILE ('-' for stdin)")
-    if message_file is not None:
-        try:
-            raw = (
-                sys.stdin.buffer.read() if message_file == "-" else Path(message_file).read_bytes()
-            )
-            text = raw.decode("utf-8")
-        except OSError as exc:
-            raise fail(f"cannot read {message_file}: {exc}") from None
-        except UnicodeDecodeError as exc:
-            raise fail(
-                f"{message_file} is not UTF-8 text ({exc.reason} at byte {exc.start})"
-            ) from None
-    else:
-        text = message or ""
-    if not text.strip():
+    text = message if message_file is None else read_text_file(message_file)
+    if not (text or "").strip():
         raise fail("the reply is empty")
     with replies_session(config, db, inbox) as (settings, history, conn):
         rid = history.resolve_id(request_id)
-        to = replies.target_of(conn, rid)
         try:
-            replies.claim(conn, rid, text, again)
-        except ReplyRefused as exc:
-            raise fail(f"{exc}; not sent again (--again to send anyway)", 1) from None
-        status, output = replies.send(settings.openclaw_bin, to, text, reply_to)
-        replies.finish(conn, rid, status, settings.redact(output))
-    if status != 0:
-        from .printable import printable
-
-        last = output.strip().splitlines()[-1] if output.strip() else f"exit status {status}"
-        raise fail(f"reply to {rid} failed: {printable(last, one_line=True)} (try again later)", 1)
+            to = replies.reply(conn, settings, rid, text or "", reply_to, again)
+        except ProxyError as exc:
+            raise fail(str(exc), exc.exit_code) from None
     typer.echo(f"replied to {rid} on {to.channel}:{to.target}", err=True)
 
 
@@ -664,12 +561,13 @@ def _manager(name: str | None) -> str:
     return chosen
 
 
-def _call(argv: list[str]) -> tuple[bool, str]:
-    from .service import run
-
-    done = run(argv)
-    text = (done.stdout + done.stderr).strip()
-    return done.returncode == 0, text
+def echo_lines(lines: Iterable[str]) -> None:
+    """Print what a library function yields; its ProxyError is one line and its exit code."""
+    try:
+        for line in lines:
+            typer.echo(line)
+    except ProxyError as exc:
+        raise fail(str(exc), exc.exit_code) from None
 
 
 @service_cli.command("install")
@@ -679,43 +577,7 @@ def service_install(config: ConfigOpt = None, manager_name: ManagerOpt = None) -
     from . import service
 
     settings = settings_or_exit(config, {})
-    chosen = _manager(manager_name)
-    conf = service.service_config_path()
-    service.write_private(conf, service.config_text(settings))
-    argv = service.command(conf)
-    typer.echo(f"settings written to {conf} (mode 0600; the service reads them from there)")
-    if chosen == "launchd":
-        plist = service.plist_path()
-        log_path = Path.home() / "Library" / "Logs" / "ai-agent-proxy.log"
-        plist.parent.mkdir(parents=True, exist_ok=True)
-        plist.write_text(service.plist_text(argv, log_path))
-        ok, out = _call(["launchctl", "load", "-w", str(plist)])
-        if not ok:
-            raise fail(f"launchctl load {plist} failed: {out}", 1)
-        typer.echo(f"launchd agent {service.LABEL} installed ({plist}) and started")
-        return
-    missing = service.systemd_missing()
-    unit = service.unit_text(argv)
-    if missing:
-        typer.echo(unit)
-        raise fail(
-            f"cannot install the service: {missing}. The unit is printed above: place it in "
-            f"{service.unit_path()} on a machine with a systemd user session, or run "
-            "`ai-agent-proxy` under your own supervisor",
-            1,
-        )
-    path = service.unit_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(unit)
-    for argv_ in (["systemctl", "--user", "daemon-reload"],
-                  ["systemctl", "--user", "enable", "--now", service.UNIT]):  # fmt: skip
-        ok, out = _call(argv_)
-        if not ok:
-            raise fail(f"{' '.join(argv_)} failed: {out}", 1)
-    typer.echo(f"systemd user unit {service.UNIT} installed ({path}), enabled and started")
-    hint = service.linger_hint()
-    if hint:
-        typer.echo(hint)
+    echo_lines(service.install(settings, _manager(manager_name)))
 
 
 @service_cli.command("uninstall")
@@ -723,97 +585,60 @@ def service_uninstall(manager_name: ManagerOpt = None) -> None:
     """Stop the service and remove its unit (the settings file stays)."""
     from . import service
 
-    if _manager(manager_name) == "launchd":
-        plist = service.plist_path()
-        _call(["launchctl", "unload", "-w", str(plist)])
-        plist.unlink(missing_ok=True)
-        typer.echo(f"launchd agent {service.LABEL} removed")
-        return
-    _call(["systemctl", "--user", "disable", "--now", service.UNIT])
-    service.unit_path().unlink(missing_ok=True)
-    _call(["systemctl", "--user", "daemon-reload"])
-    typer.echo(f"systemd user unit {service.UNIT} removed")
-
-
-def _service_verb(verb: str, manager_name: str | None) -> None:
-    from . import service
-
-    if _manager(manager_name) == "launchd":
-        verbs = {"start": ["start"], "stop": ["stop"], "restart": ["kickstart", "-k"]}[verb]
-        target = service.LABEL if verb != "restart" else f"gui/{os.getuid()}/{service.LABEL}"
-        ok, out = _call(["launchctl", *verbs, target])
-    else:
-        ok, out = _call(["systemctl", "--user", verb, service.UNIT])
-    if not ok:
-        raise fail(f"{verb} failed: {out}", 1)
-    typer.echo(f"{verb}: done")
+    echo_lines(service.uninstall(_manager(manager_name)))
 
 
 @service_cli.command("start")
 def service_start(manager_name: ManagerOpt = None) -> None:
     """Start the installed service."""
-    _service_verb("start", manager_name)
+    from . import service
+
+    echo_lines(service.control("start", _manager(manager_name)))
 
 
 @service_cli.command("stop")
 def service_stop(manager_name: ManagerOpt = None) -> None:
     """Stop the service."""
-    _service_verb("stop", manager_name)
+    from . import service
+
+    echo_lines(service.control("stop", _manager(manager_name)))
 
 
 @service_cli.command("restart")
 def service_restart(manager_name: ManagerOpt = None) -> None:
     """Restart the service."""
-    _service_verb("restart", manager_name)
+    from . import service
+
+    echo_lines(service.control("restart", _manager(manager_name)))
 
 
 @service_cli.command("status")
 def service_status(config: ConfigOpt = None, manager_name: ManagerOpt = None) -> None:
     """The service manager's view and the running server's /readyz; exit 0 when both are
     well."""
-    import httpx
-
     from . import service
-    from .printable import printable
 
     conf = service.service_config_path()
     settings = settings_or_exit(config or (str(conf) if conf.is_file() else None), {})
-    if _manager(manager_name) == "launchd":
-        active, out = _call(["launchctl", "list", service.LABEL])
-    else:
-        active, out = _call(["systemctl", "--user", "is-active", service.UNIT])
-        _, detail = _call(["systemctl", "--user", "status", service.UNIT, "--no-pager",
-                           "--lines=0"])  # fmt: skip
-        out = detail or out
-    typer.echo("service: " + ("active" if active else "not active"))
-    for line in out.splitlines()[:8]:
-        typer.echo("  " + printable(line, one_line=True))
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    url = f"http://{host}:{settings.port}/readyz"
-    headers = {"authorization": f"Bearer {settings.key}"} if settings.key else {}
-    try:
-        answer = httpx.get(url, headers=headers, timeout=3)
-        report = answer.json()
-        ready = answer.status_code == 200
-    except (httpx.HTTPError, ValueError) as exc:
-        report, ready = {"error": f"{type(exc).__name__}: {exc}"}, False
-    typer.echo(f"server {url}: " + ("ready" if ready else "not ready"))
-    for key, value in report.items():
-        typer.echo(f"  {key}: {printable(value, one_line=True)}")
-    if not (active and ready):
+    lines, well = service.status(settings, _manager(manager_name))
+    echo_lines(lines)
+    if not well:
         raise typer.Exit(1)
 
 
-SUBCOMMANDS = {"serve", "history", "replay", "reply", "done", "next", "service"}
+def subcommands() -> set[str]:
+    """The commands Typer knows (`serve` is the one run when none is named)."""
+    named = {c.name or (c.callback.__name__ if c.callback else "") for c in cli.registered_commands}
+    return named | {g.name for g in cli.registered_groups if g.name}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     # Plain `ai-agent-proxy [flags]` means `ai-agent-proxy serve [flags]`.
-    if not args or (args[0] not in SUBCOMMANDS and args[0] not in ("--help", "-h")):
+    if not args or (args[0] not in subcommands() and args[0] not in ("--help", "-h")):
         args.insert(0, "serve")
     try:
         cli(args, prog_name="ai-agent-proxy")
     except ProxyError as exc:  # one not turned into a message where it happened
         typer.echo(f"ai-agent-proxy: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(exc.exit_code)

@@ -1,14 +1,17 @@
 """Every error ai-agent-proxy raises on purpose, under one base class. Each message is
 already phrased for the person who will read it (one line, no traceback).
 
-    ProxyError
+    ProxyError            exit_code: what the CLI exits with (2 unless said otherwise)
      ├── ConfigError      a bad setting: key, value and where it came from (exit 2)
+     ├── StartError       the server cannot start or stopped on its own: port taken (exit 1)
+     ├── ServiceError     a service manager call failed (exit 1)
      ├── SchemaError      the DB cannot be used by this version (newer, not a DB)
      ├── OutboxError       the outbox could not do it now (locked, full, read-only): retry
      │    └── RowRejected this one row can never be stored (the client gets 400, not 503)
      ├── HistoryError     a history/replay query that cannot run (bad id, time, state, DB)
      ├── ReplayError      a row that cannot be written again as an inbox file
      ├── ReplyRefused     a request answered already, or whose reply is being sent (exit 1)
+     ├── ReplyFailed      openclaw message send failed: recorded, try again later (exit 1)
      └── BackendError     the backend LLM gave no usable answer (safe to log and record)
 
 The CLI turns any ProxyError into one line on stderr and a non-zero exit; the server turns
@@ -21,6 +24,20 @@ from __future__ import annotations
 
 class ProxyError(Exception):
     """Base class: an error whose message is meant for the user."""
+
+    exit_code = 2
+
+
+class StartError(ProxyError):
+    """The server cannot serve (the port is taken, not ours to bind) or stopped on its own."""
+
+    exit_code = 1
+
+
+class ServiceError(ProxyError):
+    """A service manager (systemctl, launchctl) call failed, or there is none to call."""
+
+    exit_code = 1
 
 
 class ConfigError(ProxyError):
@@ -51,6 +68,15 @@ class ReplayError(ProxyError):
 class ReplyRefused(ProxyError):
     """`reply`/`done` did not claim the request: answered already, or a reply is being
     sent (by another process, within its lease)."""
+
+    exit_code = 1
+
+
+class ReplyFailed(ProxyError):
+    """`openclaw message send` failed; the failure is recorded and a later reply may try
+    again."""
+
+    exit_code = 1
 
 
 class BackendError(ProxyError):

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import db
-from .errors import HistoryError, ReplyRefused
+from .config import Settings
+from .errors import HistoryError, ReplyFailed, ReplyRefused
 from .outbox.queries import ANSWERED, UNANSWERED
+from .printable import printable
 from .rows import ReplyState, State
 
 SEND_TIMEOUT_S = 120.0
@@ -80,6 +82,32 @@ def claim(conn: sqlite3.Connection, request_id: str, message: str | None, again:
             {"id": request_id, "state": state.value, "message": message, "now": now,
              "finished": None if message is not None else now},
         )  # fmt: skip
+
+
+def reply(
+    conn: sqlite3.Connection,
+    settings: Settings,
+    request_id: str,
+    text: str,
+    reply_to: bool,
+    again: bool,
+) -> Target:
+    """The whole `reply`: claim the request, send through `openclaw message send`, record
+    the outcome. Returns where it went; ReplyRefused (answered already, being sent) or
+    ReplyFailed (the send failed: recorded, a later reply may try again)."""
+    to = target_of(conn, request_id)
+    try:
+        claim(conn, request_id, text, again)
+    except ReplyRefused as exc:
+        raise ReplyRefused(f"{exc}; not sent again (--again to send anyway)") from None
+    status, output = send(settings.openclaw_bin, to, text, reply_to)
+    finish(conn, request_id, status, settings.redact(output))
+    if status != 0:
+        last = output.strip().splitlines()[-1] if output.strip() else f"exit status {status}"
+        raise ReplyFailed(
+            f"reply to {request_id} failed: {printable(last, one_line=True)} (try again later)"
+        )
+    return to
 
 
 def finish(conn: sqlite3.Connection, request_id: str, exit_status: int, output: str) -> None:

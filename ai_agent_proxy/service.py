@@ -13,10 +13,12 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from xml.sax.saxutils import escape
 
 from .config import Settings
+from .errors import ServiceError
 
 UNIT = "ai-agent-proxy.service"
 LABEL = "ai.openclaw.ai-agent-proxy"
@@ -152,3 +154,106 @@ def linger_hint() -> str | None:
     if probe.returncode == 0 and probe.stdout.strip() == "yes":
         return None
     return f"to keep it running after you log out: loginctl enable-linger {user}".rstrip()
+
+
+# -- what the `service` commands do ---------------------------------------------------------
+
+
+def _call(argv: list[str]) -> tuple[bool, str]:
+    done = run(argv)
+    return done.returncode == 0, (done.stdout + done.stderr).strip()
+
+
+def install(settings: Settings, chosen: str) -> Iterator[str]:
+    """Write the settings file and the unit (or plist), then have the manager start it;
+    yields what to tell the user. ServiceError when a manager call fails (after the unit
+    is shown, when there is no systemd user session to install it in)."""
+    conf = service_config_path()
+    write_private(conf, config_text(settings))
+    argv = command(conf)
+    yield f"settings written to {conf} (mode 0600; the service reads them from there)"
+    if chosen == "launchd":
+        plist = plist_path()
+        plist.parent.mkdir(parents=True, exist_ok=True)
+        plist.write_text(plist_text(argv, Path.home() / "Library" / "Logs" / "ai-agent-proxy.log"))
+        ok, out = _call(["launchctl", "load", "-w", str(plist)])
+        if not ok:
+            raise ServiceError(f"launchctl load {plist} failed: {out}")
+        yield f"launchd agent {LABEL} installed ({plist}) and started"
+        return
+    unit = unit_text(argv)
+    missing = systemd_missing()
+    if missing:
+        yield unit
+        raise ServiceError(
+            f"cannot install the service: {missing}. The unit is printed above: place it in "
+            f"{unit_path()} on a machine with a systemd user session, or run "
+            "`ai-agent-proxy` under your own supervisor"
+        )
+    path = unit_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(unit)
+    for argv_ in (["systemctl", "--user", "daemon-reload"],
+                  ["systemctl", "--user", "enable", "--now", UNIT]):  # fmt: skip
+        ok, out = _call(argv_)
+        if not ok:
+            raise ServiceError(f"{' '.join(argv_)} failed: {out}")
+    yield f"systemd user unit {UNIT} installed ({path}), enabled and started"
+    hint = linger_hint()
+    if hint:
+        yield hint
+
+
+def uninstall(chosen: str) -> Iterator[str]:
+    """Stop the service and remove its unit or plist (the settings file stays)."""
+    if chosen == "launchd":
+        plist = plist_path()
+        _call(["launchctl", "unload", "-w", str(plist)])
+        plist.unlink(missing_ok=True)
+        yield f"launchd agent {LABEL} removed"
+        return
+    _call(["systemctl", "--user", "disable", "--now", UNIT])
+    unit_path().unlink(missing_ok=True)
+    _call(["systemctl", "--user", "daemon-reload"])
+    yield f"systemd user unit {UNIT} removed"
+
+
+def control(verb: str, chosen: str) -> Iterator[str]:
+    """start, stop or restart the installed service."""
+    if chosen == "launchd":
+        verbs = {"start": ["start"], "stop": ["stop"], "restart": ["kickstart", "-k"]}[verb]
+        target = LABEL if verb != "restart" else f"gui/{os.getuid()}/{LABEL}"
+        ok, out = _call(["launchctl", *verbs, target])
+    else:
+        ok, out = _call(["systemctl", "--user", verb, UNIT])
+    if not ok:
+        raise ServiceError(f"{verb} failed: {out}")
+    yield f"{verb}: done"
+
+
+def status(settings: Settings, chosen: str) -> tuple[list[str], bool]:
+    """(lines: the manager's view and the server's /readyz; whether both are well)."""
+    import httpx
+
+    from .printable import printable
+
+    if chosen == "launchd":
+        active, out = _call(["launchctl", "list", LABEL])
+    else:
+        active, out = _call(["systemctl", "--user", "is-active", UNIT])
+        _, detail = _call(["systemctl", "--user", "status", UNIT, "--no-pager", "--lines=0"])
+        out = detail or out
+    lines = ["service: " + ("active" if active else "not active")]
+    lines += ["  " + printable(line, one_line=True) for line in out.splitlines()[:8]]
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = f"http://{host}:{settings.port}/readyz"
+    headers = {"authorization": f"Bearer {settings.key}"} if settings.key else {}
+    try:
+        answer = httpx.get(url, headers=headers, timeout=3)
+        report = answer.json()
+        ready = answer.status_code == 200
+    except (httpx.HTTPError, ValueError) as exc:
+        report, ready = {"error": f"{type(exc).__name__}: {exc}"}, False
+    lines.append(f"server {url}: " + ("ready" if ready else "not ready"))
+    lines += [f"  {key}: {printable(value, one_line=True)}" for key, value in report.items()]
+    return lines, active and ready

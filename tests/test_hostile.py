@@ -415,7 +415,7 @@ def test_memory_returns_near_its_baseline_after_large_bodies(make_server) -> Non
 SIGNAL_DURING_START = """
 import asyncio, os, signal, sys
 from ai_agent_proxy.app import create_app
-from ai_agent_proxy.cli import prepare_storage
+from ai_agent_proxy.startup import prepare_storage
 from ai_agent_proxy.config import load_settings
 from ai_agent_proxy.connections import GuardedHttpProtocol
 

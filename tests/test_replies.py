@@ -359,8 +359,8 @@ def test_a_reply_killed_mid_send_is_taken_over_after_its_lease(loop) -> None:
 def test_bad_cli_values_are_one_line_and_exit_2(
     tmp_path: Path, args: list[str], needle: str
 ) -> None:
-    from ai_agent_proxy.cli import prepare_storage
     from ai_agent_proxy.config import load_settings
+    from ai_agent_proxy.startup import prepare_storage
 
     db = tmp_path / "outbox.db"
     prepare_storage(load_settings(None, {"db": str(db), "inbox": str(tmp_path / "in")}, {}))
