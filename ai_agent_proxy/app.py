@@ -211,138 +211,169 @@ async def hear_stop_signals(app: Sanic) -> None:
 
 
 def create_app(settings: Settings) -> Sanic:
+    """The app: its settings, then what it runs (listeners, the auth check, routes)."""
     setup_logging(settings.debug)
     safe_logs(settings.redact)
     app = ProxyApp("ai_agent_proxy", configure_logging=False)
-    app.ctx.phase = Phase.STARTING
+    app.config.update(REQUEST_MAX_SIZE=settings.max_body, ACCESS_LOG=settings.debug,
+                      MOTD=False, GRACEFUL_SHUTDOWN_TIMEOUT=5.0)  # fmt: skip
+    app.error_handler = ProxyErrorHandler(settings.key)
+    app.ctx.settings, app.ctx.metrics, app.ctx.phase = settings, Metrics(), Phase.STARTING
+    app.ctx.auth_warnings = AuthWarnings()
     # Symlinks followed: a media line's path counts only if the file it names is inside.
     # (A few lstat calls, for the rare message that has such a line.)
     app.ctx.media = MediaStore(str(settings.media_dir), os.path.realpath)
-    app.config.REQUEST_MAX_SIZE = settings.max_body
-    app.config.ACCESS_LOG = settings.debug
-    app.config.MOTD = False
-    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 5.0
-    app.error_handler = ProxyErrorHandler(settings.key)
-    app.ctx.settings = settings
-    app.ctx.metrics = Metrics()
-
-    app.before_server_start(hear_stop_signals, priority=FIRST)
-    app.after_server_start(hear_stop_signals, priority=FIRST)  # (Sanic's replaced them)
-
-    @app.before_server_start
-    async def open_outbox(app: Sanic) -> None:
-        return_large_allocations()  # in each worker process
-        app.ctx.parser = BodyParser()  # learns the pieces this process's bodies repeat
-        outbox = Outbox(settings.db_path, settings.dedup_window)
-        await outbox.open()
-        flusher = Flusher(outbox, settings, on_written=app.ctx.metrics.flush_latency.observe)
-        outbox.listen(flusher.hand, flusher.wake)
-        flusher.start()
-        app.ctx.outbox, app.ctx.flusher = outbox, flusher
-        app.ctx.relay = Relay(settings) if settings.url else None
-        app.ctx.pruner = (
-            Pruner(outbox, settings.retention_days) if settings.retention_days else None
-        )
-        if app.ctx.pruner:
-            app.ctx.pruner.start()
-        # Everything alive now (modules, app, settings) lives as long as the process.
-        # Frozen, the GC stops walking it on every full collection, which otherwise made
-        # most of the tail latency at saturation (README, Performance).
-        gc.collect()
-        gc.freeze()
-
-    @app.after_server_start
-    async def announce_listening(app: Sanic) -> None:
-        LIMITS.bound = connection_bound(settings.max_connections)
-        LIMITS.header_timeout = settings.header_timeout
-        LIMITS.body_timeout, LIMITS.body_min_rate = settings.body_timeout, settings.body_min_rate
-        host = f"[{settings.host}]" if ":" in settings.host else settings.host
-        log.info(
-            "listening url=http://%s:%d/v1 inbox=%s max_connections=%d",
-            host, settings.port, settings.inbox, LIMITS.bound,
-        )  # fmt: skip
-        # The DB is open and the port answers: a service manager may start what needs us.
-        notify(f"READY=1\nSTATUS=listening on {host}:{settings.port}")
-        app.ctx.phase = Phase.SERVING
-
-    @app.before_server_stop
-    async def stop_taking_requests(app: Sanic) -> None:
-        app.ctx.phase = Phase.STOPPING
-        notify("STOPPING=1")
-        drain()
-
-    @app.after_server_stop
-    async def close_outbox(app: Sanic) -> None:
-        if app.ctx.pruner is not None:
-            await app.ctx.pruner.stop()
-        if app.ctx.relay is not None:
-            await app.ctx.relay.close()
-        await app.ctx.flusher.stop()
-        await app.ctx.outbox.close()
-
-    auth_warned = AuthWarnings()
-
-    @app.signal("http.routing.after")
-    async def authenticate(request: Request, **_: Any) -> None:
-        # Routed, and the body not read yet: a client without the key gets 401 at once.
-        if not is_authorized(request, settings.key):
-            auth_warned.note(request.client_ip, request.path)
-            raise ApiError(401, "missing or invalid API key")
-
-    @app.on_response
-    async def count(request: Request, response: HTTPResponse) -> None:
-        closing_response(request)
-        route = request.route.path if request.route else "unmatched"
-        app.ctx.metrics.requests.labels(route, str(response.status)).inc()
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> HTTPResponse | None:
-        parsed = read_body(request.body, request.client_ip, request.app.ctx.parser)
-        body = parsed.value
-        context = extract_context(body, request.app.ctx.media)
-        request_id, received_ms = new_request_id()
-        relay: Relay | None = request.app.ctx.relay
-        row = new_request(request_id, received_ms, parsed, request.body, context, relay)
-        try:
-            await request.app.ctx.outbox.record(row)
-        except RowRejected as exc:  # permanent: telling the client to retry would not help
-            raise ApiError(400, f"the request cannot be stored: {exc}") from None
-        except OutboxError as exc:
-            raise ApiError(
-                503, f"the request could not be recorded, please retry ({exc})"
-            ) from None
-        answer = Answer.for_body(body, settings)
-        if relay is None:
-            return answer.fallback()
-        return await relay_chat(request, relay, body, context.context_id, request_id, answer)
-
-    @app.get("/v1/models")
-    async def list_models(request: Request) -> HTTPResponse:
-        return json_response(orjson.dumps({"object": "list", "data": await models(request.app)}))
-
-    @app.get("/v1/models/<model_id:path>")
-    async def get_model(request: Request, model_id: str) -> HTTPResponse:
-        for model in await models(request.app):
-            if model.get("id") == model_id:
-                return json_response(orjson.dumps(model))
-        raise ApiError(404, f"model {model_id!r} not found")
-
-    @app.route("/healthz", methods=["GET", "HEAD"])
-    async def healthz(request: Request) -> HTTPResponse:
-        return json_response(b'{"status":"ok"}')
-
-    @app.get("/readyz")
-    async def readyz(request: Request) -> HTTPResponse:
-        report, ready = await readiness(request.app)
-        return json_response(orjson.dumps(report), 200 if ready else 503)
-
-    @app.get("/metrics")
-    async def metrics(request: Request) -> HTTPResponse:
-        ctx = request.app.ctx
-        text = await ctx.metrics.scrape(ctx.outbox, ctx.flusher.status)
-        return raw(text, content_type=CONTENT_TYPE_LATEST)
-
+    for event, listener, priority in LISTENERS:
+        app.listener(listener, event, priority=priority)
+    app.add_signal(authenticate, "http.routing.after")
+    app.register_middleware(count, "response")
+    for uri, handler, methods in ROUTES:
+        app.add_route(handler, uri, methods=methods)
     return app
+
+
+# -- listeners ---------------------------------------------------------------------------
+
+
+async def open_outbox(app: Sanic) -> None:
+    """The outbox, its flusher (and writer process), the relay and the pruner of this
+    worker process."""
+    settings: Settings = app.ctx.settings
+    return_large_allocations()  # in each worker process
+    app.ctx.parser = BodyParser()  # learns the pieces this process's bodies repeat
+    outbox = Outbox(settings.db_path, settings.dedup_window)
+    await outbox.open()
+    flusher = Flusher(outbox, settings, on_written=app.ctx.metrics.flush_latency.observe)
+    outbox.listen(flusher.hand, flusher.wake)
+    flusher.start()
+    app.ctx.outbox, app.ctx.flusher = outbox, flusher
+    app.ctx.relay = Relay(settings) if settings.url else None
+    app.ctx.pruner = Pruner(outbox, settings.retention_days) if settings.retention_days else None
+    if app.ctx.pruner:
+        app.ctx.pruner.start()
+    # Everything alive now (modules, app, settings) lives as long as the process. Frozen,
+    # the GC stops walking it on every full collection, which otherwise made most of the
+    # tail latency at saturation (README, Performance).
+    gc.collect()
+    gc.freeze()
+
+
+async def announce_listening(app: Sanic) -> None:
+    """Connection limits in force, one `listening` line, READY=1 for a service manager."""
+    settings: Settings = app.ctx.settings
+    LIMITS.bound = connection_bound(settings.max_connections)
+    LIMITS.header_timeout = settings.header_timeout
+    LIMITS.body_timeout, LIMITS.body_min_rate = settings.body_timeout, settings.body_min_rate
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    log.info(
+        "listening url=http://%s:%d/v1 inbox=%s max_connections=%d",
+        host, settings.port, settings.inbox, LIMITS.bound,
+    )  # fmt: skip
+    # The DB is open and the port answers: a service manager may start what needs us.
+    notify(f"READY=1\nSTATUS=listening on {host}:{settings.port}")
+    app.ctx.phase = Phase.SERVING
+
+
+async def stop_taking_requests(app: Sanic) -> None:
+    app.ctx.phase = Phase.STOPPING
+    notify("STOPPING=1")
+    drain()
+
+
+async def close_outbox(app: Sanic) -> None:
+    if app.ctx.pruner is not None:
+        await app.ctx.pruner.stop()
+    if app.ctx.relay is not None:
+        await app.ctx.relay.close()
+    await app.ctx.flusher.stop()
+    await app.ctx.outbox.close()
+
+
+LISTENERS = (
+    ("before_server_start", hear_stop_signals, FIRST),
+    ("before_server_start", open_outbox, 0),
+    ("after_server_start", hear_stop_signals, FIRST),  # (Sanic's handlers replaced ours)
+    ("after_server_start", announce_listening, 0),
+    ("before_server_stop", stop_taking_requests, 0),
+    ("after_server_stop", close_outbox, 0),
+)
+
+
+# -- every request ------------------------------------------------------------------------
+
+
+async def authenticate(request: Request, **_: Any) -> None:
+    """On Sanic's http.routing.after: routed, and the body not read yet, so a client
+    without the key gets 401 at once."""
+    if not is_authorized(request, request.app.ctx.settings.key):
+        request.app.ctx.auth_warnings.note(request.client_ip, request.path)
+        raise ApiError(401, "missing or invalid API key")
+
+
+async def count(request: Request, response: HTTPResponse) -> None:
+    closing_response(request)
+    route = request.route.path if request.route else "unmatched"
+    request.app.ctx.metrics.requests.labels(route, str(response.status)).inc()
+
+
+# -- routes -------------------------------------------------------------------------------
+
+
+async def chat_completions(request: Request) -> HTTPResponse | None:
+    """Parse, extract (pure), commit, answer: the local answer, or the relayed one."""
+    ctx = request.app.ctx
+    parsed = read_body(request.body, request.client_ip, ctx.parser)
+    body = parsed.value
+    context = extract_context(body, ctx.media)
+    request_id, received_ms = new_request_id()
+    relay: Relay | None = ctx.relay
+    row = new_request(request_id, received_ms, parsed, request.body, context, relay)
+    try:
+        await ctx.outbox.record(row)
+    except RowRejected as exc:  # permanent: telling the client to retry would not help
+        raise ApiError(400, f"the request cannot be stored: {exc}") from None
+    except OutboxError as exc:
+        raise ApiError(503, f"the request could not be recorded, please retry ({exc})") from None
+    answer = Answer.for_body(body, ctx.settings)
+    if relay is None:
+        return answer.fallback()
+    return await relay_chat(request, relay, body, context.context_id, request_id, answer)
+
+
+async def list_models(request: Request) -> HTTPResponse:
+    return json_response(orjson.dumps({"object": "list", "data": await models(request.app)}))
+
+
+async def get_model(request: Request, model_id: str) -> HTTPResponse:
+    for model in await models(request.app):
+        if model.get("id") == model_id:
+            return json_response(orjson.dumps(model))
+    raise ApiError(404, f"model {model_id!r} not found")
+
+
+async def healthz(request: Request) -> HTTPResponse:
+    return json_response(b'{"status":"ok"}')
+
+
+async def readyz(request: Request) -> HTTPResponse:
+    report, ready = await readiness(request.app)
+    return json_response(orjson.dumps(report), 200 if ready else 503)
+
+
+async def metrics(request: Request) -> HTTPResponse:
+    ctx = request.app.ctx
+    text = await ctx.metrics.scrape(ctx.outbox, ctx.flusher.status)
+    return raw(text, content_type=CONTENT_TYPE_LATEST)
+
+
+ROUTES = (
+    ("/v1/chat/completions", chat_completions, ["POST"]),
+    ("/v1/models", list_models, ["GET"]),
+    ("/v1/models/<model_id:path>", get_model, ["GET"]),
+    ("/healthz", healthz, ["GET", "HEAD"]),
+    ("/readyz", readyz, ["GET"]),
+    ("/metrics", metrics, ["GET"]),
+)
 
 
 def new_request(
