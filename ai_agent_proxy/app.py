@@ -174,16 +174,26 @@ class ProxyApp(Sanic):
     (the port answers already: a service manager stopping a server that has just answered
     its first request) is consumed when that start-up step returns, and the server then
     runs on. So a stop is only made once serving has begun, and is made again every
-    RESTOP_S until the stop listeners have begun. Signals are heard from the first start-up
-    listener on (Sanic's own handlers, installed later, call this same method)."""
+    RESTOP_S until the stop listeners have begun. Never more than one per RESTOP_S: uvloop
+    keeps a second stop made in the same moment for its next run, which then broke off the
+    stop listeners. Signals are heard from the first start-up listener on (Sanic's own
+    handlers, installed later, call this same method)."""
 
     def stop(self, terminate: bool = True, unregister: bool = False) -> None:
-        phase: Phase = self.ctx.phase
-        if phase is Phase.STOPPING:
+        ctx = self.ctx
+        if ctx.phase is Phase.STOPPING:
             return
-        if phase is Phase.SERVING:
+        loop = asyncio.get_event_loop()
+        if ctx.phase is Phase.SERVING and loop.time() - ctx.stopped_at >= RESTOP_S:
+            ctx.stopped_at = loop.time()
             super().stop(terminate=terminate, unregister=unregister)
-        asyncio.get_event_loop().call_later(RESTOP_S, self.stop, terminate, unregister)
+        if not ctx.restop_due:  # one timer looks again, however many signals came
+            ctx.restop_due = True
+            loop.call_later(RESTOP_S, self._stop_again, terminate, unregister)
+
+    def _stop_again(self, terminate: bool, unregister: bool) -> None:
+        self.ctx.restop_due = False
+        self.stop(terminate, unregister)
 
 
 FIRST = 1_000_000  # listener priority: before every other listener of its step
@@ -219,6 +229,7 @@ def create_app(settings: Settings) -> Sanic:
                       MOTD=False, GRACEFUL_SHUTDOWN_TIMEOUT=5.0)  # fmt: skip
     app.error_handler = ProxyErrorHandler(settings.key)
     app.ctx.settings, app.ctx.metrics, app.ctx.phase = settings, Metrics(), Phase.STARTING
+    app.ctx.stopped_at, app.ctx.restop_due = -RESTOP_S, False  # (ProxyApp.stop)
     app.ctx.auth_warnings = AuthWarnings()
     # Symlinks followed: a media line's path counts only if the file it names is inside.
     # (A few lstat calls, for the rare message that has such a line.)
