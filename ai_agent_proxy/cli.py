@@ -464,6 +464,8 @@ def reply(
         rid = history.resolve_id(request_id)
         try:
             to = replies.reply(conn, settings, rid, text or "", reply_to, again)
+        except ReplyRefused as exc:
+            raise fail(f"{exc}; not sent again (--again to send anyway)", 1) from None
         except ProxyError as exc:
             raise fail(str(exc), exc.exit_code) from None
     typer.echo(f"replied to {rid} on {to.channel}:{to.target}", err=True)
@@ -537,6 +539,19 @@ def next_request(
                 else render_text(view)
             )
         sys.stdout.flush()
+
+
+@cli.command("mcp")
+def mcp_server(config: ConfigOpt = None, db: DbOpt = None, inbox: InboxOpt = None) -> None:
+    """The agent's loop as MCP tools over stdio (next_message, reply, mark_done,
+    show_request, search_history), for any agent that speaks MCP."""
+    from .mcp_server import build
+
+    settings = settings_or_exit(config, {"db": db, "inbox": inbox})
+    setup_logging(settings.debug)  # to stderr: stdout is the protocol
+    with history_session(config, db, inbox):  # the DB must exist and be ours
+        pass
+    build(settings).run("stdio")
 
 
 # -- running as a service -------------------------------------------------------------------

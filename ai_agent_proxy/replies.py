@@ -96,10 +96,7 @@ def reply(
     the outcome. Returns where it went; ReplyRefused (answered already, being sent) or
     ReplyFailed (the send failed: recorded, a later reply may try again)."""
     to = target_of(conn, request_id)
-    try:
-        claim(conn, request_id, text, again)
-    except ReplyRefused as exc:
-        raise ReplyRefused(f"{exc}; not sent again (--again to send anyway)") from None
+    claim(conn, request_id, text, again)
     status, output = send(settings.openclaw_bin, to, text, reply_to)
     finish(conn, request_id, status, settings.redact(output))
     if status != 0:

@@ -33,6 +33,20 @@ INTERNAL_BEGIN = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>"
 _WRAPPER = re.compile(r"\A\[[^\]]*\] Conversation info: [^\n]*\n```json\n[^\n]*\n```\n\n")
 
 
+# A stand-in for the `openclaw` CLI: logs its argv (as JSON lines) to $FAKE_OPENCLAW_LOG,
+# fails while "$FAKE_OPENCLAW_LOG.fail" exists, sleeps $FAKE_OPENCLAW_SLEEP first.
+FAKE_OPENCLAW = """#!/usr/bin/env python3
+import json, os, sys, time
+time.sleep(float(os.environ.get("FAKE_OPENCLAW_SLEEP", "0")))
+with open(os.environ["FAKE_OPENCLAW_LOG"], "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+if os.path.exists(os.environ["FAKE_OPENCLAW_LOG"] + ".fail"):
+    print("Error: Gateway not reachable (ws://127.0.0.1:18789)", file=sys.stderr)
+    sys.exit(1)
+print("Sent via Telegram. Message ID: 4242")
+"""
+
+
 def load(name: str) -> dict[str, Any]:
     return json.loads((FIXTURES / name).read_text("utf-8"))
 

@@ -19,21 +19,11 @@ from ai_agent_proxy.cli import cli
 
 from . import openclaw as oc
 from .conftest import Server, fixture_body, wait_until
+from .openclaw import FAKE_OPENCLAW
 
 TURN1 = "openclaw-2026.9-telegram-dm-turn1.json"
 TURN2 = "openclaw-2026.9-telegram-dm-turn2.json"
 GROUP = "openclaw-2026.9-telegram-group.json"
-
-FAKE_OPENCLAW = """#!/usr/bin/env python3
-import json, os, sys, time
-time.sleep(float(os.environ.get("FAKE_OPENCLAW_SLEEP", "0")))
-with open(os.environ["FAKE_OPENCLAW_LOG"], "a") as log:
-    log.write(json.dumps(sys.argv[1:]) + "\\n")
-if os.path.exists(os.environ["FAKE_OPENCLAW_LOG"] + ".fail"):
-    print("Error: Gateway not reachable (ws://127.0.0.1:18789)", file=sys.stderr)
-    sys.exit(1)
-print("Sent via Telegram. Message ID: 4242")
-"""
 
 
 @pytest.fixture

@@ -1,0 +1,174 @@
+"""`ai-agent-proxy mcp` as an agent uses it: started as a subprocess and driven with the
+official SDK's own stdio client (the process and its protocol are the point), over the DB
+of a real server that took captured OpenClaw bodies; `openclaw` is a stand-in on PATH."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+
+from . import openclaw as oc
+from .conftest import Server
+
+TOOLS = {"next_message", "reply", "mark_done", "show_request", "search_history"}
+
+
+@pytest.fixture
+def world(make_server, tmp_path: Path) -> tuple[Server, Path, dict[str, str]]:
+    """A server holding dm-turn2's conversation (turn 1, turn 2) and a group turn; an
+    openclaw stand-in on PATH; the environment to run `ai-agent-proxy mcp` in."""
+    server = make_server("--reply", "on it")
+    for name in (oc.TURN1, oc.TURN2, oc.GROUP):
+        assert server.post_chat(oc.load(name)).status_code == 200
+    server.wait_files(3)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "openclaw").write_text(oc.FAKE_OPENCLAW)
+    (bin_dir / "openclaw").chmod(0o755)
+    log = tmp_path / "openclaw-calls.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_OPENCLAW_LOG=str(log))
+    return server, log, env
+
+
+@asynccontextmanager
+async def mcp_session(server: Server, env: dict[str, str]) -> AsyncIterator[ClientSession]:
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "ai_agent_proxy", "mcp", "--db", str(server.db), "--inbox", str(server.inbox)],
+        env=env, cwd=server.workdir,
+    )  # fmt: skip
+    with open(server.workdir / "mcp-stderr.log", "w") as errlog:
+        async with (
+            stdio_client(params, errlog=errlog) as (read, write),
+            ClientSession(read, write, read_timeout_seconds=30) as session,
+        ):
+            await session.initialize()
+            yield session
+
+
+def text(result: Any) -> str:
+    return "\n".join(c.text for c in result.content if c.type == "text")
+
+
+def calls(log: Path) -> list[list[str]]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_the_agent_loop_through_mcp(world) -> None:
+    """list -> next_message -> reply -> (second reply refused) -> mark_done -> next."""
+    server, log, env = world
+    first, second, third = (r["id"] for r in server.rows())
+
+    async def scenario() -> None:
+        async with mcp_session(server, env) as s:
+            listed = {t.name: t for t in (await s.list_tools()).tools}
+            assert set(listed) == TOOLS
+            assert listed["next_message"].input_schema["properties"]["wait_seconds"]
+            assert set(listed["reply"].input_schema["required"]) == {"request_id", "text"}
+            assert listed["next_message"].annotations.read_only_hint is True
+            assert listed["reply"].annotations.read_only_hint is not True
+
+            shown = await s.call_tool("next_message", {})
+            assert not shown.is_error and len(text(shown)) < 4000
+            view = shown.structured_content
+            assert view["request_id"] == first and view["words"] == "hello from telegram DM"
+            assert view["inbox_file"] == str(server.inbox / server.inbox_names()[0])
+            assert "hello from telegram DM" in text(shown) and view["inbox_file"] in text(shown)
+
+            sent = await s.call_tool("reply", {"request_id": first, "text": "Hi Alice!"})
+            assert not sent.is_error, text(sent)
+            assert sent.structured_content["sent_to"] == "telegram:123456789"
+            again = await s.call_tool("reply", {"request_id": first, "text": "twice?"})
+            assert again.is_error and "answered already" in text(again)
+            unknown = await s.call_tool("reply", {"request_id": "ffffffffffff", "text": "x"})
+            assert unknown.is_error and "no request with id" in text(unknown)
+
+            assert (await s.call_tool("next_message", {})).structured_content["request_id"] == (
+                second
+            )
+            done = await s.call_tool("mark_done", {"request_id": second})
+            assert not done.is_error
+            assert (await s.call_tool("mark_done", {"request_id": second})).is_error
+            nxt = await s.call_tool("next_message", {})
+            assert nxt.structured_content["request_id"] == third
+
+            full = await s.call_tool("show_request", {"request_id": third, "full": True})
+            path = server.inbox / server.inbox_names()[2]
+            assert text(full).encode() == path.read_bytes()  # the file, byte for byte
+            found = await s.call_tool("search_history", {"query": "telegram DM"})
+            assert [r["id"] for r in found.structured_content["requests"]] == [first]
+            assert found.structured_content["requests"][0]["answered"] is True
+
+    asyncio.run(scenario())
+    assert calls(log) == [["message", "send", "--channel", "telegram", "--target", "123456789",
+                           "--message", "Hi Alice!"]]  # fmt: skip
+
+
+def test_next_message_waits_for_a_request_without_blocking_others(world) -> None:
+    server, _log, env = world
+
+    async def scenario() -> None:
+        async with mcp_session(server, env) as s:
+            for r in server.rows():
+                assert not (await s.call_tool("mark_done", {"request_id": r["id"]})).is_error
+            empty = await s.call_tool("next_message", {"wait_seconds": 0})
+            assert not empty.is_error and empty.structured_content == {
+                "waiting": False, "note": "no request is waiting for a reply",
+            }  # fmt: skip
+            started = time.monotonic()
+            waiting = asyncio.create_task(s.call_tool("next_message", {"wait_seconds": 30}))
+            # meanwhile, other calls are answered
+            other = await s.call_tool("search_history", {"query": "hello"})
+            assert not other.is_error and not waiting.done()
+            body = oc.with_info(oc.typed(oc.load(oc.TURN2), "are you there?"), message_id="13")
+            await asyncio.to_thread(server.post_chat, body)
+            got = await asyncio.wait_for(waiting, 10)
+            assert got.structured_content["words"] == "are you there?"
+            assert time.monotonic() - started < 5  # as soon as it came, not after 30 s
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "needle"),
+    [
+        ("next_message", {"wait_seconds": -1}, "wait_seconds must be from 0 to 300"),
+        ("next_message", {"wait_seconds": 1e9}, "wait_seconds must be from 0 to 300"),
+        ("next_message", {"wait_seconds": "soon"}, "wait_seconds"),
+        ("reply", {"request_id": 5, "text": "x"}, "request_id"),
+        ("reply", {"request_id": "X", "text": "y" * 1_000_000}, "at most 32,768"),
+        ("reply", {"request_id": "X", "text": "   "}, "the reply is empty"),
+        ("search_history", {"query": "x", "limit": 0}, "limit must be from 1 to 200"),
+        ("search_history", {"query": "x", "since": "yesterday"}, "cannot read time"),
+        ("show_request", {"request_id": "00"}, "is not a request id"),
+        ("show_request", {"request_id": "ffffffffffff"}, "no request with id"),
+    ],
+)
+def test_bad_input_is_a_tool_error_and_the_server_keeps_serving(
+    world, tool: str, arguments: dict[str, Any], needle: str
+) -> None:
+    server, log, env = world
+    first = server.rows()[0]["id"]
+    arguments = {k: first if v == "X" else v for k, v in arguments.items()}
+
+    async def scenario() -> None:
+        async with mcp_session(server, env) as s:
+            bad = await s.call_tool(tool, arguments)
+            assert bad.is_error and needle in text(bad), text(bad)
+            fine = await s.call_tool("next_message", {})
+            assert not fine.is_error and fine.structured_content["request_id"] == first
+
+    asyncio.run(scenario())
+    assert calls(log) == []
