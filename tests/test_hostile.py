@@ -305,7 +305,6 @@ def test_a_trickling_flood_does_not_lock_out_normal_clients(make_server) -> None
     connections are being closed, and the tricklers are cut at the header deadline."""
     import socket
     import threading
-    import time
 
     server = make_server(start=False)
     server.args += ["--header-timeout", "2"]
@@ -329,26 +328,11 @@ def test_a_trickling_flood_does_not_lock_out_normal_clients(make_server) -> None
     thread.start()
     try:
         wait_until(lambda: len(flood) >= 300, timeout=20, message="flood not opened")
-        served = 0
-        t_end = time.monotonic() + 3
-        while time.monotonic() < t_end:  # during the flood
-            r = server.post_chat(good(served), timeout=2)
-            assert r.status_code == 200
-            served += 1
+        served = served_during(server, 3.0)
         assert served >= 10
         assert "connection_limit_reached" in server.log()
         # the tricklers still open are cut at the header deadline
-
-        def closed(s: socket.socket) -> bool:
-            s.setblocking(False)
-            try:
-                return s.recv(1024) == b""
-            except BlockingIOError:
-                return False
-            except OSError:
-                return True
-
-        wait_until(lambda: all(closed(s) for s in flood), timeout=10,
+        wait_until(lambda: all(_closed(s) for s in flood), timeout=10,
                    message="trickling connections outlived the header deadline")  # fmt: skip
     finally:
         stop.set()
@@ -507,7 +491,20 @@ def _trickle_bodies(port: int, count: int, key: str | None = None) -> list[Any]:
     return flood
 
 
+def served_during(server: Server, seconds: float) -> int:
+    """Normal requests one after the other for `seconds`; each must be answered 200 (in
+    2 s). How many were."""
+    import time
+
+    served, t_end = 0, time.monotonic() + seconds
+    while time.monotonic() < t_end:
+        assert server.post_chat(good(served), timeout=2).status_code == 200
+        served += 1
+    return served
+
+
 def _closed(s: Any) -> bool:
+    """Whether the server closed this (non-blocking peek)."""
     s.setblocking(False)
     try:
         return s.recv(65536) == b""
@@ -523,7 +520,6 @@ def test_trickling_bodies_do_not_lock_out_normal_clients(make_server) -> None:
     connection makes room), and the tricklers are cut once BODY_TIMEOUT has passed and
     they keep no BODY_MIN_RATE."""
     import threading
-    import time
 
     server = make_server("--max-connections", "64", "--body-timeout", "2")
     stop = threading.Event()
@@ -538,12 +534,7 @@ def test_trickling_bodies_do_not_lock_out_normal_clients(make_server) -> None:
     thread = threading.Thread(target=trickle, daemon=True)
     thread.start()
     try:
-        served = 0
-        t_end = time.monotonic() + 3
-        while time.monotonic() < t_end:  # during the flood
-            r = server.post_chat(good(served), timeout=2)
-            assert r.status_code == 200
-            served += 1
+        served = served_during(server, 3.0)
         assert served >= 10
         assert "connection_limit_reached" in server.log()
         wait_until(lambda: all(_closed(s) for s in flood), timeout=10,
