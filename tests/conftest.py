@@ -26,6 +26,7 @@ from . import openclaw
 # (context_id, latest-user-prompt) of each, from the one table in tests/openclaw.py.
 FIXTURES = openclaw.FIXTURES
 OPENCLAW_HOME = "/home/alice/.openclaw"
+SKILL_PATH = Path(__file__).parents[1] / "ai_agent_proxy/skills/openclaw-message-cli/SKILL.md"
 FIXTURE_CONTEXTS = {
     name: (values["context_id"], values.get("stored_prompt", values["prompt"]))
     for name, values in openclaw.EXPECTED.items()
@@ -107,6 +108,11 @@ class Server:
     logs: list[Path] = field(default_factory=list)
     explicit_db: bool = True  # False: start without --db, on the inbox's default DB
     nofile: tuple[int, int] | None = None  # RLIMIT_NOFILE (soft, hard) for the server
+
+    @property
+    def settings_env(self) -> dict[str, str]:
+        """The AI_AGENT_PROXY_ settings this server was given through its environment."""
+        return {k: v for k, v in self.env.items() if k.startswith("AI_AGENT_PROXY_")}
 
     @property
     def base_url(self) -> str:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner, Result
 from ai_agent_proxy.cli import cli
 
 from . import openclaw as oc
-from .conftest import Server, fixture_body, wait_until
+from .conftest import SKILL_PATH, Server, fixture_body, wait_until
 from .openclaw import FAKE_OPENCLAW
 
 TURN1 = "openclaw-2026.9-telegram-dm-turn1.json"
@@ -29,7 +29,10 @@ GROUP = "openclaw-2026.9-telegram-group.json"
 @pytest.fixture
 def loop(make_server, tmp_path: Path) -> tuple[Server, Path, dict[str, str]]:
     """A server holding three requests; a fake openclaw on PATH; the env to run the CLI."""
-    server = make_server("--reply", "on it")
+    # One skill path for the server (in CI: the installed package) and the in-process
+    # commands (the source tree): the path both write into inbox payloads.
+    server = make_server("--reply", "on it", env={"AI_AGENT_PROXY_OPENCLAW_MESSAGE_CLI_SKILL_PATH":
+                                                  str(SKILL_PATH)})  # fmt: skip
     for name in (TURN1, TURN2, GROUP):
         assert server.post_chat(fixture_body(name)).status_code == 200
     server.wait_files(3)
@@ -162,9 +165,11 @@ def test_next_done_and_waiting(loop) -> None:
 
 
 def next_(server: Server, *args: str) -> Result:
-    """`next` in-process (Typer's CliRunner) on the server's DB and inbox."""
+    """`next` in-process (Typer's CliRunner) on the server's DB and inbox, with the
+    server's settings (in CI the server runs the installed package and this process the
+    source tree: their default skill paths differ)."""
     where = ["--db", str(server.db), "--inbox", str(server.inbox)]
-    return CliRunner().invoke(cli, ["next", *args, *where])
+    return CliRunner().invoke(cli, ["next", *args, *where], env=server.settings_env)
 
 
 def test_next_shows_an_agent_the_short_view(loop) -> None:
