@@ -11,14 +11,17 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from ai_agent_proxy.context import RETRY_NOTICE
+from ai_agent_proxy.cli import cli as app
 
-from .conftest import Server, fixture_body, wait_until
+from . import openclaw as oc
+from .conftest import SKILL_PATH, Server, fixture_body, new_server, wait_until
 
 TURN1 = "openclaw-2026.9-telegram-dm-turn1.json"
 TURN2 = "openclaw-2026.9-telegram-dm-turn2.json"
@@ -26,15 +29,18 @@ GROUP = "openclaw-2026.9-telegram-group.json"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the installed CLI from an empty directory, as the server fixture does (from the
-    repo root, `python -m` would import the source tree instead of the installed package)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
-    env["COLUMNS"] = "200"
-    with tempfile.TemporaryDirectory() as cwd:
-        return subprocess.run(
-            [sys.executable, "-m", "ai_agent_proxy", *args],
-            capture_output=True, text=True, timeout=60, env=env, cwd=cwd,
-        )  # fmt: skip
+    """A command in-process (Typer's CliRunner), from an empty directory, so that no
+    ./.ai-agent-proxy.conf of the caller's is read; what a process would have shown."""
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as empty:
+        os.chdir(empty)
+        try:
+            r = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+        finally:
+            os.chdir(here)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception  # a traceback where a process would print one
+    return subprocess.CompletedProcess(list(args), r.exit_code, r.stdout, r.stderr)
 
 
 def ok(*args: str) -> str:
@@ -43,21 +49,27 @@ def ok(*args: str) -> str:
     return r.stdout
 
 
-@pytest.fixture
-def populated(make_server) -> Server:
-    """A running server whose DB holds every kind of row."""
-    server = make_server()
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server whose DB holds every kind of row, shared by the module's tests: they only
+    read it (and the one that needs no server stops it). Its skill path is the one the
+    in-process commands use (in CI the server runs the installed package)."""
+    server = new_server(
+        tmp_path_factory.mktemp("populated") / "server",
+        env={"AI_AGENT_PROXY_OPENCLAW_MESSAGE_CLI_SKILL_PATH": str(SKILL_PATH)},
+    ).start()
     server.post_chat(fixture_body(TURN1))
     server.post_chat(fixture_body(TURN2))
-    retry = fixture_body(TURN2)
-    retry["messages"].append({"role": "user", "content": RETRY_NOTICE})
-    server.post_chat(retry)  # duplicate
+    server.post_chat(oc.retry_of(fixture_body(TURN2)))  # duplicate
     server.post_chat(fixture_body(GROUP))
     for i in range(6):
         note = {"role": "user", "content": f"note {i} 100%_done"}
         server.post_chat({"channel": "api", "user_id": f"u{i % 2}", "messages": [note]})
     server.wait_files(9)
-    return server
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def db_args(server: Server) -> list[str]:
@@ -103,7 +115,8 @@ def test_history_filters(populated: Server) -> None:
     assert ids("--until", "1h") == []
     now = datetime.now(timezone.utc)
     assert len(ids("--until", now.isoformat())) == 10
-    assert ids("--since", now.strftime("%Y-%m-%dT%H:%M:%S") + "Z", "--limit", "0") == []
+    later = (now + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S")  # (whole seconds)
+    assert ids("--since", later + "Z", "--limit", "0") == []
 
 
 def test_history_show_and_stats(populated: Server) -> None:
@@ -151,16 +164,15 @@ def test_show_lists_failed_attempts(make_server) -> None:
 
 def test_replay_rewrites_the_same_files(populated: Server, tmp_path: Path) -> None:
     originals = {n: (populated.inbox / n).read_bytes() for n in populated.inbox_names()}
-    populated.stop()  # replay must not need the server
-    shutil.rmtree(populated.inbox)
-    r = cli("replay", "--all", "--inbox", str(populated.inbox), "--db", str(populated.db))
+    populated.stop()  # replay must not need the server (the other tests only read the DB)
+    again = tmp_path / "inbox"
+    r = cli("replay", "--all", "--inbox", str(again), "--db", str(populated.db))
     assert r.returncode == 0, r.stderr
     assert "wrote 9 file(s)" in r.stderr and "skipped 1 duplicate" in r.stderr
-    assert {n: (populated.inbox / n).read_bytes() for n in populated.inbox_names()} == originals
+    assert {n: (again / n).read_bytes() for n in sorted(os.listdir(again))} == originals
     # idempotent: a second run adds nothing and changes nothing
-    ok("replay", "--all", "--inbox", str(populated.inbox), "--db", str(populated.db))
-    assert sorted(os.listdir(populated.inbox)) == sorted(originals)
-    assert {n: (populated.inbox / n).read_bytes() for n in populated.inbox_names()} == originals
+    ok("replay", "--all", "--inbox", str(again), "--db", str(populated.db))
+    assert {n: (again / n).read_bytes() for n in sorted(os.listdir(again))} == originals
 
 
 def test_replay_selection_full_and_dry_run(populated: Server, tmp_path: Path) -> None:
@@ -196,10 +208,6 @@ def test_replay_selection_full_and_dry_run(populated: Server, tmp_path: Path) ->
     ],
 )
 def test_bad_input_is_one_line_exit_2(populated: Server, args: list[str], needle: str) -> None:
-    from typer.testing import CliRunner
-
-    from ai_agent_proxy.cli import cli as app
-
     r = CliRunner().invoke(app, [*args, "--db", str(populated.db)])  # in-process
     assert r.exit_code == 2, r.output
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
