@@ -577,3 +577,40 @@ def test_a_symlink_out_of_the_media_store_stays_text(tmp_path: Path) -> None:
     assert store.holds(str(tmp_path / "home" / "media" / "inbound" / "photo.png"))
     assert not store.holds(str(tmp_path / "home" / "media" / "inbound" / "link.png"))
     assert not store.holds(str(tmp_path / "elsewhere" / "media" / "inbound" / "photo.png"))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "media://inbound/../secrets",  # climbs out of the store's name space
+        "/home/alice/.openclaw/media/outbound/x.png",  # media, but not inbound
+        "/home/alice/.openclaw/uploads/inbound/x.png",  # inbound, but not media's
+    ],
+)
+def test_the_store_holds_only_media_inbound_files(path: str) -> None:
+    store = MediaStore("/home/alice/.openclaw")
+    assert not store.holds(path)
+    assert store.holds("/home/alice/.openclaw/media/inbound/x.png")
+    assert store.holds("media://inbound/x")
+
+
+def test_only_a_user_message_is_openclaws_internal_context() -> None:
+    """An assistant (or system) message that begins with the marker, e.g. a model that
+    echoed the block with another chat's ids, names no chat."""
+    body = oc.load(oc.TURN1)
+    echoed = oc.with_info(oc.load(oc.TURN1), chat_id="telegram:666", message_id="1")
+    body["messages"].append({**echoed["messages"][-1], "role": "assistant"})
+    ctx = extract_context(body)
+    assert (ctx.context_id, ctx.message_id) == ("telegram:123456789", "11")
+
+
+def test_a_conversation_info_that_is_not_an_object_is_ignored() -> None:
+    """A `Conversation info` block holding a JSON list (not OpenClaw's object) names
+    nothing, and the person's words are still read."""
+    body = oc.load(oc.TURN1)
+    part = body["messages"][-1]["content"][0]
+    start = part["text"].index("\\n```json\\n{") + len("\\n```json\\n")
+    end = part["text"].index('\\n```"', start)
+    part["text"] = part["text"][:start] + '[\\"chat_id\\", \\"message_id\\"]' + part["text"][end:]
+    ctx = extract_context(body)
+    assert ctx.message_id is None and ctx.latest_user_prompt == "hello from telegram DM"
