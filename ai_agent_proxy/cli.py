@@ -407,20 +407,18 @@ def replay(
 def replies_session(
     config: str | None, db: str | None, inbox: str | None
 ) -> Iterator[tuple[Settings, Any, Any]]:
-    """Settings, the History (to resolve ids) and a read-write connection for replies."""
+    """Settings, the History (to resolve ids) and a read-write connection for replies;
+    their errors one line."""
     from . import replies
 
-    with history_session(config, db, inbox) as (settings, history):
-        try:
-            conn = replies.connect(settings.db_path)
-        except HistoryError as exc:
-            raise fail(str(exc)) from None
-        try:
+    settings = settings_or_exit(config, {"db": db, "inbox": inbox})
+    try:
+        with replies.session(settings.db_path) as (history, conn):
             yield settings, history, conn
-        except sqlite3.Error as exc:
-            raise fail(f"database {settings.db_path}: {exc}", 1) from None
-        finally:
-            conn.close()
+    except HistoryError as exc:
+        raise fail(str(exc)) from None
+    except sqlite3.Error as exc:
+        raise fail(f"database {settings.db_path}: {exc}", 1) from None
 
 
 def read_text_file(name: str) -> str:

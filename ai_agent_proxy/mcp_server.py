@@ -169,7 +169,7 @@ class Tools:
             raise ToolError(f"database {self.settings.db_path}: {exc}") from None
 
     def _session(self) -> Any:
-        return _Session(self.settings)
+        return replies.session(self.settings.db_path)
 
     def _oldest_view(self) -> dict[str, Any] | None:
         with self._session() as (history, conn):
@@ -180,26 +180,6 @@ class Tools:
         earlier = replies.earlier_requests(conn, row.context_id, row.seq)
         waited = time.time() - row.received_ms / 1000
         return agent_view(row, self.settings.inbox / row.inbox_file, waited, earlier)
-
-
-class _Session:
-    """History (read-only) and a replies connection on the DB, closed together."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    def __enter__(self) -> tuple[History, sqlite3.Connection]:
-        self.history = History(self.settings.db_path)
-        try:
-            self.conn = replies.connect(self.settings.db_path)
-        except BaseException:
-            self.history.close()
-            raise
-        return self.history, self.conn
-
-    def __exit__(self, *_: Any) -> None:
-        self.conn.close()
-        self.history.close()
 
 
 def _row(history: History, request_id: str) -> PendingRow:

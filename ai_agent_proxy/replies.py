@@ -9,12 +9,15 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import db
 from .config import Settings
 from .errors import HistoryError, ReplyFailed, ReplyRefused
+from .history import History
 from .outbox.queries import ANSWERED, UNANSWERED
 from .printable import printable
 from .rows import ReplyState, State
@@ -38,6 +41,21 @@ def connect(db_path: Path) -> sqlite3.Connection:
     if not db_path.is_file():
         raise HistoryError(f"database {db_path} does not exist (set --db or DB)")
     return db.connect(db_path, rows_by_name=True)
+
+
+@contextmanager
+def session(db_path: Path) -> Iterator[tuple[History, sqlite3.Connection]]:
+    """The History of the DB (to resolve ids and read rows) and a read-write connection
+    for replies, closed together. HistoryError if the DB cannot be used."""
+    history = History(db_path)
+    try:
+        conn = connect(db_path)
+        try:
+            yield history, conn
+        finally:
+            conn.close()
+    finally:
+        history.close()
 
 
 def target_of(conn: sqlite3.Connection, request_id: str) -> Target:
