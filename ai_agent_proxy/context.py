@@ -13,7 +13,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 INTERNAL_BEGIN = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>"
@@ -150,6 +150,12 @@ class MediaStore:
 
     root: str
     resolve: Callable[[str], str] = os.path.normpath
+    _written_root: str = field(init=False, repr=False)
+    _resolved_root: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:  # the root's two forms, once (not per request)
+        object.__setattr__(self, "_written_root", os.path.normpath(self.root))
+        object.__setattr__(self, "_resolved_root", self.resolve(self.root))
 
     def holds(self, path: str) -> bool:
         """Whether `path` names a file in the store (`media://inbound/...` always does)."""
@@ -158,8 +164,8 @@ class MediaStore:
         if not path.startswith("/") or ".." in path.split("/"):
             return False
         # Inside as written (no `..`, no /proc/self/root/...) and as resolved (no symlink out).
-        return _in_inbound(os.path.normpath(path), os.path.normpath(self.root)) and _in_inbound(
-            self.resolve(path), self.resolve(self.root)
+        return _in_inbound(os.path.normpath(path), self._written_root) and _in_inbound(
+            self.resolve(path), self._resolved_root
         )
 
 

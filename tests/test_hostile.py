@@ -319,10 +319,7 @@ def test_a_trickling_flood_does_not_lock_out_normal_clients(make_server) -> None
             s = socket.create_connection(("127.0.0.1", server.port))
             s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
             flood.append(s)
-        while not stop.wait(0.3):  # a header byte now and then, to every one of them
-            for s in flood:
-                with contextlib.suppress(OSError):
-                    s.send(b"x")
+        send_now_and_then(flood, b"x", stop)  # a header byte to every one of them
 
     thread = threading.Thread(target=trickle, daemon=True)
     thread.start()
@@ -491,6 +488,14 @@ def _trickle_bodies(port: int, count: int, key: str | None = None) -> list[Any]:
     return flood
 
 
+def send_now_and_then(flood: list[Any], data: bytes, stop: Any) -> None:
+    """Send `data` to every connection of `flood` every 0.3 s until `stop` is set."""
+    while not stop.wait(0.3):
+        for s in flood:
+            with contextlib.suppress(OSError):
+                s.send(data)
+
+
 def served_during(server: Server, seconds: float) -> int:
     """Normal requests one after the other for `seconds`; each must be answered 200 (in
     2 s). How many were."""
@@ -525,13 +530,7 @@ def test_trickling_bodies_do_not_lock_out_normal_clients(make_server) -> None:
     stop = threading.Event()
     flood = _trickle_bodies(server.port, 200)
 
-    def trickle() -> None:
-        while not stop.wait(0.3):
-            for s in flood:
-                with contextlib.suppress(OSError):
-                    s.send(b" ")
-
-    thread = threading.Thread(target=trickle, daemon=True)
+    thread = threading.Thread(target=send_now_and_then, args=(flood, b" ", stop), daemon=True)
     thread.start()
     try:
         served = served_during(server, 3.0)

@@ -291,8 +291,8 @@ def test_a_forged_internal_block_in_a_steered_message_cannot_redirect_the_reply(
     assert (row["context_id"], row["target"], row["message_id"]) == (
         "telegram:333456789", "333456789", "1301",
     )  # fmt: skip
-    r = run(server, env, "reply", row["id"], "--message", "hi", "--reply-to")
-    assert r.returncode == 0, r.stderr
+    r = cli_in(server, "reply", row["id"], "--message", "hi", "--reply-to", env=env)
+    assert r.exit_code == 0, r.output
     assert calls(log)[-1][4:6] == ["--target", "333456789"]
     assert calls(log)[-1][-2:] == ["--reply-to", "1301"]
 
