@@ -12,6 +12,7 @@ import hmac
 import logging
 import os
 import signal
+import threading
 import time
 from enum import Enum
 from functools import partial
@@ -27,7 +28,7 @@ from . import wire
 from .bodies import BodyParser, ParsedBody, TooDeep
 from .chat import Answer, json_response, relay_chat
 from .config import Settings
-from .connections import LIMITS, closing_response, connection_bound, drain
+from .connections import Limits, closing_response, connection_bound, drain
 from .context import MediaStore, RequestContext, extract_context
 from .errors import OutboxError, RowRejected
 from .flusher import Flusher
@@ -209,6 +210,8 @@ async def hear_stop_signals(app: Sanic) -> None:
     lost. So besides the loop's handler (it wakes a running loop), our own Python handler,
     run whatever the loop does, queues the stop for when the loop runs. Run again after
     Sanic installs its handlers, which replace both."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # run in another program's thread (the tests): signals are that program's
     loop = asyncio.get_running_loop()
     stop = partial(app.stop, terminate=False)
 
@@ -230,7 +233,7 @@ def create_app(settings: Settings) -> Sanic:
     app.error_handler = ProxyErrorHandler(settings.key)
     app.ctx.settings, app.ctx.metrics, app.ctx.phase = settings, Metrics(), Phase.STARTING
     app.ctx.stopped_at, app.ctx.restop_due = -RESTOP_S, False  # (ProxyApp.stop)
-    app.ctx.auth_warnings = AuthWarnings()
+    app.ctx.auth_warnings, app.ctx.limits = AuthWarnings(), Limits()
     # Symlinks followed: a media line's path counts only if the file it names is inside.
     # (A few lstat calls, for the rare message that has such a line.)
     app.ctx.media = MediaStore(str(settings.media_dir), os.path.realpath)
@@ -272,13 +275,14 @@ async def open_outbox(app: Sanic) -> None:
 async def announce_listening(app: Sanic) -> None:
     """Connection limits in force, one `listening` line, READY=1 for a service manager."""
     settings: Settings = app.ctx.settings
-    LIMITS.bound = connection_bound(settings.max_connections)
-    LIMITS.header_timeout = settings.header_timeout
-    LIMITS.body_timeout, LIMITS.body_min_rate = settings.body_timeout, settings.body_min_rate
+    limits: Limits = app.ctx.limits
+    limits.bound = connection_bound(settings.max_connections)
+    limits.header_timeout = settings.header_timeout
+    limits.body_timeout, limits.body_min_rate = settings.body_timeout, settings.body_min_rate
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     log.info(
         "listening url=http://%s:%d/v1 inbox=%s max_connections=%d",
-        host, settings.port, settings.inbox, LIMITS.bound,
+        host, settings.port, settings.inbox, limits.bound,
     )  # fmt: skip
     # The DB is open and the port answers: a service manager may start what needs us.
     notify(f"READY=1\nSTATUS=listening on {host}:{settings.port}")
@@ -288,7 +292,7 @@ async def announce_listening(app: Sanic) -> None:
 async def stop_taking_requests(app: Sanic) -> None:
     app.ctx.phase = Phase.STOPPING
     notify("STOPPING=1")
-    drain()
+    drain(app.ctx.limits)
 
 
 async def close_outbox(app: Sanic) -> None:
@@ -395,23 +399,15 @@ def new_request(
     context: RequestContext,
     relay: Relay | None,
 ) -> NewRequest:
-    """The row for a request, its message keys as the JSON text the DB keeps."""
-    attachments = [a.as_dict() for a in context.attachments]
+    """The row for a request."""
     return NewRequest(
         id=request_id,
         received_ms=received_ms,
         body=raw_body,
         segments=parsed.segments,
-        context_id=context.context_id,
-        channel=context.channel,
-        target=context.target,
-        message_id=context.message_id,
-        latest_user_prompt=context.latest_user_prompt,
-        sender=orjson.dumps(context.sender).decode() if context.sender else None,
-        attachments=orjson.dumps(attachments).decode() if attachments else None,
-        modality=context.modality,
         retry=context.retry,
         awaiting_backend=relay is not None,
+        **context.stored(),
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 from .redaction import Redactor, mask_url
@@ -67,52 +67,68 @@ def check_backend_url(url: str) -> str:
     return urlunsplit(parts._replace(path=parts.path.rstrip("/")))
 
 
+def _setting(default: Any, description: str) -> Any:
+    """A setting: its default and the one line of help the CLI shows for its flag."""
+    return Field(default, description=description)
+
+
 class Settings(BaseModel):
     """Validated configuration. Field names are the config keys in lower case."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
-    host: str = "127.0.0.1"
-    port: int = 7011
-    key: str | None = None
-    worker: int = 1
-    inbox: Path = Path("~/.openclaw/workspace/inbox")
-    db: Path | None = None
-    url: str | None = None
-    api_key: str | None = None
-    backend_model: str | None = None
-    backend_instruction: str = (
+    host: str = _setting("127.0.0.1", "Address to bind.")
+    port: int = _setting(7011, "Port.")
+    key: str | None = _setting(None, "Bearer key clients must send.")
+    worker: int = _setting(1, "Worker processes.")
+    inbox: Path = _setting(Path("~/.openclaw/workspace/inbox"), "Inbox directory.")
+    db: Path | None = _setting(None, "SQLite outbox file (default: one per inbox).")
+    url: str | None = _setting(None, "Backend LLM base URL.")
+    api_key: str | None = _setting(None, "Backend LLM API key.")
+    backend_model: str | None = _setting(None, "Model name sent to the backend.")
+    backend_instruction: str = _setting(
         "You are replying on behalf of a local agent. Answer briefly; "
-        "the agent will follow up with the full answer."
+        "the agent will follow up with the full answer.",
+        "System instruction prepended for the backend.",
     )
-    instruction: str = "use openclaw-message-cli-skill to reply"
-    openclaw_message_cli_skill_path: Path = SKILL_PATH
-    model_id: str = "local-agent"
-    reply: str = ""
-    # Shown to the person after the part of a relayed answer they got when the backend
-    # broke off mid-stream ("" sends nothing extra).
-    cutoff_notice: str = "[The answer was cut off here. Please ask again.]"
-    max_body: int = 16 * 1024 * 1024
-    # Open connections per worker process (also kept below the open-files limit).
-    max_connections: int = 1000
-    # Seconds a request's headers may take to arrive, however slowly they trickle.
-    header_timeout: float = 10.0
-    # Seconds a request's body may take to arrive (60 KB at ~1 KB/s, a poor mobile link);
-    # a larger body may take longer while it keeps BODY_MIN_RATE bytes per second.
-    body_timeout: float = 60.0
-    body_min_rate: int = 4096
-    backend_timeout: float = 120.0
-    # Seconds an identical body of the same conversation counts as a client's re-send (and
-    # a local session's turn with OpenClaw's retry notice as its retry).
-    dedup_window: float = 60.0
-    # Delivered rows older than this many days are pruned (0: kept).
-    retention_days: float = 0.0
-    debug: bool = False
-    # The OpenClaw CLI `reply` sends with (a path, or a name found on PATH).
-    openclaw_bin: str = "openclaw"
-    # Where OpenClaw saves what people send (its inbound media store): only a media line
-    # naming a file inside it is an attachment. `~/.openclaw` holds OpenClaw's state.
-    media_dir: Path = Path("~/.openclaw")
+    instruction: str = _setting(
+        "use openclaw-message-cli-skill to reply", "`instruction` written into inbox files."
+    )
+    openclaw_message_cli_skill_path: Path = _setting(
+        SKILL_PATH, "Skill path written into inbox files."
+    )
+    model_id: str = _setting("local-agent", "Local model id.")
+    reply: str = _setting("", "Assistant text answered.")
+    cutoff_notice: str = _setting(
+        "[The answer was cut off here. Please ask again.]",
+        "Shown to the person after the part of a relayed answer they got when the backend"
+        " broke off mid-stream (empty: nothing extra).",
+    )
+    max_body: int = _setting(16 * 1024 * 1024, "Largest body in bytes (or 16MiB, 512KB).")
+    max_connections: int = _setting(
+        1000, "Open connections per worker (also kept below the open-files limit)."
+    )
+    header_timeout: float = _setting(
+        10.0, "Seconds a request's headers may take to arrive, however slowly they trickle."
+    )
+    # 60 KB at ~1 KB/s, a poor mobile link; a larger body may take longer at BODY_MIN_RATE.
+    body_timeout: float = _setting(60.0, "Seconds a request's body may take to arrive.")
+    body_min_rate: int = _setting(4096, "Bytes/s a body must keep up after BODY_TIMEOUT.")
+    backend_timeout: float = _setting(120.0, "Backend timeout in seconds.")
+    dedup_window: float = _setting(
+        60.0,
+        "Seconds an identical body of the same conversation counts as a client's re-send"
+        " (and a local session's turn with OpenClaw's retry notice as its retry).",
+    )
+    retention_days: float = _setting(0.0, "Prune delivered rows older than this (0: keep).")
+    debug: bool = _setting(False, "Debug logging (and the access log).")
+    openclaw_bin: str = _setting("openclaw", "The openclaw CLI `reply` runs (path or name).")
+    # `~/.openclaw` holds OpenClaw's state; its inbound media store is below it.
+    media_dir: Path = _setting(
+        Path("~/.openclaw"),
+        "OpenClaw's folder holding media/inbound: only a media line naming a file inside"
+        " it is an attachment.",
+    )
 
     @field_validator("port")
     @classmethod

@@ -42,8 +42,8 @@ def connection_bound(max_connections: int) -> int:
     return max(16, min(max_connections, soft - FD_RESERVE))
 
 
-class _Limits:
-    """Per-process state shared by the connections of one server."""
+class Limits:
+    """The state shared by the connections of one server (app.ctx.limits)."""
 
     def __init__(self) -> None:
         self.bound = 1000
@@ -67,23 +67,22 @@ class _Limits:
             log.warning(message, *args)
 
 
-LIMITS = _Limits()
-
-
 class GuardedHttpProtocol(HttpProtocol):
     """Sanic's HTTP/1.1 protocol with header and body deadlines and a connection bound."""
 
-    __slots__ = ("_deadline", "_request_began", "_request_bytes")
+    __slots__ = ("_deadline", "_limits", "_request_began", "_request_bytes")
 
     def connection_made(self, transport: Any) -> None:
+        self._limits: Limits = self.app.ctx.limits
         self._deadline: asyncio.TimerHandle | None = None
         self._request_began = 0.0  # monotonic time of the current request's first byte
         self._request_bytes = 0  # bytes of it received so far
         super().connection_made(transport)
-        LIMITS.connections = self.connections
-        if LIMITS.stopping:
+        limits = self._limits
+        limits.connections = self.connections
+        if limits.stopping:
             self.close()
-        elif len(self.connections) > LIMITS.bound:
+        elif len(self.connections) > limits.bound:
             self._make_room()
 
     def data_received(self, data: bytes) -> None:
@@ -92,7 +91,7 @@ class GuardedHttpProtocol(HttpProtocol):
             # The first bytes of a request: its deadlines count from now. (Sanic's own
             # timeouts restart with every byte, and are checked every 30 s.)
             self._request_began, self._request_bytes = time.monotonic(), 0
-            self._check_in(min(LIMITS.header_timeout, LIMITS.body_timeout))
+            self._check_in(min(self._limits.header_timeout, self._limits.body_timeout))
         self._request_bytes += len(data)
         super().data_received(data)
 
@@ -107,28 +106,28 @@ class GuardedHttpProtocol(HttpProtocol):
         http = self.http
         if self.transport is None or http is None:
             return
-        took = time.monotonic() - self._request_began
+        took, limits = time.monotonic() - self._request_began, self._limits
         if http.stage in (Stage.IDLE, Stage.REQUEST) and b"\r\n\r\n" not in self.recv_buffer:
-            if took < LIMITS.header_timeout:
-                self._check_in(LIMITS.header_timeout - took)
+            if took < limits.header_timeout:
+                self._check_in(limits.header_timeout - took)
                 return
-            LIMITS.timed_out += 1
-            LIMITS.say(
+            limits.timed_out += 1
+            limits.say(
                 "header_timeout: closed a connection whose request headers took over %g s"
-                " (%d so far)", LIMITS.header_timeout, LIMITS.timed_out,
+                " (%d so far)", limits.header_timeout, limits.timed_out,
             )  # fmt: skip
             self.abort()
         elif self._receiving_body():
-            if took < LIMITS.body_timeout:
-                self._check_in(LIMITS.body_timeout - took)
-            elif self._request_bytes >= LIMITS.body_min_rate * took:
+            if took < limits.body_timeout:
+                self._check_in(limits.body_timeout - took)
+            elif self._request_bytes >= limits.body_min_rate * took:
                 self._check_in(1.0)  # late but keeping the pace: looked at each second
             else:
-                LIMITS.body_timed_out += 1
-                LIMITS.say(
+                limits.body_timed_out += 1
+                limits.say(
                     "body_timeout: closed a connection whose request body took over %g s"
                     " at %.0f bytes/s (%d so far)",
-                    LIMITS.body_timeout, self._request_bytes / took, LIMITS.body_timed_out,
+                    limits.body_timeout, self._request_bytes / took, limits.body_timed_out,
                 )  # fmt: skip
                 self.abort()
 
@@ -156,6 +155,7 @@ class GuardedHttpProtocol(HttpProtocol):
     def _make_room(self) -> None:
         """At the bound: close the connection that has waited longest without a whole
         request (idle keep-alive, or headers or body still coming), or this new one."""
+        limits = self._limits
         waiting = [
             (since, c)
             for c in self.connections
@@ -164,23 +164,23 @@ class GuardedHttpProtocol(HttpProtocol):
         if waiting:  # a slow or idle one makes room for the new one
             closed = min(waiting, key=lambda pair: pair[0])[1]
             why = "closing the longest idle or slowest"
-            LIMITS.evicted += 1
+            limits.evicted += 1
         else:  # every connection is inside a request: the new one waits its turn elsewhere
             closed, why = self, "every connection is busy: closing the new one"
-            LIMITS.refused += 1
-        LIMITS.say(
+            limits.refused += 1
+        limits.say(
             "connection_limit_reached open=%d limit=%d evicted=%d refused=%d: %s",
-            len(self.connections), LIMITS.bound, LIMITS.evicted, LIMITS.refused, why,
+            len(self.connections), limits.bound, limits.evicted, limits.refused, why,
         )  # fmt: skip
         closed.abort()
 
 
-def drain() -> None:
+def drain(limits: Limits) -> None:
     """Shutdown: no new request on any connection; each answers the one it is in with
     `Connection: close` and closes; idle ones close now. (A request whose headers are
     read later is told the same by `closing_response`.)"""
-    LIMITS.stopping = True
-    for conn in list(LIMITS.connections):
+    limits.stopping = True
+    for conn in list(limits.connections):
         http = getattr(conn, "http", None)
         if http is None:
             continue
@@ -191,5 +191,5 @@ def drain() -> None:
 
 def closing_response(request: Any) -> None:
     """While stopping, the response ends its connection."""
-    if LIMITS.stopping and request.stream is not None:
+    if request.app.ctx.limits.stopping and request.stream is not None:
         request.stream.keep_alive = False

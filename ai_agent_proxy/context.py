@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 INTERNAL_BEGIN = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>"
 RETRY_NOTICE = "The previous attempt did not produce a user-visible answer"
 QUEUED_NOTICE = (
@@ -140,6 +142,21 @@ class RequestContext:
         if self.channel and self.target:
             return f"{self.channel}:{self.target}"
         return self.channel or None
+
+    def stored(self) -> dict[str, Any]:
+        """The message's fields as the DB keeps them (rows.Message: sender and attachments
+        as JSON text)."""
+        attachments = [a.as_dict() for a in self.attachments]
+        return {
+            "context_id": self.context_id,
+            "channel": self.channel,
+            "target": self.target,
+            "message_id": self.message_id,
+            "latest_user_prompt": self.latest_user_prompt,
+            "sender": orjson.dumps(self.sender).decode() if self.sender else None,
+            "attachments": orjson.dumps(attachments).decode() if attachments else None,
+            "modality": self.modality,
+        }
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ already phrased for the person who will read it (one line, no traceback).
      ├── OutboxError       the outbox could not do it now (locked, full, read-only): retry
      │    └── RowRejected this one row can never be stored (the client gets 400, not 503)
      ├── HistoryError     a history/replay query that cannot run (bad id, time, state, DB)
-     ├── ReplayError      a row that cannot be written again as an inbox file
+     ├── ReplayError      a row that cannot be written again as an inbox file (exit 1)
      ├── ReplyRefused     a request answered already, or whose reply is being sent (exit 1)
      ├── ReplyFailed      openclaw message send failed: recorded, try again later (exit 1)
      └── BackendError     the backend LLM gave no usable answer (safe to log and record)
@@ -63,6 +63,8 @@ class HistoryError(ProxyError):
 
 class ReplayError(ProxyError):
     """A row that cannot be replayed, phrased for the user."""
+
+    exit_code = 1
 
 
 class ReplyRefused(ProxyError):

@@ -17,12 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from . import db
-from .bodies import join_segments, unpack_ids
+from .bodies import join_segments, loads, unpack_ids
 from .errors import HistoryError, SchemaError
 from .ids import inbox_file_name
 from .migrations import check_version
 from .outbox.queries import ANSWERED, BACKLOG, SEGMENT_DATA, UNANSWERED, in_chunks
-from .rows import PENDING_COLUMNS, PendingRow, ReplyState, State, body_needed
+from .rows import (
+    JSON_FIELDS,
+    MESSAGE_FIELDS,
+    PENDING_COLUMNS,
+    PendingRow,
+    ReplyState,
+    State,
+    body_needed,
+)
 
 FAILED = "failed"  # not a state of its own: pending, and its last write failed
 STATES = (
@@ -34,13 +42,14 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.I)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 RECORD_COLUMNS = (
-    "id, received_ms, context_id, channel, target, state, payload_kind, duplicate_of,"
-    " latest_user_prompt, backend_status, backend_error, attempts, last_error, written_ms,"
+    f"id, received_ms, {', '.join(MESSAGE_FIELDS)}, state, payload_kind, duplicate_of,"
+    " backend_status, backend_error, attempts, last_error, written_ms,"
     " (SELECT state FROM replies WHERE request_id = requests.id) AS reply_state,"
     " (SELECT finished_ms FROM replies WHERE request_id = requests.id"
     f" AND state IN {ANSWERED}) AS replied_ms"
 )
 SEGMENT_CACHE_SIZE = 20_000
+MAX_LIMIT = 1_000_000_000
 UNANSWERED_AFTER_S = 300  # `stats`: unanswered for longer than this
 
 
@@ -83,6 +92,32 @@ class Selection:
     ids: list[str] = field(default_factory=list)
     limit: int | None = None
     unanswered: bool = False  # written, and neither replied to nor done
+
+    @classmethod
+    def of_filters(
+        cls,
+        context_id: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        state: str | None = None,
+        search: str | None = None,
+        limit: int | None = None,
+        ids: list[str] | None = None,
+    ) -> Selection:
+        """From the filters as typed (`--since 2h`); HistoryError saying which one is wrong."""
+        if limit is not None and not 0 <= limit <= MAX_LIMIT:
+            raise HistoryError(f"--limit must be 0 (no limit) to {MAX_LIMIT:,}, got {limit}")
+        if state and state not in STATES:
+            raise HistoryError(f"unknown --state {state!r}: use one of {', '.join(STATES)}")
+        return cls(
+            context_id=context_id,
+            since_ms=parse_when(since) if since else None,
+            until_ms=parse_when(until) if until else None,
+            state=state,
+            search=search,
+            ids=list(ids or []),
+            limit=limit or None,
+        )
 
     def is_empty(self) -> bool:
         return not (
@@ -130,7 +165,18 @@ def record(row: sqlite3.Row) -> dict[str, Any]:
     out["written_at"] = iso(out.pop("written_ms"))
     out["replied_at"] = iso(out.pop("replied_ms"))
     out["state"] = display_state(out["state"], out.get("last_error"))
+    for key in JSON_FIELDS:
+        if out[key] is not None:
+            out[key] = json.loads(out[key])
     return {"id": out.pop("id"), "received_at": iso(received_ms), **out}
+
+
+def body_for_json(raw: bytes) -> Any:
+    """A stored body as JSON; one no parser here can read comes back as its text."""
+    try:
+        return loads(raw)
+    except (ValueError, RecursionError):
+        return raw.decode("utf-8", "replace")
 
 
 def written_file(request_id: str, received_ms: int, state: str) -> str | None:
@@ -234,6 +280,18 @@ class History:
         except sqlite3.Error as exc:
             raise HistoryError(f"query failed on {self.path}: {exc}") from None
 
+    def document(self, request_id: str, inbox: Path, body_as_json: bool) -> dict[str, Any]:
+        """`history show`: `show`, with the inbox file's path, and the body last (by far
+        the longest part) as JSON, or as its size."""
+        doc = self.show(request_id)
+        if doc["inbox_file"]:
+            doc["inbox_path"] = str(inbox / doc["inbox_file"])
+        raw = doc.pop("body")
+        doc["body"] = (
+            body_for_json(raw) if body_as_json else f"{len(raw):,} bytes (--format json shows it)"
+        )
+        return doc
+
     def show(self, request_id: str) -> dict[str, Any]:
         rid = self.resolve_id(request_id)
         (row,) = self._query("SELECT * FROM requests WHERE id = ?", (rid,))
@@ -247,7 +305,7 @@ class History:
         out["received_at"] = iso(out.pop("received_ms"))
         out["written_at"] = iso(out.pop("written_ms"))
         out["failed_attempts"] = [{"at": iso(f["at_ms"]), "error": f["error"]} for f in failures]
-        for key in ("sender", "attachments", "backend_usage"):  # stored as JSON text
+        for key in (*JSON_FIELDS, "backend_usage"):  # stored as JSON text
             if out.get(key) is not None:
                 out[key] = json.loads(out[key])
         # OpenClaw's retries of this turn and clients' re-sends: stored, answered, no file.

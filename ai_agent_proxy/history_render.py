@@ -22,12 +22,13 @@ from rich.text import Text
 
 from .bodies import dumps as json_dumps
 from .printable import json_safe, printable
+from .rows import MESSAGE_FIELDS
 
 FORMATS = ("table", "json", "jsonl", "csv")
 CSV_COLUMNS = (
-    "id", "received_at", "context_id", "channel", "target", "state", "payload_kind",
-    "duplicate_of", "inbox_file", "latest_user_prompt", "backend_status", "backend_error",
-    "attempts", "last_error", "written_at", "reply_state", "replied_at",
+    "id", "received_at", *MESSAGE_FIELDS, "state", "payload_kind", "duplicate_of",
+    "inbox_file", "backend_status", "backend_error", "attempts", "last_error", "written_at",
+    "reply_state", "replied_at",
 )  # fmt: skip
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -36,6 +37,8 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 def csv_cell(value: Any) -> Any:
     """A CSV cell a spreadsheet shows as text: control characters escaped, and a leading
     `'` before a cell that starts like a formula (= + - @, tab, CR)."""
+    if isinstance(value, (dict, list)):  # sender, attachments: as JSON
+        value = json.dumps(value, ensure_ascii=False)
     if not isinstance(value, str):
         return value
     if value.startswith(_FORMULA_START):

@@ -22,7 +22,7 @@ import orjson
 
 from .bodies import dumps as json_dumps
 from .bodies import loads
-from .rows import PendingRow, body_needed
+from .rows import JSON_FIELDS, MESSAGE_FIELDS, PendingRow, body_needed
 
 log = logging.getLogger("ai_agent_proxy.inbox")
 
@@ -42,13 +42,17 @@ class PayloadSettings(Protocol):
 Parse = Callable[[bytes], Any]
 
 BODY_OWN_KEYS = "request-body-own-keys"  # where a body's own values for the proxy's keys go
+# A message field's key in the file: its name, but for this one (the original package's).
+PAYLOAD_KEY = {"latest_user_prompt": "latest-user-prompt"}
+_MESSAGE_KEYS = tuple((name, PAYLOAD_KEY.get(name, name)) for name in MESSAGE_FIELDS)
 # Every key the proxy puts at the top level of an inbox file (README: The inbox contract),
 # and that one.
 PROXY_KEYS = (
-    "instruction", "openclaw_message_cli_skill_path", "latest-user-prompt", "context_id",
-    "request_id", "channel", "target", "message_id", "sender", "attachments", "modality",
+    "instruction", "openclaw_message_cli_skill_path", "request_id",
+    *(key for _, key in _MESSAGE_KEYS),
     "backend-llm-reply", "backend-llm-error", "backend-llm-instruction", BODY_OWN_KEYS,
 )  # fmt: skip
+_ALWAYS = ("latest_user_prompt", "context_id")  # in every file, even when empty or null
 
 
 def build_payload(
@@ -59,22 +63,19 @@ def build_payload(
     common: dict[str, Any] = {
         "instruction": settings.instruction,
         "openclaw_message_cli_skill_path": str(settings.openclaw_message_cli_skill_path),
-        "latest-user-prompt": row.latest_user_prompt,
-        "context_id": row.context_id,
     }
-    optional = {
-        "channel": row.channel,
-        "target": row.target,
-        "message_id": row.message_id,
-        "sender": _json_or_none(row.sender),
-        "attachments": _json_or_none(row.attachments),
-        "modality": row.modality,
-        # What the person was shown by the backend (also the part before a cut-off) ...
-        "backend-llm-reply": row.backend_reply,
-        # ... and why it is not all there, or why they got the local answer instead.
-        "backend-llm-error": row.backend_error,
-    }
-    common.update((k, v) for k, v in optional.items() if v is not None)
+    for name, key in _MESSAGE_KEYS:  # (rows.Message: one key per field, null ones left out)
+        value = getattr(row, name)
+        if value is not None:
+            common[key] = orjson.loads(value) if name in JSON_FIELDS else value
+        elif name in _ALWAYS:
+            common[key] = value
+    # What the person was shown by the backend (also the part before a cut-off) ...
+    if row.backend_reply is not None:
+        common["backend-llm-reply"] = row.backend_reply
+    # ... and why it is not all there, or why they got the local answer instead.
+    if row.backend_error is not None:
+        common["backend-llm-error"] = row.backend_error
     if row.backend_reply is not None or row.backend_error is not None:
         common["backend-llm-instruction"] = row.backend_instruction
     if not body_needed(row.payload_kind, full):
@@ -89,10 +90,6 @@ def build_payload(
         payload[BODY_OWN_KEYS] = own
     payload.update(common)
     return payload
-
-
-def _json_or_none(text: str | None) -> Any:
-    return None if text is None else orjson.loads(text)
 
 
 def dumps(payload: dict[str, Any]) -> bytes:

@@ -23,15 +23,32 @@ def setup_logging(debug: bool) -> None:
 
 
 class SafeLogFilter(logging.Filter):
-    """What every handler emits, whoever logged it:
+    """What every handler emits, whoever logged it: the configured secrets masked (httpx
+    logs each request URL, query and all, when DEBUG is on), and control characters
+    escaped (a request line is written by a stranger: an escape sequence in it must not
+    recolour, clear or forge the operator's log lines). Idempotent, so any number of
+    handlers may each have one."""
 
-    - the configured secrets masked (httpx logs each request URL, query and all, when
-      DEBUG is on);
-    - control characters escaped (a request line is written by a stranger: an escape
-      sequence in it must not recolour, clear or forge the operator's log lines);
-    - a connection Sanic gave up on (aborted by the client, cut at a deadline, a request
-      line it could not parse) one short line, not a traceback, and one such line per kind
-      per PERIOD_S, as `auth_failed` is."""
+    def __init__(self, redact: Callable[[str], str]) -> None:
+        super().__init__()
+        self.redact = redact
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        safe = printable(self.redact(message), one_line=True)
+        if safe != message:
+            record.msg, record.args = safe, None
+        if record.exc_info and not record.exc_text:  # formatted here, so it is made safe too
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = printable(self.redact(text))
+        return True
+
+
+class ConnectionFailures(logging.Filter):
+    """On Sanic's error logger, so it sees each record once, before any handler: a
+    connection Sanic gave up on (aborted by the client, cut at a deadline, a request line
+    it could not parse) is one short line, not a traceback, and one such line per kind per
+    PERIOD_S, as `auth_failed` is."""
 
     PERIOD_S = 60.0
 
@@ -42,18 +59,8 @@ class SafeLogFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and record.name == "sanic.error" and "connection" in str(record.msg):
-            return self._connection_failed(record, exc)
-        message = record.getMessage()
-        safe = printable(self.redact(message), one_line=True)
-        if safe != message:
-            record.msg, record.args = safe, None
-        if record.exc_info and not record.exc_text:  # formatted here, so it is made safe too
-            text = logging.Formatter().formatException(record.exc_info)
-            record.exc_text = printable(self.redact(text))
-        return True
-
-    def _connection_failed(self, record: logging.LogRecord, exc: BaseException) -> bool:
+        if exc is None or "connection" not in str(record.msg):
+            return True
         while exc.__context__ is not None:  # the first failure, not Sanic's own after it
             exc = exc.__context__
         kind = type(exc).__name__
@@ -65,21 +72,20 @@ class SafeLogFilter(logging.Filter):
             detail = "the connection was closed (by the client, or cut at a deadline)"
         else:
             detail = printable(self.redact(str(exc)), one_line=True)[:200]
-        record.msg, record.args = (
-            "connection_failed error=%s: %s (said once a minute)",
-            (
-                kind,
-                detail or "-",
-            ),
-        )
+        record.msg = "connection_failed error=%s: %s (said once a minute)"
+        record.args = (kind, detail or "-")
         record.exc_info, record.exc_text, record.levelno = None, None, logging.WARNING
         record.levelname = "WARNING"
         return True
 
 
 def safe_logs(redact: Callable[[str], str]) -> None:
-    """Put SafeLogFilter on the root logger's handlers (one each, replaced)."""
-    for handler in logging.getLogger().handlers:
-        for old in [f for f in handler.filters if isinstance(f, SafeLogFilter)]:
-            handler.removeFilter(old)
-        handler.addFilter(SafeLogFilter(redact))
+    """SafeLogFilter on the root logger's handlers, ConnectionFailures on Sanic's error
+    logger (one each, replaced)."""
+    targets: list[logging.Filterer] = [*logging.getLogger().handlers]
+    targets.append(logging.getLogger("sanic.error"))
+    for target in targets:
+        kind = ConnectionFailures if isinstance(target, logging.Logger) else SafeLogFilter
+        for old in [f for f in target.filters if isinstance(f, kind)]:
+            target.removeFilter(old)
+        target.addFilter(kind(redact))

@@ -22,12 +22,11 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 
 from . import replies
-from .agent_view import agent_view, render_text
+from .agent_view import render_text
 from .config import Settings
 from .errors import ProxyError
-from .history import History, Selection, parse_when
+from .history import Selection, parse_when
 from .inbox import render
-from .rows import PendingRow
 
 WAIT_MAX_S = 300.0  # next_message waits at most this long per call
 POLL_S = 0.2
@@ -127,11 +126,11 @@ class Tools:
         def show() -> tuple[str, dict[str, Any]]:
             with self._session() as (history, conn):
                 rid = history.resolve_id(request_id)
-                row = _row(history, rid)
+                row = replies.row_of(history, rid)
                 if full:  # the file's bytes, from the DB: the agent may have moved it
                     payload = render(row, self.settings).decode()
                     return payload, json.loads(payload)
-                view = self._view(conn, row)
+                view = replies.view_of(conn, row, self.settings.inbox)
                 return render_text(view), view
 
         text, structured = await self._in_thread(show)
@@ -174,17 +173,9 @@ class Tools:
     def _oldest_view(self) -> dict[str, Any] | None:
         with self._session() as (history, conn):
             found = replies.oldest_unanswered(conn)
-            return None if found is None else self._view(conn, _row(history, found))
-
-    def _view(self, conn: sqlite3.Connection, row: PendingRow) -> dict[str, Any]:
-        earlier = replies.earlier_requests(conn, row.context_id, row.seq)
-        waited = time.time() - row.received_ms / 1000
-        return agent_view(row, self.settings.inbox / row.inbox_file, waited, earlier)
-
-
-def _row(history: History, request_id: str) -> PendingRow:
-    ((row, _),) = list(history.pending_rows(Selection(ids=[request_id])))
-    return row
+            if found is None:
+                return None
+            return replies.view_of(conn, replies.row_of(history, found), self.settings.inbox)
 
 
 def _short(record: dict[str, Any]) -> dict[str, Any]:

@@ -13,14 +13,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import db
+from .agent_view import agent_view
 from .config import Settings
 from .errors import HistoryError, ReplyFailed, ReplyRefused
-from .history import History
+from .history import History, Selection
 from .outbox.queries import ANSWERED, UNANSWERED
 from .printable import printable
-from .rows import ReplyState, State
+from .rows import PendingRow, ReplyState, State
 
 SEND_TIMEOUT_S = 120.0
 # A claim ('sending') older than this is abandoned (its process was killed mid-send): the
@@ -169,6 +171,19 @@ def earlier_requests(conn: sqlite3.Connection, context_id: str | None, seq: int)
         (context_id, seq, State.DUPLICATE.value),
     ).fetchone()
     return int(row[0])
+
+
+def row_of(history: History, request_id: str) -> PendingRow:
+    """A request's row, as the flusher renders it."""
+    ((row, _),) = list(history.pending_rows(Selection(ids=[request_id])))
+    return row
+
+
+def view_of(conn: sqlite3.Connection, row: PendingRow, inbox: Path) -> dict[str, Any]:
+    """The agent's short view of a request (agent_view): its file, how long it has waited,
+    and how many came before it in its conversation."""
+    earlier = earlier_requests(conn, row.context_id, row.seq)
+    return agent_view(row, inbox / row.inbox_file, time.time() - row.received_ms / 1000, earlier)
 
 
 def wait_for_unanswered(conn: sqlite3.Connection, timeout_s: float | None) -> str | None:

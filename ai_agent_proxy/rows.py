@@ -46,12 +46,13 @@ class PayloadKind(str, Enum):
     COMPACT = "compact"  # the proxy's keys only: the body is in the DB
 
 
-@dataclass(frozen=True)
-class NewRequest:
-    id: str
-    received_ms: int
-    body: bytes
-    segments: Sequence[bytes] = ()  # the body cut for storage (bodies.split_body)
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    """What a request's body says about its message (context.RequestContext.stored): the
+    one list of body-derived fields. Each is a column of `requests` of the same name, a key
+    of the inbox file (inbox.build_payload) and a field of `history`'s records. A new one:
+    a field here, its column in a migration, and where context.py reads it."""
+
     context_id: str | None = None
     channel: str | None = None
     target: str | None = None
@@ -60,12 +61,27 @@ class NewRequest:
     sender: str | None = None  # JSON text, as stored
     attachments: str | None = None  # JSON text, as stored
     modality: str | None = None
+
+    def message(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in MESSAGE_FIELDS}
+
+
+MESSAGE_FIELDS = tuple(f.name for f in fields(Message))
+JSON_FIELDS = ("sender", "attachments")  # of those, the ones stored as JSON text
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewRequest(Message):
+    id: str
+    received_ms: int
+    body: bytes
+    segments: Sequence[bytes] = ()  # the body cut for storage (bodies.split_body)
     retry: bool = False  # OpenClaw's retry notice was in the body (context.RequestContext)
     awaiting_backend: bool = False
 
 
-@dataclass(frozen=True)
-class PendingRow:
+@dataclass(frozen=True, kw_only=True)
+class PendingRow(Message):
     """What the flusher (and replay) need to turn a row into an inbox file."""
 
     seq: int
@@ -73,14 +89,6 @@ class PendingRow:
     received_ms: int
     body: bytes  # empty unless the payload carries it (body_needed)
     payload_kind: str
-    context_id: str | None = None
-    channel: str | None = None
-    target: str | None = None
-    latest_user_prompt: str = ""
-    message_id: str | None = None
-    sender: str | None = None
-    attachments: str | None = None
-    modality: str | None = None
     backend_instruction: str | None = None
     backend_reply: str | None = None
     backend_error: str | None = None
@@ -103,14 +111,7 @@ class PendingRow:
             received_ms=req.received_ms,
             body=req.body if body_needed(payload_kind) else b"",
             payload_kind=payload_kind,
-            context_id=req.context_id,
-            channel=req.channel,
-            target=req.target,
-            latest_user_prompt=req.latest_user_prompt,
-            message_id=req.message_id,
-            sender=req.sender,
-            attachments=req.attachments,
-            modality=req.modality,
+            **req.message(),
         )
 
     def meta(self) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Real-server fixtures: each test starts `python -m ai_agent_proxy` in a subprocess on a
-free loopback port with its own inbox and DB, and talks to it over HTTP."""
+"""Real-server fixtures: each test starts the server on a free loopback port with its own
+inbox and DB (in a thread of this process, or as `python -m ai_agent_proxy` where the
+process is under test) and talks to it over HTTP."""
 
 from __future__ import annotations
 
@@ -63,6 +64,12 @@ def _listing(folder: Path) -> set[tuple[str, int]]:
     if not folder.is_dir():
         return set()
     return {(str(p), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+# One client for the suite: making one costs ~20 ms of CPU (its TLS context), which per
+# request was most of the suite's time. No keep-alive: each request its own connection,
+# as a client made per request had.
+HTTP = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0), timeout=5.0)
 
 
 def fixture_body(name: str) -> dict[str, Any]:
@@ -138,7 +145,7 @@ class Server:
             if self.proc.poll() is not None:
                 pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.base_url + "/healthz", timeout=0.5).status_code == 200:
+                if HTTP.get(self.base_url + "/healthz", timeout=0.5).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -184,12 +191,12 @@ class Server:
     def post_chat(self, body: Any, **kw: Any) -> httpx.Response:
         kw.setdefault("headers", self.headers())
         if isinstance(body, (bytes, str)):
-            return httpx.post(self.base_url + "/v1/chat/completions", content=body, **kw)
-        return httpx.post(self.base_url + "/v1/chat/completions", json=body, **kw)
+            return HTTP.post(self.base_url + "/v1/chat/completions", content=body, **kw)
+        return HTTP.post(self.base_url + "/v1/chat/completions", json=body, **kw)
 
     def get(self, path: str, **kw: Any) -> httpx.Response:
         kw.setdefault("headers", self.headers())
-        return httpx.get(self.base_url + path, **kw)
+        return HTTP.get(self.base_url + path, **kw)
 
     # -- what landed on disk --------------------------------------------------------------
 
@@ -241,7 +248,11 @@ class Server:
 
 
 def new_server(
-    workdir: Path, *flags: str, key: str | None = None, env: dict[str, str] | None = None
+    workdir: Path,
+    *flags: str,
+    key: str | None = None,
+    env: dict[str, str] | None = None,
+    kind: type[Server] = Server,
 ) -> Server:
     """A server (not started) with its own inbox and DB in `workdir`, and no
     AI_AGENT_PROXY_ settings from the environment of the suite."""
@@ -252,7 +263,7 @@ def new_server(
         args += ["--key", key]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
     full_env.update(env or {})
-    return Server(
+    return kind(
         workdir=workdir,
         inbox=workdir / "inbox",
         db=workdir / "outbox.db",
@@ -263,14 +274,21 @@ def new_server(
 
 
 @pytest.fixture
-def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Factory: make_server(*flags, key=None, start=True, env=None) -> running Server."""
+def make_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Server]]:
+    """Factory: make_server(*flags, key=None, start=True, env=None) -> a running server: in
+    a thread of this process (tests/embedded.py), or, in a test marked
+    `@pytest.mark.process` (signals, kill -9, workers, ...), a real
+    `python -m ai_agent_proxy`."""
+    from .embedded import EmbeddedServer
+
+    kind = Server if request.node.get_closest_marker("process") else EmbeddedServer
     servers: list[Server] = []
 
     def make(
         *flags: str, key: str | None = None, start: bool = True, env: dict[str, str] | None = None
     ) -> Server:
-        server = new_server(tmp_path / f"srv{len(servers) + 1}", *flags, key=key, env=env)
+        workdir = tmp_path / f"srv{len(servers) + 1}"
+        server = new_server(workdir, *flags, key=key, env=env, kind=kind)
         servers.append(server)
         return server.start() if start else server
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
 from ai_agent_proxy.context import RETRY_NOTICE
 
-from .conftest import FIXTURE_CONTEXTS, Server, fixture_body
+from .conftest import FIXTURE_CONTEXTS, HTTP, Server, fixture_body
 
 TURN1 = "openclaw-2026.9-telegram-dm-turn1.json"
 TURN2 = "openclaw-2026.9-telegram-dm-turn2.json"
@@ -104,6 +103,7 @@ def test_an_agents_repeated_prompt_and_tools_come_out_exactly(server: Server) ->
     assert shared[0]["n"] == 2
 
 
+@pytest.mark.process  # the writer process's own log line, on the server's stderr
 def test_inbox_file_format(server: Server) -> None:
     body = {"model": "m", "messages": [{"role": "user", "content": "héllo ✓ 你好"}], "z": 1, "a": 2}
     assert server.post_chat(body).status_code == 200
@@ -197,7 +197,7 @@ def test_models(make_server) -> None:
 
 def test_healthz_reveals_nothing(make_server) -> None:
     server = make_server(key="s3cret-key-123456")
-    r = httpx.get(server.base_url + "/healthz")
+    r = HTTP.get(server.base_url + "/healthz")
     assert r.status_code == 200 and r.json() == {"status": "ok"}
 
 

@@ -22,6 +22,7 @@ from ai_agent_proxy.cli import cli as app
 
 from . import openclaw as oc
 from .conftest import SKILL_PATH, Server, fixture_body, new_server, wait_until
+from .embedded import EmbeddedServer
 
 TURN1 = "openclaw-2026.9-telegram-dm-turn1.json"
 TURN2 = "openclaw-2026.9-telegram-dm-turn2.json"
@@ -57,6 +58,7 @@ def populated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server = new_server(
         tmp_path_factory.mktemp("populated") / "server",
         env={"AI_AGENT_PROXY_OPENCLAW_MESSAGE_CLI_SKILL_PATH": str(SKILL_PATH)},
+        kind=EmbeddedServer,
     ).start()
     server.post_chat(fixture_body(TURN1))
     server.post_chat(fixture_body(TURN2))

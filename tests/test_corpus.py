@@ -19,6 +19,7 @@ from ai_agent_proxy.ids import inbox_file_name
 
 from . import openclaw as oc
 from .conftest import Server, new_server
+from .embedded import EmbeddedServer
 
 ORDER = [
     oc.TURN1, oc.TURN2, oc.EMPTY_TURN, oc.EMPTY_RETRY, oc.QUEUED, oc.GROUP, oc.CLI_LOCAL,
@@ -59,7 +60,7 @@ class Corpus:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    server = new_server(tmp_path_factory.mktemp("corpus") / "server").start()
+    server = new_server(tmp_path_factory.mktemp("corpus") / "server", kind=EmbeddedServer).start()
     found = Corpus(server)
     try:
         for name in ORDER:

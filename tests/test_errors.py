@@ -8,7 +8,8 @@ import httpx
 import openai
 import pytest
 
-from .conftest import Server, wait_until
+from .conftest import HTTP, Server, wait_until
+from .embedded import EmbeddedServer
 
 KEY = "test-key-0123456789"
 GOOD = {"messages": [{"role": "user", "content": "still serving?"}]}
@@ -38,7 +39,7 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
     workdir = tmp_path_factory.mktemp("errors")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
-    server = Server(workdir, workdir / "inbox", workdir / "outbox.db", [], env).start()
+    server = EmbeddedServer(workdir, workdir / "inbox", workdir / "outbox.db", [], env).start()
     yield server
     server.stop()
 
@@ -81,7 +82,7 @@ def test_wrong_key_is_401(make_server) -> None:
         err = assert_error(r, 401, "authentication_error")
         assert KEY not in r.text and KEY not in str(err)
     for path in ("/v1/models", "/v1/models/local-agent", "/readyz", "/metrics", "/nope"):
-        assert_error(httpx.get(server.base_url + path), 401, "authentication_error")
+        assert_error(HTTP.get(server.base_url + path), 401, "authentication_error")
     assert KEY not in server.log() and "nope" not in server.log().replace("/nope", "")
     # the operator hears of it once per address and minute, not once per request
     assert server.log().count("auth_failed remote=127.0.0.1 path=/v1/chat/completions") == 1
@@ -98,7 +99,7 @@ def test_unknown_path_and_wrong_method(make_server) -> None:
     assert httpx.head(server.base_url + "/healthz").status_code == 200  # probes use HEAD
     assert "listening url=http://127.0.0.1:" in server.log()
     assert_error(server.get("/v2/everything"), 404, "not_found_error")
-    r = httpx.get(server.base_url + "/v1/chat/completions", headers=server.headers())
+    r = HTTP.get(server.base_url + "/v1/chat/completions", headers=server.headers())
     assert_error(r, 405, "method_not_allowed")
     r = httpx.put(server.base_url + "/v1/models", headers=server.headers())
     assert_error(r, 405, "method_not_allowed")

@@ -11,10 +11,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from .conftest import Server, fixture_body, wait_until
+from .conftest import HTTP, Server, fixture_body, wait_until
 from .load import start_load
 
 KEY = "fault-test-key-0123456789"
@@ -189,6 +188,7 @@ def worker_pids(server: Server) -> list[int]:
     return [int(pid) for pid in re.findall(r"Starting worker \[(\d+)\]", server.log())]
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_two_workers_under_load_and_one_killed(make_server) -> None:
     server = make_server("--worker", "2")
@@ -226,6 +226,7 @@ def writer_pids(server_pid: int) -> list[int]:
     return pids
 
 
+@pytest.mark.process
 def test_inbox_writer_killed_under_load(server: Server) -> None:
     """kill -9 of the writer process while it works: the flusher reports the failed batch,
     starts a new writer and every acknowledged request is still delivered exactly once."""
@@ -244,6 +245,7 @@ def test_inbox_writer_killed_under_load(server: Server) -> None:
     assert server.get("/readyz").json()["inbox"] == "ok"
 
 
+@pytest.mark.process
 def test_inbox_writer_ends_with_its_server(make_server) -> None:
     """A writer never outlives its server, even one killed with -9 (its stdin closes)."""
     server = make_server()
@@ -262,6 +264,7 @@ def test_inbox_writer_ends_with_its_server(make_server) -> None:
 # -- kill -9 at several moments ---------------------------------------------------------------
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize("moment", ["early", "mid-load", "mid-flush"])
 def test_kill_9_at_several_moments(make_server, moment: str) -> None:
@@ -362,4 +365,4 @@ def test_metrics_is_prometheus_text(server: Server) -> None:
     assert {"aiap_http_requests", "aiap_rows", "aiap_backlog_rows",
             "aiap_request_to_file_seconds", "aiap_inbox_write_failures"} <= names  # fmt: skip
     assert metric(server, 'aiap_rows{state="written"}') == 1
-    assert httpx.get(server.base_url + "/readyz").json()["status"] == "ready"
+    assert HTTP.get(server.base_url + "/readyz").json()["status"] == "ready"

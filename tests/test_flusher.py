@@ -26,8 +26,9 @@ def request(n: int) -> NewRequest:
     request_id, received_ms = new_request_id()
     body = json.dumps({"messages": [{"role": "user", "content": f"prompt {n}"}]}).encode()
     return NewRequest(
-        request_id, received_ms, body, segments=split_body(body), latest_user_prompt=f"prompt {n}"
-    )
+        id=request_id, received_ms=received_ms, body=body, segments=split_body(body),
+        latest_user_prompt=f"prompt {n}",
+    )  # fmt: skip
 
 
 def prompts_in(inbox: Path) -> list[str]:

@@ -1,6 +1,8 @@
-"""`ai-agent-proxy mcp` as an agent uses it: started as a subprocess and driven with the
-official SDK's own stdio client (the process and its protocol are the point), over the DB
-of a real server that took captured OpenClaw bodies; `openclaw` is a stand-in on PATH."""
+"""`ai-agent-proxy mcp` as an agent uses it, driven with the official SDK's client, over the
+DB of a real server that took captured OpenClaw bodies; `openclaw` is a stand-in on PATH.
+The agent's whole loop runs against the command as a subprocess over stdio (the process
+and its protocol are the point); the other tests connect the SDK's client to the same
+server in-process."""
 
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mcp import ClientSession
+from mcp import Client, ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+
+from ai_agent_proxy.config import load_settings
+from ai_agent_proxy.mcp_server import build
 
 from . import openclaw as oc
 from .conftest import Server
@@ -25,7 +30,9 @@ TOOLS = {"next_message", "reply", "mark_done", "show_request", "search_history"}
 
 
 @pytest.fixture
-def world(make_server, tmp_path: Path) -> tuple[Server, Path, dict[str, str]]:
+def world(
+    make_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Server, Path, dict[str, str]]:
     """A server holding dm-turn2's conversation (turn 1, turn 2) and a group turn; an
     openclaw stand-in on PATH; the environment to run `ai-agent-proxy mcp` in."""
     server = make_server("--reply", "on it")
@@ -39,11 +46,22 @@ def world(make_server, tmp_path: Path) -> tuple[Server, Path, dict[str, str]]:
     log = tmp_path / "openclaw-calls.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_OPENCLAW_LOG=str(log))
+    for name in ("PATH", "FAKE_OPENCLAW_LOG"):  # (for the in-process server's `openclaw`)
+        monkeypatch.setenv(name, env[name])
     return server, log, env
 
 
 @asynccontextmanager
-async def mcp_session(server: Server, env: dict[str, str]) -> AsyncIterator[ClientSession]:
+async def mcp_session(server: Server, env: dict[str, str]) -> AsyncIterator[Any]:
+    """The SDK's client on the MCP server built in this process, as the command builds it."""
+    flags = {"db": server.db, "inbox": server.inbox}
+    async with Client(build(load_settings(None, flags, environ={})), read_timeout_seconds=30) as c:
+        yield c
+
+
+@asynccontextmanager
+async def mcp_process(server: Server, env: dict[str, str]) -> AsyncIterator[ClientSession]:
+    """`ai-agent-proxy mcp` as a subprocess, over stdio."""
     params = StdioServerParameters(
         command=sys.executable,
         args=["-m", "ai_agent_proxy", "mcp", "--db", str(server.db), "--inbox", str(server.inbox)],
@@ -66,13 +84,14 @@ def calls(log: Path) -> list[list[str]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
+@pytest.mark.process
 def test_the_agent_loop_through_mcp(world) -> None:
     """list -> next_message -> reply -> (second reply refused) -> mark_done -> next."""
     server, log, env = world
     first, second, third = (r["id"] for r in server.rows())
 
     async def scenario() -> None:
-        async with mcp_session(server, env) as s:
+        async with mcp_process(server, env) as s:
             listed = {t.name: t for t in (await s.list_tools()).tools}
             assert set(listed) == TOOLS
             assert listed["next_message"].input_schema["properties"]["wait_seconds"]

@@ -20,6 +20,7 @@ from ai_agent_proxy.redaction import Redactor, mask_url, url_secrets
 
 from .backend import FakeBackend
 from .conftest import Server, fixture_body
+from .embedded import EmbeddedServer
 
 HOSTILE = [
     "clear\x1b[2Jscreen",
@@ -42,7 +43,7 @@ def hostile_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
     workdir = tmp_path_factory.mktemp("hostile")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
-    server = Server(workdir, workdir / "inbox", workdir / "outbox.db", [], env).start()
+    server = EmbeddedServer(workdir, workdir / "inbox", workdir / "outbox.db", [], env).start()
     for text in HOSTILE + FORMULAS:
         body = {"channel": "tg", "target": "line1\nline2\x1b[2J", "messages": [
             {"role": "user", "content": text}]}  # fmt: skip

@@ -233,3 +233,23 @@ def test_read_refuses_a_deep_body_whatever_pieces_it_shares() -> None:
         assert parsed.value == loads(_turn(BODIES[1], "y"))
         assert b"".join(parsed.segments) == _turn(BODIES[1], "y")
         assert (len(parser.heads) == 1) is enabled
+
+
+def test_one_list_of_message_fields(tmp_path) -> None:
+    """rows.Message is the list: what context.py stores, the DB's columns after every
+    migration, the inbox file's keys and history's records all follow it."""
+    from ai_agent_proxy.context import RequestContext
+    from ai_agent_proxy.db import connect
+    from ai_agent_proxy.history_render import CSV_COLUMNS
+    from ai_agent_proxy.inbox import PAYLOAD_KEY, PROXY_KEYS
+    from ai_agent_proxy.migrations import migrate
+    from ai_agent_proxy.rows import MESSAGE_FIELDS
+
+    assert list(RequestContext().stored()) == list(MESSAGE_FIELDS)
+    migrate(tmp_path / "outbox.db")
+    conn = connect(tmp_path / "outbox.db")
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+    conn.close()
+    assert set(MESSAGE_FIELDS) <= columns
+    assert {PAYLOAD_KEY.get(f, f) for f in MESSAGE_FIELDS} <= set(PROXY_KEYS)
+    assert set(MESSAGE_FIELDS) <= set(CSV_COLUMNS)

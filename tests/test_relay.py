@@ -220,6 +220,7 @@ def test_client_disconnect_cancels_backend_and_delivers(make_server, backend) ->
     assert server.inbox_payloads()[0]["latest-user-prompt"] == "bye"
 
 
+@pytest.mark.process
 def test_kill_9_mid_backend_call_delivers_without_reply(make_server, backend) -> None:
     server = relay_server(make_server, backend.url)
     backend.gate.clear()

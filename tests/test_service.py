@@ -165,6 +165,7 @@ def test_status_is_the_managers_view_and_readyz(home, make_server) -> None:
     assert r.returncode == 1 and "not ready" in r.stdout
 
 
+@pytest.mark.process
 def test_server_tells_systemd_it_is_ready_and_stopping(make_server, tmp_path: Path) -> None:
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

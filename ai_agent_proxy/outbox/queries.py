@@ -12,20 +12,18 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ..bodies import pack_ids
-from ..rows import PENDING_COLUMNS, PayloadKind, ReplyState, State
+from ..rows import MESSAGE_FIELDS, PENDING_COLUMNS, PayloadKind, ReplyState, State
 
 _SQL_VARS = 500  # parameters per IN (...) query, well under SQLite's limit
 _DUP, _PENDING, _WAITING = State.DUPLICATE.value, State.PENDING.value, State.AWAITING_BACKEND.value
 
 INSERT_REQUEST = f"""
 INSERT INTO requests (
-    id, received_ms, body_segments, body_hash, context_id, channel, target, message_id,
-    latest_user_prompt, sender, attachments, modality, claimed_until_ms, claimed_by,
-    payload_kind, state, duplicate_of, repeat_reason)
+    id, received_ms, body_segments, body_hash, {", ".join(MESSAGE_FIELDS)}, claimed_until_ms,
+    claimed_by, payload_kind, state, duplicate_of, repeat_reason)
 SELECT
-    :id, :received_ms, :body_segments, :body_hash, :context_id, :channel, :target,
-    :message_id, :latest_user_prompt, :sender, :attachments, :modality, :claimed_until_ms,
-    :claimed_by,
+    :id, :received_ms, :body_segments, :body_hash, {", ".join(":" + f for f in MESSAGE_FIELDS)},
+    :claimed_until_ms, :claimed_by,
     CASE WHEN :context_id IS NOT NULL AND EXISTS (
         SELECT 1 FROM requests WHERE context_id = :context_id AND state != '{_DUP}'
     ) THEN '{PayloadKind.COMPACT.value}' ELSE '{PayloadKind.FULL.value}' END,
