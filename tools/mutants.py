@@ -69,8 +69,8 @@ def main() -> None:
             module.write_text(ast.unparse(ast.fix_missing_locations(tree)))
             try:
                 result = subprocess.run(
-                    [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                     *tests],
+                    [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p",
+                     "no:cacheprovider", *tests],
                     capture_output=True, timeout=FLIP_TIMEOUT_S,
                 )  # fmt: skip
                 if result.returncode == 0:
