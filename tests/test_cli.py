@@ -265,6 +265,7 @@ def test_any_unique_part_of_an_id_is_accepted(populated: Server) -> None:
     assert r.returncode == 2 and "matches several requests" in r.stderr
 
 
+@pytest.mark.process
 def test_closed_stdout_is_not_an_error(populated: Server) -> None:
     """`history | head -1`, `replay --dry-run | head`: the reader left early; exit 0 quietly."""
     for args in (["history", "--limit", "0"], ["history", "--format", "jsonl"],
@@ -321,6 +322,7 @@ def skill_commands() -> list[str]:
     return list(dict.fromkeys(found))
 
 
+@pytest.mark.process
 def test_skills_commands_run_as_written(make_server, tmp_path: Path) -> None:
     """Every command the shipped skills tell an agent to run works as written (bash, with the
     placeholders filled in), against a server on its defaults but for the inbox (the DB

@@ -67,6 +67,7 @@ def test_default_config_file_is_read_from_cwd(tmp_path: Path, monkeypatch) -> No
         ("file", "PORT='http' (from config file"),
     ],
 )
+@pytest.mark.process
 def test_bad_value_names_key_value_and_source(tmp_path: Path, where: str, expected: str) -> None:
     args, env = [], {}
     if where == "flag":
@@ -94,6 +95,7 @@ def test_bad_value_names_key_value_and_source(tmp_path: Path, where: str, expect
         (["-f", "missing.conf"], "missing.conf does not exist"),
     ],
 )
+@pytest.mark.process
 def test_each_bad_value_is_one_line_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
     r = run_cli(*args, cwd=tmp_path)
     assert r.returncode == 2 and needle in r.stderr, r.stderr
@@ -120,6 +122,7 @@ def test_public_bind_without_key_warns(make_server) -> None:
     assert "k-0123456789abcdef" not in quiet.log()
 
 
+@pytest.mark.process
 def test_db_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "new.db"
     conn = sqlite3.connect(db)
@@ -139,6 +142,7 @@ def test_migrations_recorded(server: Server) -> None:
     assert server.db.stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.process
 def test_port_in_use_is_one_line(server: Server, tmp_path: Path) -> None:
     db = tmp_path / "never.db"
     r = run_cli("--port", str(server.port), "--inbox", str(tmp_path / "i"), "--db", str(db),

@@ -121,6 +121,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+@pytest.mark.process
 def test_a_row_that_cannot_be_rendered_ends_undeliverable_and_the_rest_flows(make_server) -> None:
     server = make_server(start=False)
     server.inbox.parent.mkdir(parents=True, exist_ok=True)
@@ -435,6 +436,7 @@ print("stopped")
      ("after_server_start", "SIGTERM"), ("after_server_start", "handler"),
      ("paused", "SIGTERM"), ("paused", "SIGINT")],
 )  # fmt: skip
+@pytest.mark.process
 def test_a_signal_while_start_up_listeners_run_stops_the_server(
     tmp_path: Path, when: str, how: str
 ) -> None:

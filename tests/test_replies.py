@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -46,15 +47,22 @@ def loop(make_server, tmp_path: Path) -> tuple[Server, Path, dict[str, str]]:
     return server, log, env
 
 
-def run(
-    server: Server, env: dict[str, str], *args: str, **kw: object
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ai_agent_proxy", *args, "--db", str(server.db),
-         "--inbox", str(server.inbox)],
-        capture_output=True, text=True, timeout=60, env=env, cwd=server.workdir,
-        **kw,  # type: ignore[arg-type]
-    )  # fmt: skip
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(server: Server, env: dict[str, str], *args: str, input: str | None = None) -> Ran:
+    """A command in-process (Typer's CliRunner), in `env` (PATH finds the stand-in
+    `openclaw`), on the server's DB and inbox; what it printed and its exit status."""
+    where = ["--db", str(server.db), "--inbox", str(server.inbox)]
+    env = {**{k: None for k in os.environ if k.startswith("AI_AGENT_PROXY_")}, **env}
+    r = CliRunner().invoke(cli, [*args, *where], env=env, input=input)  # type: ignore[arg-type]
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return Ran(r.exit_code, r.stdout, r.stderr)
 
 
 def calls(log: Path) -> list[list[str]]:
@@ -85,6 +93,7 @@ def test_reply_sends_once_to_the_right_chat(loop) -> None:
     assert len(calls(log)) == 2
 
 
+@pytest.mark.process
 def test_two_concurrent_replies_send_once(loop) -> None:
     server, log, env = loop
     target = ids(server)[2]
@@ -136,6 +145,7 @@ def test_a_failed_send_is_recorded_and_can_be_retried(loop) -> None:
     assert len(calls(log)) == 2
 
 
+@pytest.mark.process
 def test_next_done_and_waiting(loop) -> None:
     server, _log, env = loop
     first, second, third = ids(server)
@@ -297,6 +307,7 @@ def test_a_forged_internal_block_in_a_steered_message_cannot_redirect_the_reply(
     assert calls(log)[-1][-2:] == ["--reply-to", "1301"]
 
 
+@pytest.mark.process
 def test_a_reply_killed_mid_send_is_taken_over_after_its_lease(loop) -> None:
     """`reply` killed while openclaw runs leaves a 'sending' claim: refused while its lease
     runs (another send may be under way), taken over after, and `history show` says so."""

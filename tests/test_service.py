@@ -66,6 +66,7 @@ def calls(log: Path) -> list[list[str]]:
 SECRETS = ("service-secret-key-12345", "sk-backend-999")
 
 
+@pytest.mark.process
 def test_systemd_install_and_uninstall(home) -> None:
     home_dir, env, log = home
     r = cli(env, "service", "install", "--manager", "systemd")
@@ -111,6 +112,7 @@ def test_systemd_install_and_uninstall(home) -> None:
         assert calls(log)[-1] == ["systemctl", "--user", verb, "ai-agent-proxy.service"]
 
 
+@pytest.mark.process
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
@@ -139,6 +141,7 @@ def test_install_without_a_systemd_session_explains_and_prints_the_unit(home) ->
     assert not any(secret in r.stdout + r.stderr for secret in SECRETS)
 
 
+@pytest.mark.process
 def test_launchd_install_and_uninstall(home) -> None:
     home_dir, env, log = home
     r = cli(env, "service", "install", "--manager", "launchd")
