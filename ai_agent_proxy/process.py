@@ -1,8 +1,10 @@
 """Process-wide matters: the open-files limit and how the C heap gives memory back (applied
-at start-up), and telling a service manager how the server is doing (`notify`)."""
+at start-up), thread names the system shows, and telling a service manager how the server
+is doing (`notify`)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -42,6 +44,18 @@ def return_large_allocations() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
         pass
+
+
+_PR_SET_NAME = 15  # Linux prctl option
+
+
+def name_this_thread(name: str) -> None:
+    """Give the calling thread a name the system shows (`top -H`, /proc/PID/task/TID/comm;
+    at most 15 bytes), so its CPU can be told from the event loop's (tools/bench.py)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def notify(state: str) -> bool:

@@ -1,5 +1,5 @@
 """The baseline for tools/bench.py: a bare Sanic handler that parses the JSON body and
-answers a fixed chat.completion. No storage, no inbox."""
+answers a fixed chat.completion. No storage, no inbox. `bare_sanic.py PORT [WORKERS]`."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ async def healthz(request: Request) -> HTTPResponse:
     return raw(b'{"status":"ok"}', content_type="application/json")
 
 
-if __name__ == "__main__":
-    app.run(host="127.0.0.1", port=int(sys.argv[1]), single_process=True, access_log=False,
-            motd=False)  # fmt: skip
+if __name__ == "__main__":  # bare_sanic.py PORT [WORKERS]
+    workers = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    app.run(host="127.0.0.1", port=int(sys.argv[1]), access_log=False, motd=False,
+            **({"single_process": True} if workers == 1 else {"workers": workers}))  # fmt: skip

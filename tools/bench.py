@@ -1,14 +1,22 @@
-"""Benchmark ai-agent-proxy against a bare Sanic handler on real OpenClaw bodies.
+"""Benchmark ai-agent-proxy against a bare Sanic handler on real OpenClaw bodies, and say
+where the CPU goes.
 
-    python tools/bench.py                 # ~90 s: throughput, latency at a fixed rate, DB size
+    python tools/bench.py                 # ~2 min: throughput and CPU, 1 and 2 workers,
+                                          # latency at fixed rates, DB bytes per request
     python tools/bench.py --duration 5    # quicker
     python tools/bench.py --driver httpx  # without wrk (apt-get install wrk)
+    python tools/bench.py --fill 1000000  # also: a DB of 1M rows, history's timings on it
+                                          # and req/s on it beside an empty DB
 
 Each run starts the bare handler (tools/bare_sanic.py) and ai-agent-proxy (fresh inbox and
 DB in a temp dir), drives them in turn, in alternating rounds (a VM's speed drifts within
 minutes; alternating spreads the drift over both), with the same bodies over loopback, and
-prints one table with the ratio to bare Sanic. Bodies: the OpenClaw fixtures in
-tests/fixtures, made unique per request (message_id and text carry a counter, so nothing is
+prints the ratios to bare Sanic: req/s, latency, request->file latency (the row's
+written_ms against its received_ms), and CPU milliseconds per request of each process and
+thread (from /proc: the event loop, the SQLite writer thread, other threads, the inbox
+writer process, a multi-worker server's manager; and the load generator's own). Bodies:
+tests/fixtures/openclaw-2026.9-telegram-dm-turn2.json (or --bodies mix: four fixtures), made
+unique per request (message_id and the person's text carry a counter, so nothing is
 dropped as a repeat), and a synthetic 100-turn OpenClaw conversation for the
 DB-bytes-per-request figure.
 """
@@ -17,8 +25,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -76,8 +87,11 @@ BENCH_FIXTURES = (
 )
 
 
-def fixture_templates() -> list[str]:
-    return [unique_template(json.loads((FIXTURES / n).read_text())) for n in BENCH_FIXTURES]
+BODIES = {"turn2": ("openclaw-2026.9-telegram-dm-turn2.json",), "mix": BENCH_FIXTURES}
+
+
+def fixture_templates(which: str = "turn2") -> list[str]:
+    return [unique_template(json.loads((FIXTURES / n).read_text())) for n in BODIES[which]]
 
 
 def conversation(turns: int, chat: str = "555000111") -> list[bytes]:
@@ -120,6 +134,7 @@ class Target:
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
     startup_s: float = 0.0
+    workers: int = 1
 
     def start(self) -> None:
         t0 = time.perf_counter()
@@ -171,10 +186,19 @@ class LoadResult:
     latencies_ms: list[float] = field(default_factory=list)
     p50_ms: float | None = None
     p99_ms: float | None = None
+    cpu_s: dict[str, float] = field(default_factory=dict)  # by part of the server (cpu_parts)
+    driver_cpu_s: float = 0.0  # the load generator's own
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
+
+    def cpu_ms(self, part: str | None = None) -> float | None:
+        """CPU milliseconds per request: of one part, or of the whole server."""
+        if not self.requests:
+            return None
+        spent = sum(self.cpu_s.values()) if part is None else self.cpu_s.get(part, 0.0)
+        return spent * 1000 / self.requests
 
 
 WRK_SCRIPT = """
@@ -208,6 +232,7 @@ def run_wrk(url: str, templates: list[Path], duration: int, connections: int) ->
     script = templates[0].parent / "bench.lua"
     paths = ", ".join(f'"{p}"' for p in templates)
     script.write_text(WRK_SCRIPT % (paths, MARK))
+    before = children_cpu_s()
     out = subprocess.run(
         ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s",
          str(script), url],
@@ -218,6 +243,7 @@ def run_wrk(url: str, templates: list[Path], duration: int, connections: int) ->
     return LoadResult(
         requests=int(m.group(1)), errors=int(m.group(2)), seconds=int(m.group(3)) / 1e6,
         p50_ms=float(m.group(4)), p99_ms=float(m.group(5)),
+        driver_cpu_s=children_cpu_s() - before,
     )  # fmt: skip
 
 
@@ -227,6 +253,7 @@ async def run_httpx(
     """Closed loop over `connections` clients (when wrk is not installed)."""
     result = LoadResult()
     counter = 0
+    cpu_before = self_cpu_s()
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10) as client:
 
@@ -257,6 +284,7 @@ async def run_httpx(
         await asyncio.gather(*(worker() for _ in range(connections)))
         result.seconds = time.perf_counter() - start
     result.p50_ms, result.p99_ms = p50_p99(result.latencies_ms)
+    result.driver_cpu_s = self_cpu_s() - cpu_before
     return result
 
 
@@ -301,6 +329,77 @@ async def run_paced(
     await asyncio.gather(*workers)
     result.seconds = time.perf_counter() - start
     result.p50_ms, result.p99_ms = p50_p99(result.latencies_ms)
+    return result
+
+
+# -- CPU per process and thread -------------------------------------------------------------
+
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+WRITER_THREAD = "aiap-db-writer"  # the SQLite writer thread's name (outbox/engine.py)
+PARTS = ("loop", "db writer", "other threads", "inbox writer", "manager")
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's children that have ended (wrk, once it has)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def self_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_tree(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def cpu_parts(root: int, workers: int) -> dict[str, float]:
+    """CPU seconds so far (user + system) of every thread of a server's processes, by part:
+    a server process's main thread (`loop`), its SQLite writer thread, its other threads;
+    the inbox writer processes; the manager of a multi-worker server (Sanic's main process).
+    """
+    parts = dict.fromkeys(PARTS, 0.0)
+    for pid in process_tree(root):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        role = "inbox writer" if b"inbox_writer" in cmdline else None
+        if role is None and pid == root and workers > 1:
+            role = "manager"
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                stat = (task / "stat").read_text()
+                comm = (task / "comm").read_text().strip()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            spent = (int(fields[11]) + int(fields[12])) * TICK_S
+            if role is not None:
+                part = role
+            elif int(task.name) == pid:
+                part = "loop"
+            else:
+                part = "db writer" if comm == WRITER_THREAD else "other threads"
+            parts[part] += spent
+    return parts
+
+
+def measured(target: Target, run: Any) -> LoadResult:
+    """`run()`'s result with the CPU each part of `target` spent meanwhile."""
+    assert target.proc is not None
+    before = cpu_parts(target.proc.pid, target.workers)
+    result: LoadResult = run()
+    after = cpu_parts(target.proc.pid, target.workers)
+    result.cpu_s = {part: after[part] - before[part] for part in PARTS}
     return result
 
 
@@ -361,6 +460,8 @@ def combine(rounds: list[LoadResult]) -> LoadResult:
         requests=sum(r.requests for r in rounds),
         errors=sum(r.errors for r in rounds),
         seconds=sum(r.seconds for r in rounds),
+        cpu_s={part: sum(r.cpu_s.get(part, 0.0) for r in rounds) for part in PARTS},
+        driver_cpu_s=sum(r.driver_cpu_s for r in rounds),
     )
     p50s = [r.p50_ms for r in rounds if r.p50_ms is not None]
     p99s = [r.p99_ms for r in rounds if r.p99_ms is not None]
@@ -369,15 +470,25 @@ def combine(rounds: list[LoadResult]) -> LoadResult:
     return out
 
 
-def proxy_target(name: str, work: Path, extra: list[str]) -> tuple[Target, Path]:
-    """ai-agent-proxy with its own inbox and DB under work/name; returns it and its DB."""
+def proxy_target(
+    name: str, work: Path, extra: list[str], workers: int = 1, db: Path | None = None
+) -> tuple[Target, Path]:
+    """ai-agent-proxy with its own inbox (and DB, unless given) under work/name; returns it
+    and its DB."""
     (work / name).mkdir()
-    db, port = work / name / "outbox.db", free_port()
+    db, port = db or work / name / "outbox.db", free_port()
     cmd = [
         sys.executable, "-m", "ai_agent_proxy", "--port", str(port), "--inbox",
-        str(work / name / "inbox"), "--db", str(db), "--reply", "on it", *extra,
+        str(work / name / "inbox"), "--db", str(db), "--reply", "on it",
+        "--worker", str(workers), *extra,
     ]  # fmt: skip
-    return Target(name, cmd, port, work), db
+    return Target(name, cmd, port, work, workers=workers), db
+
+
+def bare_target(name: str, work: Path, workers: int = 1) -> Target:
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "tools" / "bare_sanic.py"), str(port), str(workers)]
+    return Target(name, cmd, port, work, workers=workers)
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
@@ -394,6 +505,9 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1000, help="req/s for the file-latency run")
     ap.add_argument("--turns", type=int, default=100, help="turns of the synthetic conversation")
     ap.add_argument("--driver", choices=("auto", "wrk", "httpx"), default="auto")
+    ap.add_argument("--bodies", choices=tuple(BODIES), default="turn2")
+    ap.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="WORKER values run")
+    ap.add_argument("--fill", type=int, default=0, help="rows of a filled DB to time history on")
     ap.add_argument("--extra", nargs="*", default=[], help="extra flags for ai-agent-proxy")
     ap.add_argument(
         "--dir",
@@ -407,7 +521,7 @@ def main() -> None:
         driver = "wrk" if shutil.which("wrk") else "httpx"
 
     work = Path(tempfile.mkdtemp(prefix="aiap-bench-", dir=args.dir))
-    templates = fixture_templates()
+    templates = fixture_templates(args.bodies)
     template_files = []
     for i, t in enumerate(templates):
         path = work / f"body{i}.json"
@@ -415,98 +529,217 @@ def main() -> None:
         template_files.append(path)
     size_kb = statistics.mean(len(t.encode()) for t in templates) / 1024
     console.print(
-        f"bodies: {len(templates)} OpenClaw fixtures, {size_kb:.0f} KB on average; driver "
-        f"{driver}; {args.connections} connections; {args.duration} s per server in {args.rounds} "
-        f"rounds; work dir {work}"
+        f"bodies: {', '.join(BODIES[args.bodies])} ({size_kb:.0f} KB on average), each made "
+        f"unique; driver {driver}; {args.connections} connections; {args.duration} s per "
+        f"server in {args.rounds} rounds; {os.cpu_count()} cores; work dir {work}"
     )
 
     def throughput(target: Target, seconds: int) -> LoadResult:
         if driver == "wrk":
-            return run_wrk(target.url, template_files, seconds, args.connections)
-        return asyncio.run(run_httpx(target.url, templates, seconds, args.connections))
+            run = lambda: run_wrk(target.url, template_files, seconds, args.connections)  # noqa: E731
+        else:
+            run = lambda: asyncio.run(run_httpx(target.url, templates, seconds, args.connections))  # noqa: E731
+        return measured(target, run)
 
-    # 1. bare Sanic and ai-agent-proxy at saturation, in alternating rounds
-    bare = Target("bare", [sys.executable, str(ROOT / "tools" / "bare_sanic.py"),
-                           str(free_port())], 0, work)  # fmt: skip
-    bare.port = int(bare.cmd[-1])
-    bare.start()
-    proxy, db = proxy_target("proxy", work, args.extra)
-    proxy.start()
-    t0_ms = int(time.time() * 1000)
+    rows: dict[str, dict[str, str]] = {}
+    cpu_rows: dict[str, LoadResult] = {}
+    ratios: list[str] = []
+    empty_rps = 0.0
+    for workers in args.workers:
+        suffix = "" if workers == 1 else f", {workers} workers"
+        bare = bare_target(f"bare{workers}", work, workers)
+        bare.start()
+        proxy, db = proxy_target(f"proxy{workers}", work, args.extra, workers)
+        proxy.start()
+        t0_ms = int(time.time() * 1000)
+        base, ours, round_ratios = alternate(bare, proxy, db, throughput, args)
+        ratios.append(f"{workers} worker(s): " + ", ".join(f"{r:.2f}x" for r in round_ratios))
+        empty_rps = empty_rps or ours.rps
+        rows[f"bare Sanic{suffix}"] = load_row(base, None, bare)
+        cpu_rows[f"bare Sanic{suffix}"] = base
+        bare.stop()
+        rows[f"ai-agent-proxy{suffix}"] = load_row(ours, base, proxy, file_latency(db, t0_ms))
+        cpu_rows[f"ai-agent-proxy{suffix}"] = ours
+        if workers == 1:  # request->file latency at fixed rates (open loop)
+            for rate in (100.0, args.rate):
+                t0_ms = int(time.time() * 1000)
+                paced = asyncio.run(run_paced(proxy.url, templates, min(args.duration, 10), rate))
+                wait_drained(db)
+                rows[f"proxy at {rate:.0f} req/s"] = load_row(
+                    paced, None, proxy, file_latency(db, t0_ms)
+                )
+        proxy.stop()
+
+    conv_kb, body_kb = conversation_bytes(work, args)
+    out = Console(width=None if sys.stdout.isatty() else 160)  # piped: do not cut figures
+    out.print(load_table(rows))
+    out.print("ratio per round: " + "; ".join(ratios))
+    out.print(cpu_table(cpu_rows))
+    out.print(
+        f"DB bytes per request over a {args.turns}-turn conversation: {conv_kb:.1f} KB"
+        f" (mean body {body_kb:.1f} KB)"
+    )
+    if args.fill:
+        filled(work, args, templates, throughput, empty_rps, out)
+    shutil.rmtree(work, ignore_errors=True)
+    console.print(
+        f"removed {work} with its inbox files: on ext4 without a journal, creating files is "
+        "slower for a while after such a delete; wait a minute before the next run"
+    )
+
+
+def alternate(
+    bare: Target, proxy: Target, db: Path, throughput: Any, args: argparse.Namespace
+) -> tuple[LoadResult, LoadResult, list[float]]:
+    """Both servers at saturation in alternating rounds; each one's rounds combined."""
     round_s = max(1, args.duration // args.rounds)
     base_rounds, our_rounds = [], []
     for _ in range(args.rounds):
         base_rounds.append(throughput(bare, round_s))
         our_rounds.append(throughput(proxy, round_s))
         wait_drained(db)  # its last files are written before bare Sanic's next round
-    base, ours = combine(base_rounds), combine(our_rounds)
     ratios = [o.rps / b.rps for b, o in zip(base_rounds, our_rounds, strict=True) if b.rps]
-    rows: dict[str, dict[str, str]] = {}
-    rows["bare Sanic"] = {
-        "req/s": fmt(base.rps, 0), "p50 ms": fmt(base.p50_ms), "p99 ms": fmt(base.p99_ms),
-        "errors": str(base.errors), "RSS MB": fmt(bare.rss_mb()), "start s": fmt(bare.startup_s, 2),
+    return combine(base_rounds), combine(our_rounds), ratios
+
+
+def load_row(
+    result: LoadResult,
+    base: LoadResult | None,
+    target: Target,
+    file_p50_p99: tuple[float | None, float | None] = (None, None),
+) -> dict[str, str]:
+    return {
+        "req/s": fmt(result.rps, 0),
+        "ratio": f"{result.rps / base.rps:.2f}x" if base and base.rps else "",
+        "p50 ms": fmt(result.p50_ms), "p99 ms": fmt(result.p99_ms),
+        "file p50 ms": fmt(file_p50_p99[0]), "file p99 ms": fmt(file_p50_p99[1]),
+        "errors": str(result.errors), "RSS MB": fmt(target.rss_mb()),
+        "start s": fmt(target.startup_s, 2),
     }  # fmt: skip
-    bare.stop()
-    f50, f99 = file_latency(db, t0_ms)
-    rows["ai-agent-proxy"] = {
-        "req/s": fmt(ours.rps, 0), "p50 ms": fmt(ours.p50_ms), "p99 ms": fmt(ours.p99_ms),
-        "errors": str(ours.errors), "RSS MB": fmt(proxy.rss_mb()),
-        "start s": fmt(proxy.startup_s, 2), "file p50 ms": fmt(f50), "file p99 ms": fmt(f99),
-        "ratio": f"{ours.rps / base.rps:.2f}x" if base.rps else "-",
-    }  # fmt: skip
 
-    # 3. request->file latency at fixed rates (open loop): light traffic, then --rate
-    for rate in (100.0, args.rate):
-        t0_ms = int(time.time() * 1000)
-        paced = asyncio.run(run_paced(proxy.url, templates, min(args.duration, 10), rate))
-        wait_drained(db)
-        f50, f99 = file_latency(db, t0_ms)
-        rows[f"proxy at {rate:.0f} req/s"] = {
-            "req/s": fmt(paced.rps, 0), "p50 ms": fmt(paced.p50_ms), "p99 ms": fmt(paced.p99_ms),
-            "errors": str(paced.errors), "file p50 ms": fmt(f50), "file p99 ms": fmt(f99),
-            "RSS MB": fmt(proxy.rss_mb()),
-        }  # fmt: skip
-    total_rows = db_rows(db)
-    proxy.stop()
 
-    # 4. DB bytes per request over a long conversation (fresh DB)
-    conv, db2 = proxy_target("conv", work, args.extra)
-    conv.start()
-    before = db_bytes(db2)
-    bodies = conversation(args.turns)
-    with httpx.Client(base_url=conv.url, timeout=10) as c:
-        for b in bodies:
-            c.post("/v1/chat/completions", content=b, headers={"content-type": "application/json"})
-    wait_drained(db2)
-    conv.stop()
-    per_request = (db_bytes(db2) - before) / len(bodies)
-    mean_body = statistics.mean(len(b) for b in bodies)
-
+def load_table(rows: dict[str, dict[str, str]]) -> Table:
     table = Table(title="ai-agent-proxy vs bare Sanic (loopback, same bodies, same run)")
-    cols = ["req/s", "ratio", "p50 ms", "p99 ms", "errors", "file p50 ms", "file p99 ms",
+    cols = ["req/s", "ratio", "p50 ms", "p99 ms", "file p50 ms", "file p99 ms", "errors",
             "RSS MB", "start s"]  # fmt: skip
     table.add_column("server")
     for c in cols:
         table.add_column(c, justify="right")
     for name, row in rows.items():
         table.add_row(name, *(row.get(c, "") for c in cols))
-    # Piped or captured, rich would squeeze the table into 80 columns and cut the figures.
-    out = Console(width=None if sys.stdout.isatty() else 132)
+    return table
+
+
+def cpu_table(results: dict[str, LoadResult]) -> Table:
+    """CPU ms per request at saturation, by part, and the total's ratio to bare Sanic's
+    (the bare row above each proxy row)."""
+    table = Table(title="CPU milliseconds per request at saturation (from /proc)")
+    table.add_column("server")
+    for c in (*PARTS, "server total", "ratio", "load generator"):
+        table.add_column(c, justify="right")
+    base = None
+    for name, r in results.items():
+        total = r.cpu_ms()
+        if name.startswith("bare"):
+            base = total
+        ratio = f"{total / base:.2f}x" if base and total and not name.startswith("bare") else ""
+        driver = r.driver_cpu_s * 1000 / r.requests if r.requests else None
+        table.add_row(
+            name, *(fmt(r.cpu_ms(p), 3) for p in PARTS), fmt(total, 3), ratio, fmt(driver, 3)
+        )
+    return table
+
+
+def conversation_bytes(work: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """DB KB per request over a long conversation (a fresh DB), and the mean body's KB."""
+    conv, db = proxy_target("conv", work, args.extra)
+    conv.start()
+    before = db_bytes(db)
+    bodies = conversation(args.turns)
+    with httpx.Client(base_url=conv.url, timeout=10) as c:
+        for b in bodies:
+            c.post("/v1/chat/completions", content=b, headers={"content-type": "application/json"})
+    wait_drained(db)
+    conv.stop()
+    per_request = (db_bytes(db) - before) / len(bodies)
+    return per_request / 1024, statistics.mean(len(b) for b in bodies) / 1024
+
+
+# -- a DB of many rows ------------------------------------------------------------------------
+
+
+def filled(
+    work: Path,
+    args: argparse.Namespace,
+    templates: list[str],
+    throughput: Any,
+    empty_rps: float,
+    out: Console,
+) -> None:
+    """Fill a DB with args.fill rows (through the outbox itself, not HTTP: the same parser,
+    context extraction and INSERT, delivered as the flusher would mark them), then time
+    the history commands a person runs on it and the proxy's req/s on it."""
+    (work / "filled").mkdir()
+    db = work / "filled" / "outbox.db"
+    t0 = time.perf_counter()
+    asyncio.run(fill_db(db, args.fill, templates))
+    took = time.perf_counter() - t0
+    size_mb = db_bytes(db) / 1024**2
+    out.print(f"filled {db_rows(db):,} rows in {took:.0f} s: {size_mb:,.0f} MB")
+    table = Table(title=f"history on {args.fill:,} rows (the CLI, as a person runs it)")
+    table.add_column("command")
+    table.add_column("seconds", justify="right")
+    for words in (["--limit", "50"], ["--search", "bench-needle-7"], ["stats"]):
+        argv = [sys.executable, "-m", "ai_agent_proxy", "history", *words, "--db", str(db)]
+        t0 = time.perf_counter()
+        done = subprocess.run(argv, capture_output=True, text=True)
+        took = time.perf_counter() - t0
+        table.add_row("history " + " ".join(words), f"{took:.2f}" + ("" if done.returncode == 0
+                      else f" (exit {done.returncode}: {done.stderr.strip()[:60]})"))  # fmt: skip
     out.print(table)
+    proxy, _ = proxy_target("proxyfilled", work, args.extra, db=db)
+    proxy.start()
+    result = throughput(proxy, max(1, args.duration // args.rounds))
+    proxy.stop()
+    ratio = result.rps / empty_rps if empty_rps else 0
     out.print(
-        f"ratio per round of {round_s} s: "
-        + ", ".join(f"{r:.2f}x" for r in ratios)
-        + "; p50 is the median of the rounds', p99 the worst round's"
+        f"req/s on the {args.fill:,}-row DB: {result.rps:,.0f} ({ratio:.2f}x the empty DB's"
+        f" {empty_rps:,.0f}, one round each)"
     )
-    out.print(
-        f"DB bytes per request over a {args.turns}-turn conversation: {per_request / 1024:.1f} KB"
-        f" (mean body {mean_body / 1024:.1f} KB); rows stored in the throughput DB: {total_rows:,}"
-    )
-    shutil.rmtree(work, ignore_errors=True)
-    console.print(
-        f"removed {work} with its inbox files: on ext4 without a journal, creating files is "
-        "slower for a while after such a delete; wait a minute before the next run"
-    )
+
+
+async def fill_db(db: Path, rows: int, templates: list[str]) -> None:
+    from ai_agent_proxy.app import new_request
+    from ai_agent_proxy.bodies import BodyParser
+    from ai_agent_proxy.context import MediaStore, extract_context
+    from ai_agent_proxy.ids import new_request_id
+    from ai_agent_proxy.migrations import migrate
+    from ai_agent_proxy.outbox import Outbox
+
+    migrate(db)
+    outbox = Outbox(db, dedup_window_s=60.0)
+    await outbox.open()
+    parser, media = BodyParser(), MediaStore("/nonexistent")
+    start_ms = int(time.time() * 1000) - rows * 2600  # one every 2.6 s: a month for 1M
+    batch = 2000
+    for first in range(0, rows, batch):
+        records = []
+        for n in range(first, min(rows, first + batch)):
+            word = f"bench-needle-{n}" if n % 100_000 == 7 else str(n)
+            raw = templates[n % len(templates)].replace(MARK, word).encode()
+            parsed = parser.read(raw)
+            context = extract_context(parsed.value, media)
+            row = new_request(new_request_id()[0], start_ms + n * 2600, parsed, raw, context, None)
+            records.append(outbox.record(row))
+        await asyncio.gather(*records)
+        if first // batch % 50 == 0:
+            console.print(f"  {first + batch:,} rows", end="\r")
+    await outbox.close()
+    with sqlite3.connect(db) as conn:  # delivered, as the flusher would have marked them
+        conn.execute(
+            "UPDATE requests SET state = 'written', written_ms = received_ms + 7,"
+            " claimed_by = NULL, claimed_until_ms = NULL WHERE state = 'pending'"
+        )
 
 
 if __name__ == "__main__":

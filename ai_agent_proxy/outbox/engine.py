@@ -29,10 +29,12 @@ from typing import Any
 
 from ..db import connect, transaction
 from ..errors import OutboxError, RowRejected
+from ..process import name_this_thread
 
 log = logging.getLogger("ai_agent_proxy.outbox")
 
 MAX_BATCH = 512
+THREAD_NAME = "aiap-db-writer"  # as the system shows it (process.name_this_thread)
 
 Work = Callable[[sqlite3.Connection], Any]
 
@@ -97,6 +99,7 @@ class WriteEngine:
     # -- the thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        name_this_thread(THREAD_NAME)
         try:
             conn = connect(self.path)
         except sqlite3.Error as exc:
