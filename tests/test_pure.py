@@ -253,3 +253,69 @@ def test_one_list_of_message_fields(tmp_path) -> None:
     assert set(MESSAGE_FIELDS) <= columns
     assert {PAYLOAD_KEY.get(f, f) for f in MESSAGE_FIELDS} <= set(PROXY_KEYS)
     assert set(MESSAGE_FIELDS) <= set(CSV_COLUMNS)
+
+
+def test_backend_keys_come_with_the_instruction_they_answered() -> None:
+    """A row with only a backend error (or only a reply) still names the instruction."""
+    from ai_agent_proxy.inbox import build_payload
+    from ai_agent_proxy.rows import PendingRow
+
+    class Options:
+        instruction = "use the skill"
+        openclaw_message_cli_skill_path = "/skill.md"
+
+    base = {"seq": 1, "id": "a" * 32, "received_ms": 0, "body": b"", "payload_kind": "compact"}
+    for extra in ({"backend_error": "timed out"}, {"backend_reply": "hi"}):
+        row = PendingRow(**base, backend_instruction="be brief", **extra)  # type: ignore[arg-type]
+        assert build_payload(row, Options())["backend-llm-instruction"] == "be brief"
+    plain = build_payload(PendingRow(**base, backend_instruction="be brief"), Options())  # type: ignore[arg-type]
+    assert "backend-llm-instruction" not in plain
+
+
+def test_files_are_flushed_before_they_are_named(tmp_path, monkeypatch) -> None:
+    """Each file's data is on disk before its rename makes it visible, and the renames
+    are flushed: on Linux one syncfs for the batch, elsewhere one fsync per file; the
+    directory fsync'd once after the renames."""
+    import os
+    import sys
+
+    from ai_agent_proxy import inbox
+
+    assert (inbox._syncfs is not None) == sys.platform.startswith("linux")
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("dir fsync" if os.path.isdir(f"/proc/self/fd/{fd}") else "file fsync")
+        real_fsync(fd)
+
+    def syncfs(fd: int) -> int:
+        events.append("syncfs")
+        return 0
+
+    def replace(a, b) -> None:
+        events.append("rename")
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    files = [("a.json", b"1"), ("b.json", b"2")]
+    monkeypatch.setattr(inbox, "_syncfs", syncfs)
+    assert inbox.write_files(tmp_path, files) == (2, None)
+    assert events == ["syncfs", "rename", "rename", "dir fsync"]
+    events.clear()
+    monkeypatch.setattr(inbox, "_syncfs", None)  # no syncfs(2): each file fsync'd
+    assert inbox.write_files(tmp_path, files) == (2, None)
+    assert events == ["file fsync", "file fsync", "rename", "rename", "dir fsync"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
+def test_only_stale_temps_are_removed_at_start(tmp_path) -> None:
+    from ai_agent_proxy.inbox import remove_stale_temps
+
+    name = "20261202101010-" + "ab" * 16 + ".json"
+    (tmp_path / name).write_text("{}")  # a file the agent has not read yet
+    (tmp_path / f".{name}.4242.tmp").write_text("{")  # a crash mid-write
+    (tmp_path / ".notes.tmp").write_text("the agent's own")
+    assert remove_stale_temps(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", name]
