@@ -139,21 +139,29 @@ class AuthWarnings:
         )
 
 
-def read_body(raw_body: bytes, remote: str, parser: BodyParser) -> ParsedBody:
+def read_body(request: Request, parser: BodyParser) -> ParsedBody:
     """The request body, parsed and cut for storage; 400 for one the proxy cannot accept
     (not JSON, not an object, nested too deep: see bodies.loads and check_depth)."""
+    raw_body = request.body
     try:
         parsed = parser.read(raw_body)
     except TooDeep as exc:
-        log.warning("invalid_json remote=%s bytes=%d error=%s", remote, len(raw_body), exc)
+        refuse(request, exc)
         raise ApiError(400, f"request body is not accepted: {exc}") from None
     except (ValueError, RecursionError) as exc:
-        log.warning("invalid_json remote=%s bytes=%d error=%s", remote, len(raw_body), exc)
+        refuse(request, exc)
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(parsed.value, dict):
-        log.warning("invalid_json remote=%s bytes=%d error=not an object", remote, len(raw_body))
+        refuse(request, "not an object")
         raise ApiError(400, "request body must be a JSON object")
     return parsed
+
+
+def refuse(request: Request, why: object) -> None:
+    """The log line of a body refused (the client's address looked up only then)."""
+    log.warning(
+        "invalid_json remote=%s bytes=%d error=%s", request.client_ip, len(request.body), why
+    )
 
 
 class Phase(Enum):
@@ -239,7 +247,8 @@ def create_app(settings: Settings) -> Sanic:
     app.ctx.media = MediaStore(str(settings.media_dir), os.path.realpath)
     for event, listener, priority in LISTENERS:
         app.listener(listener, event, priority=priority)
-    app.add_signal(authenticate, "http.routing.after")
+    if settings.key:  # (a signal Sanic dispatches on every request: ~10 µs each)
+        app.add_signal(authenticate, "http.routing.after")
     app.register_middleware(count, "response")
     for uri, handler, methods in ROUTES:
         app.add_route(handler, uri, methods=methods)
@@ -328,7 +337,7 @@ async def authenticate(request: Request, **_: Any) -> None:
 async def count(request: Request, response: HTTPResponse) -> None:
     closing_response(request)
     route = request.route.path if request.route else "unmatched"
-    request.app.ctx.metrics.requests.labels(route, str(response.status)).inc()
+    request.app.ctx.metrics.answered(route, response.status)
 
 
 # -- routes -------------------------------------------------------------------------------
@@ -337,7 +346,7 @@ async def count(request: Request, response: HTTPResponse) -> None:
 async def chat_completions(request: Request) -> HTTPResponse | None:
     """Parse, extract (pure), commit, answer: the local answer, or the relayed one."""
     ctx = request.app.ctx
-    parsed = read_body(request.body, request.client_ip, ctx.parser)
+    parsed = read_body(request, ctx.parser)
     body = parsed.value
     context = extract_context(body, ctx.media)
     request_id, received_ms = new_request_id()

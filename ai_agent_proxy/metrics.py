@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -56,6 +57,15 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=self.registry,
         )
+        self._answered: dict[tuple[str, int], Any] = {}
+
+    def answered(self, route: str, status: int) -> None:
+        """Count an answer (its labelled counter looked up once per route and status: the
+        lookup took several times the increment)."""
+        counter = self._answered.get((route, status))
+        if counter is None:
+            counter = self._answered[(route, status)] = self.requests.labels(route, str(status))
+        counter.inc()
 
     async def scrape(self, outbox: Outbox, flusher: FlusherStatus) -> bytes:
         """Prometheus text; the row gauges are read from the DB now, so every worker
