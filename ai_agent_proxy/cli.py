@@ -142,7 +142,8 @@ def history_stats(
     inbox: parts.InboxOpt = None,
     fmt: parts.DocFormatOpt = "text",
 ) -> None:
-    """Counts by state, backlog, request->file latency percentiles, top contexts."""
+    """Counts by state, backlog, request->file latency percentiles (the newest 100,000),
+    top contexts."""
     from .history_render import write_document
 
     parts.check_format(fmt, ("text", "json"))
