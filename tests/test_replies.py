@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -160,7 +161,9 @@ def test_next_done_and_waiting(loop) -> None:
     assert run(server, env, "done", third).returncode == 0
     none = run(server, env, "next")
     assert none.returncode == 3 and "no request is waiting" in none.stderr
+    started = time.monotonic()
     assert run(server, env, "next", "--wait", "--timeout", "0.3").returncode == 3
+    assert time.monotonic() - started >= 0.3  # it waited the time it was given
     # a request that arrives while `next --wait` blocks is printed
     waiting = subprocess.Popen(
         [sys.executable, "-m", "ai_agent_proxy", "next", "--wait", "--timeout", "30",

@@ -544,7 +544,6 @@ def main() -> None:
     rows: dict[str, dict[str, str]] = {}
     cpu_rows: dict[str, LoadResult] = {}
     ratios: list[str] = []
-    empty_rps = 0.0
     for workers in args.workers:
         suffix = "" if workers == 1 else f", {workers} workers"
         bare = bare_target(f"bare{workers}", work, workers)
@@ -554,7 +553,6 @@ def main() -> None:
         t0_ms = int(time.time() * 1000)
         base, ours, round_ratios = alternate(bare, proxy, db, throughput, args)
         ratios.append(f"{workers} worker(s): " + ", ".join(f"{r:.2f}x" for r in round_ratios))
-        empty_rps = empty_rps or ours.rps
         rows[f"bare Sanic{suffix}"] = load_row(base, None, bare)
         cpu_rows[f"bare Sanic{suffix}"] = base
         bare.stop()
@@ -580,7 +578,7 @@ def main() -> None:
         f" (mean body {body_kb:.1f} KB)"
     )
     if args.fill:
-        filled(work, args, templates, throughput, empty_rps, out)
+        filled(work, args, templates, throughput, out)
     shutil.rmtree(work, ignore_errors=True)
     console.print(
         f"removed {work} with its inbox files: on ext4 without a journal, creating files is "
@@ -669,12 +667,7 @@ def conversation_bytes(work: Path, args: argparse.Namespace) -> tuple[float, flo
 
 
 def filled(
-    work: Path,
-    args: argparse.Namespace,
-    templates: list[str],
-    throughput: Any,
-    empty_rps: float,
-    out: Console,
+    work: Path, args: argparse.Namespace, templates: list[str], throughput: Any, out: Console
 ) -> None:
     """Fill a DB with args.fill rows (through the outbox itself, not HTTP: the same parser,
     context extraction and INSERT, delivered as the flusher would mark them), then time
@@ -697,14 +690,15 @@ def filled(
         table.add_row("history " + " ".join(words), f"{took:.2f}" + ("" if done.returncode == 0
                       else f" (exit {done.returncode}: {done.stderr.strip()[:60]})"))  # fmt: skip
     out.print(table)
-    proxy, _ = proxy_target("proxyfilled", work, args.extra, db=db)
-    proxy.start()
-    result = throughput(proxy, max(1, args.duration // args.rounds))
-    proxy.stop()
-    ratio = result.rps / empty_rps if empty_rps else 0
+    rps = {}
+    for name, on in (("empty", None), ("filled", db)):  # a fresh server each, one round each
+        proxy, _ = proxy_target(f"proxy-{name}", work, args.extra, db=on)
+        proxy.start()
+        rps[name] = throughput(proxy, max(1, args.duration // args.rounds)).rps
+        proxy.stop()
     out.print(
-        f"req/s on the {args.fill:,}-row DB: {result.rps:,.0f} ({ratio:.2f}x the empty DB's"
-        f" {empty_rps:,.0f}, one round each)"
+        f"req/s on the {args.fill:,}-row DB: {rps['filled']:,.0f}, on an empty one just before:"
+        f" {rps['empty']:,.0f} ({rps['filled'] / rps['empty']:.2f}x; one round each)"
     )
 
 
