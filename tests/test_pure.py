@@ -319,3 +319,48 @@ def test_only_stale_temps_are_removed_at_start(tmp_path) -> None:
     (tmp_path / ".notes.tmp").write_text("the agent's own")
     assert remove_stale_temps(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", name]
+
+
+def test_a_writer_waits_for_another_process_lock_then_gives_up(tmp_path, monkeypatch) -> None:
+    """db.begin takes the write lock as soon as another connection lets it go, gives up
+    with "database is locked" after BUSY_TIMEOUT_MS, and leaves the connection's own busy
+    timeout as it was."""
+    import sqlite3
+    import threading
+    import time
+
+    from ai_agent_proxy import db
+
+    path = tmp_path / "outbox.db"
+    writer = db.connect(path)
+
+    def hold(seconds: float, locked: threading.Event) -> None:
+        """Another writer (as another process would): the lock for `seconds`."""
+        holder = db.connect(path)
+        holder.execute("BEGIN IMMEDIATE")
+        locked.set()
+        time.sleep(seconds)
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    locked = threading.Event()
+    threading.Thread(target=hold, args=(0.2, locked)).start()
+    locked.wait(5)
+    started = time.monotonic()
+    db.begin(writer)  # waits for the other's ROLLBACK
+    assert 0.15 < time.monotonic() - started < 2
+    assert db.scalar(writer, "PRAGMA busy_timeout") == db.BUSY_TIMEOUT_MS
+    writer.execute("COMMIT")
+
+    monkeypatch.setattr(db, "BUSY_TIMEOUT_MS", 300)
+    locked.clear()
+    other = threading.Thread(target=hold, args=(1.0, locked))
+    other.start()
+    locked.wait(5)
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        db.begin(writer)
+    assert 0.25 < time.monotonic() - started < 1
+    assert not writer.in_transaction
+    other.join()
+    writer.close()
