@@ -364,3 +364,59 @@ def test_a_writer_waits_for_another_process_lock_then_gives_up(tmp_path, monkeyp
     assert not writer.in_transaction
     other.join()
     writer.close()
+
+
+def turn2_variants(n: int) -> list[bytes]:
+    """The captured turn-2 body, made distinct n times (as the bench makes it)."""
+    raw = (FIXTURES / "openclaw-2026.9-telegram-dm-turn2.json").read_text("utf-8")
+    body = json.loads(raw)
+    (part,) = [p for p in body["messages"][-1]["content"] if p.get("type") == "text"][-1:]
+    text, variants = part["text"], []
+    for i in range(n):
+        part["text"] = f"{text} #{i}"  # the person's words: the middle of the body
+        variants.append(json.dumps(body, ensure_ascii=False).encode())
+    return variants
+
+
+def test_repeated_pieces_are_parsed_once_and_shared() -> None:
+    """An agent's system prompt and tool list, the same in every body, are parsed from the
+    second body on by swapping in the values parsed before: the same objects, each piece
+    known once, and every result equal to a full parse."""
+    first, second, third = turn2_variants(3)
+    parser = BodyParser()
+    values = [parser.read(raw).value for raw in (first, second, third)]
+    assert values == [json.loads(raw) for raw in (first, second, third)]
+    assert len(parser.heads) == 1 and parser.heads[0] == split_body(first)[0]
+    prompt = max((m["content"] for m in values[2]["messages"] if m["role"] == "system"), key=len)
+    assert prompt is max(
+        (m["content"] for m in values[1]["messages"] if m["role"] == "system"), key=len
+    )
+    assert values[2]["tools"] is values[1]["tools"]
+    assert values[1]["tools"] is not values[0]["tools"]  # the first two are parsed in full
+    plain = BodyParser(enabled=False)
+    unshared = [plain.read(raw).value for raw in (first, second, third)]
+    assert unshared == values and unshared[2]["tools"] is not unshared[1]["tools"]
+    assert plain.heads == []
+
+
+def test_segment_ids_are_stored_little_endian() -> None:
+    from ai_agent_proxy.bodies import pack_ids, unpack_ids
+
+    assert pack_ids([1, 258]) == b"\x01\x00\x00\x00\x02\x01\x00\x00"  # the DB's format
+    assert unpack_ids(b"\x01\x00\x00\x00\x02\x01\x00\x00") == [1, 258]
+
+
+def test_depth_and_range_checks() -> None:
+    from ai_agent_proxy.bodies import TooDeep, check_depth
+
+    deep: list = []
+    for _ in range(300):
+        deep = [deep]
+    with pytest.raises(TooDeep):
+        check_depth(deep)
+    check_depth(["\ud800", [[["shallow"]]]])  # orjson refuses the surrogate: measured
+    with pytest.raises(TooDeep):
+        check_depth(["\ud800", deep])
+    with pytest.raises(ValueError, match="beyond the range of a double"):
+        loads(b"[1e999]")
+    assert loads(b"[1.5, -2e300]") == [1.5, -2e300]
