@@ -1,4 +1,4 @@
-"""Every statement the server runs on the outbox, as functions of a sqlite3 connection.
+"""Every statement the server runs on the outbox, as functions of a `sqlite3.Connection`.
 One statement per fact; the state words come from rows.State. No I/O but the DB's.
 
 Compaction and repeat detection are decided by the INSERT itself, inside the commit, so
