@@ -420,3 +420,24 @@ def test_depth_and_range_checks() -> None:
     with pytest.raises(ValueError, match="beyond the range of a double"):
         loads(b"[1e999]")
     assert loads(b"[1.5, -2e300]") == [1.5, -2e300]
+
+
+def test_pieces_of_two_agents_are_kept_newest_first() -> None:
+    """Two agents' heads are both known, the one seen last first; a body with an unknown
+    head still gets the known tool list swapped in; a small body teaches nothing."""
+    a1, a2, a3, a4 = turn2_variants(4)
+    other = json.loads(a1)
+    other["messages"][0]["content"] = "Another agent. " + other["messages"][0]["content"]
+    b1 = json.dumps(other, ensure_ascii=False).encode()
+    parser = BodyParser()
+    for raw in (a1, a2, a3):
+        last_a = parser.read(raw).value
+    head_a = parser.heads[0]
+    got_b = parser.read(b1).value
+    assert got_b == json.loads(b1)
+    assert got_b["tools"] is last_a["tools"]  # B's head unknown yet, its tail known
+    assert len(parser.heads) == 2 and parser.heads[0] == split_body(b1)[0]
+    parser.read(a4)
+    assert parser.heads == [head_a, split_body(b1)[0]]  # A seen again: first again
+    parser.read(b'{"messages": [{"role": "user", "content": "short"}]}')
+    assert parser.heads == [head_a, split_body(b1)[0]]
