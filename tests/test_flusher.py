@@ -8,6 +8,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -176,3 +177,89 @@ def test_the_write_engine_refuses_work_once_closed(tmp_path) -> None:
             await asyncio.wait_for(engine.run(lambda conn: 1), 5)
 
     asyncio.run(scenario())
+
+
+def run_flusher(tmp_path: Path, scenario: Callable[..., Any], **settings_flags: str) -> Path:
+    """`scenario(outbox, flusher, latencies)` with a real outbox, flusher and writer
+    process on a fresh DB and inbox in tmp_path; returns the inbox."""
+    inbox = tmp_path / "inbox"
+    settings = load_settings(
+        None, {"inbox": str(inbox), "db": str(tmp_path / "o.db"), **settings_flags}
+    )
+    migrate(settings.db_path)
+
+    async def run() -> None:
+        outbox = Outbox(settings.db_path, settings.dedup_window)
+        await outbox.open()
+        latencies: list[float] = []
+        flusher = Flusher(outbox, settings, on_written=latencies.append)
+        outbox.listen(flusher.hand, flusher.wake)
+        try:
+            await scenario(outbox, flusher, latencies)
+        finally:
+            await flusher.stop()
+            await outbox.close()
+
+    asyncio.run(run())
+    return inbox
+
+
+def test_rows_go_from_their_commit_to_a_file_in_memory(tmp_path: Path) -> None:
+    """Normal traffic: every row is handed over by its commit (none dropped, handed rows
+    in charge), written in order, and each file's latency reported once."""
+
+    async def scenario(outbox: Outbox, flusher: Flusher, latencies: list[float]) -> None:
+        flusher.start()
+        for n in range(30):
+            await outbox.record(request(n))
+        await wait_for(lambda: flusher.status.files_written == 30)
+        assert flusher._drops == 0 and flusher.source is flusher_module.Source.HANDED
+        assert len(latencies) == 30 and all(0 <= s < 10 for s in latencies)
+
+    inbox = run_flusher(tmp_path, scenario)
+    assert prompts_in(inbox) == [f"prompt {n}" for n in range(30)]
+
+
+def test_rows_committed_before_a_stop_are_written_by_it(tmp_path: Path) -> None:
+    """A stop writes what is committed and waiting before it ends."""
+
+    async def scenario(outbox: Outbox, flusher: Flusher, latencies: list[float]) -> None:
+        for n in range(12):  # committed, handed over, not written: the flusher is not running
+            await outbox.record(request(n))
+        flusher.start()
+        await flusher.stop()
+        assert flusher.status.files_written == 12
+
+    inbox = run_flusher(tmp_path, scenario)
+    assert prompts_in(inbox) == [f"prompt {n}" for n in range(12)]
+
+
+def test_a_row_no_file_can_be_made_of_ends_undeliverable_and_the_rest_flow(
+    tmp_path: Path,
+) -> None:
+    """A row whose stored body is not JSON (the first of its conversation, so its file
+    would carry the body) is tried a few times, then undeliverable; the rows before and
+    after it are written, in order, and the inbox is not reported failing."""
+    import sqlite3
+
+    async def scenario(outbox: Outbox, flusher: Flusher, latencies: list[float]) -> None:
+        flusher.start()
+        await outbox.record(request(0))
+        rid, ms = new_request_id()
+        bad = NewRequest(
+            id=rid, received_ms=ms, body=b"{not json", segments=[b"{not json"],
+            context_id="x:1", channel="x", target="1", latest_user_prompt="bad",
+        )  # fmt: skip
+        await outbox.record(bad)
+        await outbox.record(request(2))
+        await wait_for(lambda: flusher.status.files_written == 2)
+
+        def state() -> tuple[str]:
+            with sqlite3.connect(tmp_path / "o.db") as conn:
+                return conn.execute("SELECT state FROM requests WHERE id = ?", (rid,)).fetchone()
+
+        await wait_for(lambda: state()[0] == "undeliverable")
+        assert flusher.status.consecutive_failures == 0 and flusher.status.write_failures == 0
+
+    inbox = run_flusher(tmp_path, scenario)
+    assert prompts_in(inbox) == ["prompt 0", "prompt 2"]
