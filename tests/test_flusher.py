@@ -50,6 +50,7 @@ def test_handed_rows_are_bounded_while_the_inbox_is_broken(
     bound they are dropped and claims take over. Once the inbox works every row is
     written exactly once, in arrival order, and handed rows take over again."""
     monkeypatch.setattr(flusher_module, "HANDED_MAX_ROWS", 5)
+    written: list[int] = []
     inbox = tmp_path / "inbox"
     inbox.write_text("in the way")  # a file where the inbox directory should be
     settings = load_settings(None, {"inbox": str(inbox), "db": str(tmp_path / "o.db")})
@@ -74,9 +75,11 @@ def test_handed_rows_are_bounded_while_the_inbox_is_broken(
         finally:
             await flusher.stop()
             await outbox.close()
+        written.append(flusher.status.files_written)
 
     asyncio.run(scenario())
     assert prompts_in(inbox) == [f"prompt {n}" for n in range(60)]
+    assert written == [60]  # each file written once: none taken back by a claim unmarked
 
 
 def test_writer_rejects_a_row_it_cannot_render_and_writes_the_rest(tmp_path: Path) -> None:
@@ -179,6 +182,13 @@ def test_the_write_engine_refuses_work_once_closed(tmp_path) -> None:
     asyncio.run(scenario())
 
 
+def written_in_db(tmp_path: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "o.db") as conn:
+        return conn.execute("SELECT count(*) FROM requests WHERE state = 'written'").fetchone()[0]
+
+
 def run_flusher(tmp_path: Path, scenario: Callable[..., Any], **settings_flags: str) -> Path:
     """`scenario(outbox, flusher, latencies)` with a real outbox, flusher and writer
     process on a fresh DB and inbox in tmp_path; returns the inbox."""
@@ -213,6 +223,7 @@ def test_rows_go_from_their_commit_to_a_file_in_memory(tmp_path: Path) -> None:
         for n in range(30):
             await outbox.record(request(n))
         await wait_for(lambda: flusher.status.files_written == 30)
+        await wait_for(lambda: written_in_db(tmp_path) == 30)  # marked as they go
         assert flusher._drops == 0 and flusher.source is flusher_module.Source.HANDED
         assert len(latencies) == 30 and all(0 <= s < 10 for s in latencies)
 
@@ -224,18 +235,20 @@ def test_rows_committed_before_a_stop_are_written_by_it(tmp_path: Path) -> None:
     """A stop writes what is committed and waiting before it ends."""
 
     async def scenario(outbox: Outbox, flusher: Flusher, latencies: list[float]) -> None:
-        for n in range(12):  # committed, handed over, not written: the flusher is not running
+        rows = flusher_module.BATCH * 2 + 5  # several batches
+        for n in range(rows):  # committed, handed over, not written: no flusher running
             await outbox.record(request(n))
         flusher.start()
         await flusher.stop()
-        assert flusher.status.files_written == 12
+        assert flusher.status.files_written == rows
+        assert written_in_db(tmp_path) == rows
 
     inbox = run_flusher(tmp_path, scenario)
-    assert prompts_in(inbox) == [f"prompt {n}" for n in range(12)]
+    assert len(prompts_in(inbox)) == flusher_module.BATCH * 2 + 5
 
 
 def test_a_row_no_file_can_be_made_of_ends_undeliverable_and_the_rest_flow(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A row whose stored body is not JSON (the first of its conversation, so its file
     would carry the body) is tried a few times, then undeliverable; the rows before and
@@ -263,3 +276,5 @@ def test_a_row_no_file_can_be_made_of_ends_undeliverable_and_the_rest_flow(
 
     inbox = run_flusher(tmp_path, scenario)
     assert prompts_in(inbox) == ["prompt 0", "prompt 2"]
+    said = [r.getMessage().split(" ")[0] for r in caplog.records if "inbox_row" in r.getMessage()]
+    assert said == ["inbox_row_failed", "inbox_row_failed", "inbox_row_undeliverable"]
