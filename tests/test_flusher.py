@@ -80,6 +80,11 @@ def test_handed_rows_are_bounded_while_the_inbox_is_broken(
     asyncio.run(scenario())
     assert prompts_in(inbox) == [f"prompt {n}" for n in range(60)]
     assert written == [60]  # each file written once: none taken back by a claim unmarked
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "o.db") as conn:  # each failure with its reason
+        reasons = [r[0] for r in conn.execute("SELECT error FROM inbox_failures")]
+    assert reasons and all("Error" in r and str(inbox) in r for r in reasons)
 
 
 def test_writer_rejects_a_row_it_cannot_render_and_writes_the_rest(tmp_path: Path) -> None:
@@ -189,9 +194,12 @@ def written_in_db(tmp_path: Path) -> int:
         return conn.execute("SELECT count(*) FROM requests WHERE state = 'written'").fetchone()[0]
 
 
-def run_flusher(tmp_path: Path, scenario: Callable[..., Any], **settings_flags: str) -> Path:
+def run_flusher(
+    tmp_path: Path, scenario: Callable[..., Any], *, report: bool = True, **settings_flags: str
+) -> Path:
     """`scenario(outbox, flusher, latencies)` with a real outbox, flusher and writer
-    process on a fresh DB and inbox in tmp_path; returns the inbox."""
+    process on a fresh DB and inbox in tmp_path (latencies reported unless `report` is
+    False, as a flusher without metrics); returns the inbox."""
     inbox = tmp_path / "inbox"
     settings = load_settings(
         None, {"inbox": str(inbox), "db": str(tmp_path / "o.db"), **settings_flags}
@@ -202,7 +210,7 @@ def run_flusher(tmp_path: Path, scenario: Callable[..., Any], **settings_flags: 
         outbox = Outbox(settings.db_path, settings.dedup_window)
         await outbox.open()
         latencies: list[float] = []
-        flusher = Flusher(outbox, settings, on_written=latencies.append)
+        flusher = Flusher(outbox, settings, on_written=latencies.append if report else None)
         outbox.listen(flusher.hand, flusher.wake)
         try:
             await scenario(outbox, flusher, latencies)
@@ -231,19 +239,25 @@ def test_rows_go_from_their_commit_to_a_file_in_memory(tmp_path: Path) -> None:
     assert prompts_in(inbox) == [f"prompt {n}" for n in range(30)]
 
 
-def test_rows_committed_before_a_stop_are_written_by_it(tmp_path: Path) -> None:
-    """A stop writes what is committed and waiting before it ends."""
+def test_rows_committed_before_a_stop_are_written_by_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop writes what is committed and waiting before it ends, those beyond the
+    handed rows' bound included (a flusher without a latency callback, as in tests)."""
 
     async def scenario(outbox: Outbox, flusher: Flusher, latencies: list[float]) -> None:
         rows = flusher_module.BATCH * 2 + 5  # several batches
         for n in range(rows):  # committed, handed over, not written: no flusher running
             await outbox.record(request(n))
+        # in memory at most HANDED_MAX_ROWS of them; the rest are for claims
+        assert len(flusher._handed) <= flusher_module.HANDED_MAX_ROWS and flusher._drops >= 1
         flusher.start()
         await flusher.stop()
         assert flusher.status.files_written == rows
         assert written_in_db(tmp_path) == rows
 
-    inbox = run_flusher(tmp_path, scenario)
+    monkeypatch.setattr(flusher_module, "HANDED_MAX_ROWS", 100)
+    inbox = run_flusher(tmp_path, scenario, report=False)
     assert len(prompts_in(inbox)) == flusher_module.BATCH * 2 + 5
 
 
