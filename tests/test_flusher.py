@@ -292,3 +292,57 @@ def test_a_row_no_file_can_be_made_of_ends_undeliverable_and_the_rest_flow(
     assert prompts_in(inbox) == ["prompt 0", "prompt 2"]
     said = [r.getMessage().split(" ")[0] for r in caplog.records if "inbox_row" in r.getMessage()]
     assert said == ["inbox_row_failed", "inbox_row_failed", "inbox_row_undeliverable"]
+
+
+def test_a_backend_wait_left_behind_is_delivered_when_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row still waiting for a backend long after any backend call could have ended (its
+    worker died mid-call) is delivered without a reply by the idle flusher."""
+    monkeypatch.setattr(flusher_module, "IDLE_POLL_S", 0.05)
+    monkeypatch.setattr(flusher_module, "STALE_BACKEND_MARGIN_S", 1.0)
+
+    async def scenario(outbox: Outbox, flusher: Flusher, latencies: list[float]) -> None:
+        flusher.start()
+        rid, ms = new_request_id()
+        left = NewRequest(
+            id=rid, received_ms=ms - 10_000, body=b'{"messages": []}',
+            segments=[b'{"messages": []}'], latest_user_prompt="left waiting",
+            awaiting_backend=True,
+        )  # fmt: skip
+        await outbox.record(left)
+        await wait_for(lambda: flusher.status.files_written == 1)
+
+    inbox = run_flusher(tmp_path, scenario, url="http://127.0.0.1:9/v1", backend_timeout="0.5")
+    (payload,) = [json.loads(p.read_text()) for p in inbox.glob("*.json")]
+    assert payload["latest-user-prompt"] == "left waiting"
+    assert payload["backend-llm-error"] == "interrupted"
+
+
+def test_a_handed_row_near_its_lease_end_is_claimed_again_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row handed over long ago (its lease half run out) is leased again by a claim
+    before it is written, so that no other worker takes it over meanwhile; fresh rows are
+    written straight from memory."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, "ai_agent_proxy.flusher")
+    near_end = "a handed row near the end of its lease"
+
+    async def scenario(outbox: Outbox, flusher: Flusher, latencies: list[float]) -> None:
+        flusher.start()
+        for n in range(3):
+            await outbox.record(request(n))
+        await wait_for(lambda: flusher.status.files_written == 3)
+        assert near_end not in caplog.text
+        rid, ms = new_request_id()
+        old = NewRequest(
+            id=rid, received_ms=ms - flusher_module.CLAIM_LEASE_MS, body=b'{"messages": []}',
+            segments=[b'{"messages": []}'], latest_user_prompt="old",
+        )  # fmt: skip
+        await outbox.record(old)
+        await wait_for(lambda: flusher.status.files_written == 4)
+        assert near_end in caplog.text
+
+    run_flusher(tmp_path, scenario)
