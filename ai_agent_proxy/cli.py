@@ -1,4 +1,7 @@
-"""Command line: `ai-agent-proxy` (= `serve`), `history`, `replay`.
+"""Command line, a table of contents: `serve` (the default), `history` (`show`, `stats`),
+`replay`, the agent's `next`/`reply`/`done`, `mcp`, `service`. Each command parses its
+arguments, calls into the module that does the work and prints; options and shared helpers
+are in cli_parts.py.
 
 Every failure the user can cause (bad config, unusable DB, port taken) ends as one line on
 stderr and a non-zero exit, never a traceback.

@@ -353,15 +353,13 @@ class History:
             )
         )
         # max(seq), not max(received_ms): the context index holds seq, so the scan never
-        # reads the table; the ten newest rows are then read by seq.
-        tops = [
-            (c, n, self._query("SELECT received_ms FROM requests WHERE seq = ?", (last,))[0][0])
-            for c, n, last in q(
-                "SELECT context_id, count(*) AS n, max(seq) FROM requests"
-                " WHERE context_id IS NOT NULL GROUP BY context_id ORDER BY n DESC LIMIT ?",
-                (top,),
-            )
-        ]
+        # reads the table; only the top contexts' newest rows are then read, by seq.
+        tops = q(
+            "SELECT context_id, n, (SELECT received_ms FROM requests WHERE seq = last) FROM"
+            " (SELECT context_id, count(*) AS n, max(seq) AS last FROM requests"
+            "  WHERE context_id IS NOT NULL GROUP BY context_id ORDER BY n DESC LIMIT ?)",
+            (top,),
+        )
         (backend,) = q(
             "SELECT count(*) AS calls, sum(backend_error IS NOT NULL) AS failed,"
             " avg(backend_latency_ms) AS latency"

@@ -441,3 +441,17 @@ def test_pieces_of_two_agents_are_kept_newest_first() -> None:
     assert parser.heads == [head_a, split_body(b1)[0]]  # A seen again: first again
     parser.read(b'{"messages": [{"role": "user", "content": "short"}]}')
     assert parser.heads == [head_a, split_body(b1)[0]]
+
+
+def test_the_bench_knows_the_writer_threads_name() -> None:
+    """tools/bench.py tells the SQLite writer thread's CPU apart by the name it gives itself."""
+    import sys
+
+    from ai_agent_proxy.outbox.engine import THREAD_NAME
+
+    sys.path.insert(0, str(FIXTURES.parents[1] / "tools"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    assert bench.WRITER_THREAD == THREAD_NAME and len(THREAD_NAME) <= 15  # (the OS's limit)

@@ -335,7 +335,7 @@ async def run_paced(
 # -- CPU per process and thread -------------------------------------------------------------
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
-WRITER_THREAD = "aiap-db-writer"  # the SQLite writer thread's name (outbox/engine.py)
+WRITER_THREAD = "aiap-db-writer"  # outbox.engine.THREAD_NAME (a test keeps them one)
 PARTS = ("loop", "db writer", "other threads", "inbox writer", "manager")
 
 
