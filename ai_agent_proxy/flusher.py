@@ -207,15 +207,16 @@ class Flusher:
         if result.rejected:
             await self._record_rejected(result.rejected, rows)
         self.status.files_written += len(result.written)
-        self._unmarked.extend(result.written)  # first: the next line may raise
-        await self._settle_marks()  # the previous batch's, done meanwhile
-        if result.written:
-            self._marking = asyncio.create_task(self._mark(list(self._unmarked)))
         if self._on_written and result.written:
             now_ms = time.time() * 1000
             received = {r.seq: r.received_ms for r in rows}
             for seq in result.written:
                 self._on_written(max(0.0, (now_ms - received[seq]) / 1000))
+        # Written is written: counted and reported before anything here may raise.
+        self._unmarked.extend(result.written)
+        await self._settle_marks()  # the previous batch's, done meanwhile
+        if result.written:
+            self._marking = asyncio.create_task(self._mark(list(self._unmarked)))
         if result.failed_seq is None:
             self._recovered()
             return True

@@ -5,6 +5,7 @@ report of a batch it cannot render."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -346,3 +347,38 @@ def test_a_handed_row_near_its_lease_end_is_claimed_again_first(
         assert near_end in caplog.text
 
     run_flusher(tmp_path, scenario)
+
+
+def test_rows_whose_mark_failed_are_marked_before_the_next_claim(tmp_path: Path) -> None:
+    """The DB refuses to mark a written batch (a real refusal: a trigger, dropped later).
+    Those rows are still pending and leased to this flusher, so its next claim would take
+    them again: it marks them first, and no file is written twice or left unreported."""
+    import sqlite3
+
+    def sql(statement: str) -> None:
+        with contextlib.closing(sqlite3.connect(tmp_path / "o.db")) as conn:
+            conn.execute(statement)
+
+    async def scenario(outbox: Outbox, flusher: Flusher, latencies: list[float]) -> None:
+        flusher.start()
+        for n in range(3):
+            await outbox.record(request(n))
+        await wait_for(lambda: written_in_db(tmp_path) == 3)
+        sql(
+            "CREATE TRIGGER refuse_mark BEFORE UPDATE OF state ON requests"
+            " WHEN NEW.state = 'written' BEGIN SELECT RAISE(ABORT, 'mark refused'); END"
+        )
+        for n in range(3, 6):
+            await outbox.record(request(n))
+        # Refused twice: the mark after a batch, then the one before the next claim (no
+        # claim until it goes through; the rows after it wait).
+        await wait_for(lambda: flusher.status.consecutive_failures >= 2)
+        assert "mark refused" in (flusher.status.last_error or "")
+        assert 3 < flusher.status.files_written <= 6
+        sql("DROP TRIGGER refuse_mark")
+        await wait_for(lambda: written_in_db(tmp_path) == 6)
+        await wait_for(lambda: flusher.status.consecutive_failures == 0)
+        assert flusher.status.files_written == 6 and len(latencies) == 6
+
+    inbox = run_flusher(tmp_path, scenario)
+    assert prompts_in(inbox) == [f"prompt {n}" for n in range(6)]
