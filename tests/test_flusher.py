@@ -382,3 +382,37 @@ def test_rows_whose_mark_failed_are_marked_before_the_next_claim(tmp_path: Path)
 
     inbox = run_flusher(tmp_path, scenario)
     assert prompts_in(inbox) == [f"prompt {n}" for n in range(6)]
+
+
+def test_a_failed_write_gives_back_the_lease_on_every_row_it_did_not_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The inbox fails at a batch's first row: the failure is recorded on that row, and
+    every row of the batch is released (another worker may take them while this one
+    waits to retry). Once the inbox works they are written, in order."""
+    import sqlite3
+
+    monkeypatch.setattr(flusher_module, "BACKOFF_FIRST_S", 60.0)  # one failure, then a wait
+
+    def leases() -> list[tuple[str, str | None, int]]:
+        with contextlib.closing(sqlite3.connect(tmp_path / "o.db")) as conn:
+            return conn.execute(
+                "SELECT latest_user_prompt, claimed_by, attempts FROM requests ORDER BY seq"
+            ).fetchall()
+
+    async def scenario(outbox: Outbox, flusher: Flusher, latencies: list[float]) -> None:
+        inbox = tmp_path / "inbox"
+        inbox.write_text("in the way")  # a file where the inbox directory should be
+        for n in range(5):
+            await outbox.record(request(n))
+        assert [holder for _, holder, _ in leases()] == [outbox.token] * 5  # leased at commit
+        flusher.start()
+        await wait_for(lambda: flusher.status.consecutive_failures == 1)
+        assert leases() == [("prompt 0", None, 1)] + [
+            (f"prompt {n}", None, 0) for n in (1, 2, 3, 4)
+        ]
+        inbox.unlink()
+        # the stop ends the wait and writes what is pending
+
+    inbox = run_flusher(tmp_path, scenario)
+    assert prompts_in(inbox) == [f"prompt {n}" for n in range(5)]
