@@ -296,28 +296,36 @@ def test_a_row_no_file_can_be_made_of_ends_undeliverable_and_the_rest_flow(
 
 
 def test_a_backend_wait_left_behind_is_delivered_when_idle(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A row still waiting for a backend long after any backend call could have ended (its
-    worker died mid-call) is delivered without a reply by the idle flusher."""
+    worker died mid-call) is delivered without a reply by the idle flusher, said once a
+    row; idle polls that find none say nothing."""
     monkeypatch.setattr(flusher_module, "IDLE_POLL_S", 0.05)
     monkeypatch.setattr(flusher_module, "STALE_BACKEND_MARGIN_S", 1.0)
+    limit_ms = 2_000  # backend_timeout 0.5 s, twice, and the margin
+
+    def left_waiting(prompt: str, age_ms: int) -> NewRequest:
+        rid, ms = new_request_id()
+        return NewRequest(
+            id=rid, received_ms=ms - age_ms, body=b'{"messages": []}',
+            segments=[b'{"messages": []}'], latest_user_prompt=prompt, awaiting_backend=True,
+        )  # fmt: skip
 
     async def scenario(outbox: Outbox, flusher: Flusher, latencies: list[float]) -> None:
         flusher.start()
-        rid, ms = new_request_id()
-        left = NewRequest(
-            id=rid, received_ms=ms - 10_000, body=b'{"messages": []}',
-            segments=[b'{"messages": []}'], latest_user_prompt="left waiting",
-            awaiting_backend=True,
-        )  # fmt: skip
-        await outbox.record(left)
+        await outbox.record(left_waiting("left waiting", 10_000))
         await wait_for(lambda: flusher.status.files_written == 1)
+        # stale in 1 s: some twenty idle polls find nothing first
+        await outbox.record(left_waiting("left later", limit_ms - 1_000))
+        await wait_for(lambda: flusher.status.files_written == 2)
 
     inbox = run_flusher(tmp_path, scenario, url="http://127.0.0.1:9/v1", backend_timeout="0.5")
-    (payload,) = [json.loads(p.read_text()) for p in inbox.glob("*.json")]
-    assert payload["latest-user-prompt"] == "left waiting"
-    assert payload["backend-llm-error"] == "interrupted"
+    payloads = [json.loads(p.read_text()) for p in sorted(inbox.glob("*.json"))]
+    assert [p["latest-user-prompt"] for p in payloads] == ["left waiting", "left later"]
+    assert all(p["backend-llm-error"] == "interrupted" for p in payloads)
+    said = [r.getMessage() for r in caplog.records if "backend_wait_expired" in r.getMessage()]
+    assert said == ["backend_wait_expired rows=1 delivered_without_reply"] * 2
 
 
 def test_a_handed_row_near_its_lease_end_is_claimed_again_first(
