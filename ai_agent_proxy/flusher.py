@@ -204,16 +204,17 @@ class Flusher:
             self._recovered()  # the DB answers and nothing is left failing
             return False
         result = await self.writer.write(rows)
-        if result.rejected:
-            await self._record_rejected(result.rejected, rows)
+        # Written is written: counted, reported and due a mark before anything may raise
+        # (else a retry's claim would take these rows again and write them twice).
         self.status.files_written += len(result.written)
         if self._on_written and result.written:
             now_ms = time.time() * 1000
             received = {r.seq: r.received_ms for r in rows}
             for seq in result.written:
                 self._on_written(max(0.0, (now_ms - received[seq]) / 1000))
-        # Written is written: counted and reported before anything here may raise.
         self._unmarked.extend(result.written)
+        if result.rejected:
+            await self._record_rejected(result.rejected, rows)
         await self._settle_marks()  # the previous batch's, done meanwhile
         if result.written:
             self._marking = asyncio.create_task(self._mark(list(self._unmarked)))

@@ -424,3 +424,41 @@ def test_a_failed_write_gives_back_the_lease_on_every_row_it_did_not_write(
 
     inbox = run_flusher(tmp_path, scenario)
     assert prompts_in(inbox) == [f"prompt {n}" for n in range(5)]
+
+
+def test_files_written_beside_a_rejected_row_count_once_when_its_failure_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The writer rejects one row of a batch and the DB refuses to record that (a trigger,
+    dropped later). The batch's other files are in the inbox: they are counted and marked
+    as written, never written again by the retry."""
+    import sqlite3
+
+    def sql(statement: str) -> None:
+        with contextlib.closing(sqlite3.connect(tmp_path / "o.db")) as conn:
+            conn.execute(statement)
+
+    async def scenario(outbox: Outbox, flusher: Flusher, latencies: list[float]) -> None:
+        await outbox.record(request(0))
+        rid, ms = new_request_id()
+        bad = NewRequest(
+            id=rid, received_ms=ms, body=b"{not json", segments=[b"{not json"],
+            context_id="x:1", channel="x", target="1", latest_user_prompt="bad",
+        )  # fmt: skip
+        await outbox.record(bad)
+        await outbox.record(request(2))
+        sql(
+            "CREATE TRIGGER refuse_failure BEFORE UPDATE OF row_failures ON requests"
+            " BEGIN SELECT RAISE(ABORT, 'failure refused'); END"
+        )
+        flusher.start()  # one batch of the three
+        await wait_for(lambda: flusher.status.consecutive_failures >= 2)
+        assert "failure refused" in (flusher.status.last_error or "")
+        assert flusher.status.files_written == 2 and len(latencies) == 2
+        sql("DROP TRIGGER refuse_failure")
+        await wait_for(lambda: written_in_db(tmp_path) == 2)
+        await wait_for(lambda: flusher.status.consecutive_failures == 0)
+        assert flusher.status.files_written == 2 and len(latencies) == 2
+
+    inbox = run_flusher(tmp_path, scenario)
+    assert prompts_in(inbox) == ["prompt 0", "prompt 2"]
