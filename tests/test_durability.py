@@ -56,7 +56,8 @@ def test_broken_inbox_keeps_accepting_then_delivers_in_order(make_server) -> Non
     # written in arrival order, not just named in it
     mtimes = [os.stat(server.inbox / n).st_mtime_ns for n in names]
     assert mtimes == sorted(mtimes)
-    assert set(written_counts(server).values()) == {1}
+    counts = wait_until(lambda: len(c := written_counts(server)) == 25 and c)
+    assert set(counts.values()) == {1}, counts
     rows = server.rows()
     assert all(r["state"] == "written" for r in rows)
     assert rows[0]["attempts"] >= 2  # it failed at least once, then succeeded
@@ -83,9 +84,9 @@ def test_restart_flushes_pending_rows_once(make_server) -> None:
     server.restart()
     assert server.post_chat(prompt_body(99)).status_code == 200
     server.wait_files(11)
-    time.sleep(0.2)
-    counts = written_counts(server)
-    assert len(counts) == 11 and set(counts.values()) == {1}
+    # the last file's line comes after any second write of an older row (rows go in order)
+    counts = wait_until(lambda: len(c := written_counts(server)) == 11 and c)
+    assert set(counts.values()) == {1}, counts
 
 
 @pytest.mark.process
