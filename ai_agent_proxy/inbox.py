@@ -151,23 +151,30 @@ def write_files(inbox: Path, files: Sequence[tuple[str, bytes]]) -> tuple[int, O
         staged.append((temp, inbox / name))
     if not staged:
         return 0, error
+    done = 0
     try:
         dir_fd = os.open(inbox, os.O_RDONLY)
+    except OSError as exc:
+        error = exc
+    else:
         try:
             if _syncfs is not None and _syncfs(dir_fd) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))
-            done = 0
             for temp, final in staged:
                 os.replace(temp, final)
                 done += 1
-            os.fsync(dir_fd)  # the renames themselves
+        except OSError as exc:
+            error = exc  # the files renamed before it are in place: they count
+        try:
+            if done:
+                os.fsync(dir_fd)  # the renames themselves
+        except OSError as exc:
+            done, error = 0, exc  # not durable: written again, under the same names
         finally:
             os.close(dir_fd)
-    except OSError as exc:
-        for temp, _ in staged:
-            _unlink_quietly(temp)
-        return 0, exc
+    for temp, _ in staged[done:]:
+        _unlink_quietly(temp)
     return done, error
 
 

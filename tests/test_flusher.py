@@ -17,7 +17,7 @@ from ai_agent_proxy import flusher as flusher_module
 from ai_agent_proxy.bodies import split_body
 from ai_agent_proxy.config import load_settings
 from ai_agent_proxy.flusher import Flusher
-from ai_agent_proxy.ids import new_request_id
+from ai_agent_proxy.ids import inbox_file_name, new_request_id
 from ai_agent_proxy.inbox_writer import InboxWriter, WriterOptions
 from ai_agent_proxy.migrations import migrate
 from ai_agent_proxy.outbox import Outbox
@@ -462,3 +462,29 @@ def test_files_written_beside_a_rejected_row_count_once_when_its_failure_is_refu
 
     inbox = run_flusher(tmp_path, scenario)
     assert prompts_in(inbox) == ["prompt 0", "prompt 2"]
+
+
+def test_files_renamed_before_a_failed_rename_are_not_written_again(tmp_path: Path) -> None:
+    """A directory in the way of the third file's name: the two before it are in place,
+    marked written, and never written again (an agent that took them would get them
+    twice); the rest follow once the way is clear."""
+
+    async def scenario(outbox: Outbox, flusher: Flusher, latencies: list[float]) -> None:
+        inbox = tmp_path / "inbox"
+        inbox.mkdir()
+        rows = [request(n) for n in range(5)]
+        for row in rows:
+            await outbox.record(row)
+        names = [inbox_file_name(r.id, r.received_ms) for r in rows]
+        (inbox / names[2]).mkdir()
+        flusher.start()  # one batch of the five
+        await wait_for(lambda: flusher.status.consecutive_failures >= 2)
+        assert flusher.status.files_written == 2 and written_in_db(tmp_path) == 2
+        first = [(inbox / n).stat().st_ino for n in names[:2]]
+        (inbox / names[2]).rmdir()
+        await wait_for(lambda: written_in_db(tmp_path) == 5)
+        assert [(inbox / n).stat().st_ino for n in names[:2]] == first
+        assert flusher.status.files_written == 5
+
+    inbox = run_flusher(tmp_path, scenario)
+    assert prompts_in(inbox) == [f"prompt {n}" for n in range(5)]

@@ -310,6 +310,19 @@ def test_files_are_flushed_before_they_are_named(tmp_path, monkeypatch) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
 
 
+def test_write_files_counts_the_files_renamed_before_a_rename_fails(tmp_path) -> None:
+    """A directory in the way of the third name: the two files before it are in place and
+    counted (so they are not written, and delivered, again); no temp file is left."""
+    from ai_agent_proxy import inbox
+
+    (tmp_path / "c.json").mkdir()
+    files = [("a.json", b"1"), ("b.json", b"2"), ("c.json", b"3"), ("d.json", b"4")]
+    done, error = inbox.write_files(tmp_path, files)
+    assert done == 2 and isinstance(error, IsADirectoryError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "c.json"]
+    assert (tmp_path / "b.json").read_bytes() == b"2"
+
+
 def test_only_stale_temps_are_removed_at_start(tmp_path) -> None:
     from ai_agent_proxy.inbox import remove_stale_temps
 
