@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,10 +82,7 @@ def test_handed_rows_are_bounded_while_the_inbox_is_broken(
     asyncio.run(scenario())
     assert prompts_in(inbox) == [f"prompt {n}" for n in range(60)]
     assert written == [60]  # each file written once: none taken back by a claim unmarked
-    import sqlite3
-
-    with sqlite3.connect(tmp_path / "o.db") as conn:  # each failure with its reason
-        reasons = [r[0] for r in conn.execute("SELECT error FROM inbox_failures")]
+    reasons = [r[0] for r in sql(tmp_path, "SELECT error FROM inbox_failures")]  # with why
     assert reasons and all("Error" in r and str(inbox) in r for r in reasons)
 
 
@@ -124,8 +122,6 @@ def test_the_write_engine_isolates_a_failing_function_from_its_batch(
     """A batch that fails for a reason that is not the DB's is run again one function at a
     time: the others commit, only the guilty caller gets RowRejected, and the DB is not
     reported broken. A DB fault (a locked DB) fails every caller with OutboxError."""
-    import sqlite3
-
     from ai_agent_proxy.errors import OutboxError, RowRejected
     from ai_agent_proxy.outbox.engine import WriteEngine
 
@@ -188,11 +184,24 @@ def test_the_write_engine_refuses_work_once_closed(tmp_path) -> None:
     asyncio.run(scenario())
 
 
-def written_in_db(tmp_path: Path) -> int:
-    import sqlite3
+def sql(tmp_path: Path, statement: str, *params: object) -> list[tuple[Any, ...]]:
+    """One statement on the test's DB, from a connection of its own."""
+    with contextlib.closing(sqlite3.connect(tmp_path / "o.db", isolation_level=None)) as conn:
+        return conn.execute(statement, params).fetchall()
 
-    with sqlite3.connect(tmp_path / "o.db") as conn:
-        return conn.execute("SELECT count(*) FROM requests WHERE state = 'written'").fetchone()[0]
+
+def written_in_db(tmp_path: Path) -> int:
+    return sql(tmp_path, "SELECT count(*) FROM requests WHERE state = 'written'")[0][0]
+
+
+def unrenderable() -> NewRequest:
+    """A row no file can be made of: its stored body is not JSON and, the first of its
+    conversation, its file would carry the body."""
+    rid, ms = new_request_id()
+    return NewRequest(
+        id=rid, received_ms=ms, body=b"{not json", segments=[b"{not json"],
+        context_id="x:1", channel="x", target="1", latest_user_prompt="bad",
+    )  # fmt: skip
 
 
 def run_flusher(
@@ -268,25 +277,19 @@ def test_a_row_no_file_can_be_made_of_ends_undeliverable_and_the_rest_flow(
     """A row whose stored body is not JSON (the first of its conversation, so its file
     would carry the body) is tried a few times, then undeliverable; the rows before and
     after it are written, in order, and the inbox is not reported failing."""
-    import sqlite3
 
     async def scenario(outbox: Outbox, flusher: Flusher, latencies: list[float]) -> None:
         flusher.start()
         await outbox.record(request(0))
-        rid, ms = new_request_id()
-        bad = NewRequest(
-            id=rid, received_ms=ms, body=b"{not json", segments=[b"{not json"],
-            context_id="x:1", channel="x", target="1", latest_user_prompt="bad",
-        )  # fmt: skip
+        bad = unrenderable()
         await outbox.record(bad)
         await outbox.record(request(2))
         await wait_for(lambda: flusher.status.files_written == 2)
 
-        def state() -> tuple[str]:
-            with sqlite3.connect(tmp_path / "o.db") as conn:
-                return conn.execute("SELECT state FROM requests WHERE id = ?", (rid,)).fetchone()
+        def state() -> str:
+            return sql(tmp_path, "SELECT state FROM requests WHERE id = ?", bad.id)[0][0]
 
-        await wait_for(lambda: state()[0] == "undeliverable")
+        await wait_for(lambda: state() == "undeliverable")
         assert flusher.status.consecutive_failures == 0 and flusher.status.write_failures == 0
 
     inbox = run_flusher(tmp_path, scenario)
@@ -361,11 +364,6 @@ def test_rows_whose_mark_failed_are_marked_before_the_next_claim(tmp_path: Path)
     """The DB refuses to mark a written batch (a real refusal: a trigger, dropped later).
     Those rows are still pending and leased to this flusher, so its next claim would take
     them again: it marks them first, and no file is written twice or left unreported."""
-    import sqlite3
-
-    def sql(statement: str) -> None:
-        with contextlib.closing(sqlite3.connect(tmp_path / "o.db")) as conn:
-            conn.execute(statement)
 
     async def scenario(outbox: Outbox, flusher: Flusher, latencies: list[float]) -> None:
         flusher.start()
@@ -373,8 +371,9 @@ def test_rows_whose_mark_failed_are_marked_before_the_next_claim(tmp_path: Path)
             await outbox.record(request(n))
         await wait_for(lambda: written_in_db(tmp_path) == 3)
         sql(
+            tmp_path,
             "CREATE TRIGGER refuse_mark BEFORE UPDATE OF state ON requests"
-            " WHEN NEW.state = 'written' BEGIN SELECT RAISE(ABORT, 'mark refused'); END"
+            " WHEN NEW.state = 'written' BEGIN SELECT RAISE(ABORT, 'mark refused'); END",
         )
         for n in range(3, 6):
             await outbox.record(request(n))
@@ -383,7 +382,7 @@ def test_rows_whose_mark_failed_are_marked_before_the_next_claim(tmp_path: Path)
         await wait_for(lambda: flusher.status.consecutive_failures >= 2)
         assert "mark refused" in (flusher.status.last_error or "")
         assert 3 < flusher.status.files_written <= 6
-        sql("DROP TRIGGER refuse_mark")
+        sql(tmp_path, "DROP TRIGGER refuse_mark")
         await wait_for(lambda: written_in_db(tmp_path) == 6)
         await wait_for(lambda: flusher.status.consecutive_failures == 0)
         assert flusher.status.files_written == 6 and len(latencies) == 6
@@ -398,15 +397,12 @@ def test_a_failed_write_gives_back_the_lease_on_every_row_it_did_not_write(
     """The inbox fails at a batch's first row: the failure is recorded on that row, and
     every row of the batch is released (another worker may take them while this one
     waits to retry). Once the inbox works they are written, in order."""
-    import sqlite3
-
     monkeypatch.setattr(flusher_module, "BACKOFF_FIRST_S", 60.0)  # one failure, then a wait
 
-    def leases() -> list[tuple[str, str | None, int]]:
-        with contextlib.closing(sqlite3.connect(tmp_path / "o.db")) as conn:
-            return conn.execute(
-                "SELECT latest_user_prompt, claimed_by, attempts FROM requests ORDER BY seq"
-            ).fetchall()
+    def leases() -> list[tuple[Any, ...]]:
+        return sql(
+            tmp_path, "SELECT latest_user_prompt, claimed_by, attempts FROM requests ORDER BY seq"
+        )
 
     async def scenario(outbox: Outbox, flusher: Flusher, latencies: list[float]) -> None:
         inbox = tmp_path / "inbox"
@@ -432,30 +428,22 @@ def test_files_written_beside_a_rejected_row_count_once_when_its_failure_is_refu
     """The writer rejects one row of a batch and the DB refuses to record that (a trigger,
     dropped later). The batch's other files are in the inbox: they are counted and marked
     as written, never written again by the retry."""
-    import sqlite3
-
-    def sql(statement: str) -> None:
-        with contextlib.closing(sqlite3.connect(tmp_path / "o.db")) as conn:
-            conn.execute(statement)
 
     async def scenario(outbox: Outbox, flusher: Flusher, latencies: list[float]) -> None:
         await outbox.record(request(0))
-        rid, ms = new_request_id()
-        bad = NewRequest(
-            id=rid, received_ms=ms, body=b"{not json", segments=[b"{not json"],
-            context_id="x:1", channel="x", target="1", latest_user_prompt="bad",
-        )  # fmt: skip
+        bad = unrenderable()
         await outbox.record(bad)
         await outbox.record(request(2))
         sql(
+            tmp_path,
             "CREATE TRIGGER refuse_failure BEFORE UPDATE OF row_failures ON requests"
-            " BEGIN SELECT RAISE(ABORT, 'failure refused'); END"
+            " BEGIN SELECT RAISE(ABORT, 'failure refused'); END",
         )
         flusher.start()  # one batch of the three
         await wait_for(lambda: flusher.status.consecutive_failures >= 2)
         assert "failure refused" in (flusher.status.last_error or "")
         assert flusher.status.files_written == 2 and len(latencies) == 2
-        sql("DROP TRIGGER refuse_failure")
+        sql(tmp_path, "DROP TRIGGER refuse_failure")
         await wait_for(lambda: written_in_db(tmp_path) == 2)
         await wait_for(lambda: flusher.status.consecutive_failures == 0)
         assert flusher.status.files_written == 2 and len(latencies) == 2
