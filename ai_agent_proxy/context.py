@@ -8,6 +8,7 @@ message) and on plain OpenAI bodies. Nothing here does I/O and nothing here rais
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -17,6 +18,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from .envelope import (
+    ends_text,
+    fenced_blocks,
+    header_block,
+    space_end,
+    strip_leading_envelope,
+    strip_runtime_line,
+    strip_stamped_envelopes,
+)
 
 INTERNAL_BEGIN = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>"
 RETRY_NOTICE = "The previous attempt did not produce a user-visible answer"
@@ -34,38 +45,55 @@ CONTINUE_NOTICE = (
     "restart the task or repeat completed actions."
 )
 
+
 # OpenClaw's own words around the person's (the contract, section 3), one entry each:
-# (name, a literal every match contains, pattern). Removing every match leaves the person's
-# words. Anchored where OpenClaw puts them, so the same sentence inside a person's text is
-# left alone. The retry notice is not here: it is a message (or part) of its own, known by
-# its place in the turn (_read_turn), never cut out of a person's text.
-NOTICES: tuple[tuple[str, str, re.Pattern[str]], ...] = (
+# (name, a literal every match contains, what removes it). Removing every match leaves the
+# person's words. Anchored where OpenClaw puts them, so the same sentence inside a person's
+# text is left alone. The retry notice is not here: it is a message (or part) of its own,
+# known by its place in the turn (_read_turn), never cut out of a person's text. Each
+# remover is linear in the text (envelope.py says why that matters).
+def _regex_remover(pattern: re.Pattern[str]) -> Callable[[str], str]:
+    return functools.partial(pattern.sub, "")
+
+
+def _strip_closing_continue(text: str) -> str:
+    """The "Continue the current task ..." paragraph (or its tool-failure variant, with
+    " If a tool ..." to the end of its line) when it closes the text: at its start or after
+    a blank line, nothing but whitespace after it."""
+    at = text.find(CONTINUE_NOTICE)
+    while at != -1:
+        starts = at == 0 or text.startswith("\n\n", at - 2)
+        if starts and ends_text(text, at + len(CONTINUE_NOTICE), " If a tool"):
+            return text[: max(0, at - 2)]
+        at = text.find(CONTINUE_NOTICE, at + 1)
+    return text
+
+
+NOTICES: tuple[tuple[str, str, Callable[[str], str]], ...] = (
     # A message re-sent after a failed turn starts with this line ...
-    ("queued", QUEUED_NOTICE, re.compile(r"\A\s*" + re.escape(QUEUED_NOTICE) + r"[ \t]*\n?")),
-    ("earlier", EARLIER_NOTICE, re.compile(r"\A\s*" + re.escape(EARLIER_NOTICE) + r"[ \t]*\n?")),
+    ("queued", QUEUED_NOTICE, _regex_remover(
+        re.compile(r"\A\s*" + re.escape(QUEUED_NOTICE) + r"[ \t]*\n?"))),
+    ("earlier", EARLIER_NOTICE, _regex_remover(
+        re.compile(r"\A\s*" + re.escape(EARLIER_NOTICE) + r"[ \t]*\n?"))),
     # ... and, when nobody wrote since, ends with this paragraph (or its tool-failure variant).
-    (
-        "continue",
-        CONTINUE_NOTICE,
-        re.compile(r"(?:\A|\n\n)" + re.escape(CONTINUE_NOTICE) + r"(?: If a tool[^\n]*)?\s*\Z"),
-    ),
+    ("continue", CONTINUE_NOTICE, _strip_closing_continue),
     (
         "attachment-not-analyzed",
         " attachment not analyzed:",
-        re.compile(
+        _regex_remover(re.compile(
             r"^[ \t]*\[(?:Image|Audio|Video|File|Document) attachment not analyzed:[^\n]*\]"
             r"[ \t]*(?:\n|\Z)",
             re.M,
-        ),
+        )),
     ),
-)
+)  # fmt: skip
 
 
 def strip_notices(text: str) -> str:
     """`text` without OpenClaw's notices; the same object when it holds none."""
-    for _, literal, pattern in NOTICES:
+    for _, literal, remove in NOTICES:
         if literal in text:
-            text = pattern.sub("", text)
+            text = remove(text)
     return text
 
 
@@ -73,40 +101,34 @@ _CHANNEL_FIELDS = ("channel", "context_id", "thread_id", "thread", "conversation
 _TARGET_FIELDS = ("target", "user_id", "recipient", "to")
 _SENDER_FIELDS = ("sender_id", "id", "e164", "target", "user_id", "recipient", "to")
 
-_FENCED_JSON = re.compile(r"```json\s*\n(.*?)\n\s*```", re.S)
 _CHANNEL_LINE = re.compile(r"\|\s*channel=([^\s|]+)")
-# "[Tue 2026-11-24 21:20 UTC] " — only brackets holding a clock time count as a stamp.
-_TIME_STAMP = re.compile(r"^\[[^\]\n]{0,60}\d{1,2}:\d{2}[^\]\n]{0,40}\]\s*")
-# "Conversation info: ⟦openclaw:ctx⟧\n```json\n{...}\n```" and similar metadata envelopes.
-_ENVELOPE = re.compile(
-    r"^(?:[A-Z][^\n`]{0,80}(?:info|metadata)\b[^\n]*\n```json\s*\n.*?\n\s*```\s*)+",
-    re.S | re.I,
-)
-_RUNTIME = re.compile(r"(?:^|\n)Runtime: [^\n]*\s*$")
 # `[media attached: <path> (<mime>) "<name>"]`, also numbered (`media attached 1/2:`) and
 # with a `| <path or url>` tail; `[media attached: 2 files]` only announces the lines.
-_MEDIA_LINE = re.compile(r"(?m)^[ \t]*\[media attached(?: \d+/\d+)?: ([^\n]*)\][ \t]*(?:\n|$)")
+_MEDIA_LINE = re.compile(r"[ \t]*\[media attached(?: \d+/\d+)?: ([^\n]*)\][ \t]*(?:\n|$)")
 _MEDIA_INNER = re.compile(
     r'^(?P<path>.+?)(?: \((?P<mime>[\w.+-]+/[\w.+-]+)[^()]*\))?(?: "(?P<name>[^"]*)")?'
     r"(?: \| [^|]*)?$"
 )
 _MEDIA_COUNT = re.compile(r"^\d+ files?$")
-# An envelope that follows a time stamp anywhere (a queued message keeps its own).
-_STAMPED_ENVELOPE = re.compile(
-    r"^\[[^\]\n]{0,60}\d{1,2}:\d{2}[^\]\n]{0,40}\]\s*"
-    r"(?:[A-Z][^\n`]{0,80}(?:info|metadata)\b[^\n]*\n```json\s*\n.*?\n\s*```\s*)+",
-    re.S | re.M,
-)
+# OpenClaw saves a handful of files per message (a Telegram album holds 10); lines past this
+# many stay text (each is looked up on disk: 47,000 of them in 1 MiB took 0.26 s).
+ATTACHMENTS_MAX = 64
 # OpenClaw's retry notice as it sends it: its own message (or part), an optional time stamp,
 # then the sentence. Never wrapped as a person's message.
 _RETRY = re.compile(
     r"\A\s*(?:\[[^\]\n]{0,60}\d{1,2}:\d{2}[^\]\n]{0,40}\]\s*)?" + re.escape(RETRY_NOTICE)
 )
-# The data block of OpenClaw's internal context that names the chat: its header, then the
-# fenced JSON object (the "Conversation context" that may follow quotes chat text: not read).
-_CONVERSATION_INFO = re.compile(r"\AConversation info\b[^\n]*\n```json\s*\n(.*?)\n\s*```", re.S)
+# OpenClaw's internal context quotes each data block as a JSON string literal on a line of
+# its own; the one that names the chat begins with this header (the "Conversation context"
+# that may follow it quotes chat text: not read).
+_INFO_HEADER = "Conversation info"
+_INFO_LITERAL = '"' + _INFO_HEADER
+# OpenClaw's internal context holds one such block; each one read costs a decode (~6 µs:
+# 1 MiB of them took 0.2 s), so only the first few are.
+DATA_BLOCKS_READ = 16
 _SENDER_KEYS = ("id", "name", "username", "e164")
 _DECODER = json.JSONDecoder()
+_NEWLINES = re.compile(r"\n*")
 
 
 @dataclass(frozen=True)
@@ -275,15 +297,11 @@ def clean_user_text(text: str) -> str:
         if stripped is text:
             break
         text = _strip_envelope(stripped)
-    if "```json" in text:
-        text = _STAMPED_ENVELOPE.sub("", text)
-    return text.strip()
+    return strip_stamped_envelopes(text).strip()
 
 
 def _strip_envelope(text: str) -> str:
-    text = _TIME_STAMP.sub("", text.strip(), count=1)
-    text = _ENVELOPE.sub("", text, count=1)
-    return _RUNTIME.sub("", text, count=1)
+    return strip_runtime_line(strip_leading_envelope(text.strip()))
 
 
 def split_media(text: str, media: MediaStore | None = None) -> tuple[str, tuple[Attachment, ...]]:
@@ -296,8 +314,8 @@ def split_media(text: str, media: MediaStore | None = None) -> tuple[str, tuple[
     if "[media attached" not in text:
         return text, ()
     found: list[Attachment] = []
-    rest = text.lstrip()
-    while match := _MEDIA_LINE.match(rest):
+    at = space_end(text, 0)
+    while len(found) < ATTACHMENTS_MAX and (match := _MEDIA_LINE.match(text, at)):
         inner = match.group(1).strip()
         parts = None if _MEDIA_COUNT.match(inner) else _MEDIA_INNER.match(inner)
         if parts is not None:
@@ -305,8 +323,8 @@ def split_media(text: str, media: MediaStore | None = None) -> tuple[str, tuple[
             if not (media.holds(path) if media else _looks_inbound(path)):
                 break
             found.append(Attachment(path, parts["mime"], parts["name"]))
-        rest = rest[match.end() :].lstrip("\n")
-    return (rest.strip(), tuple(found)) if found else (text, ())
+        at = _NEWLINES.match(text, match.end()).end()  # type: ignore[union-attr]
+    return (text[at:].strip(), tuple(found)) if found else (text, ())
 
 
 def _looks_inbound(path: str) -> bool:
@@ -399,9 +417,9 @@ def _read_turn(messages: list[dict[str, Any]]) -> tuple[str | None, bool]:
 
 
 def _fenced_objects(text: str) -> Iterator[dict[str, Any]]:
-    for match in _FENCED_JSON.finditer(text):
+    for block in fenced_blocks(text):
         try:
-            obj = json.loads(match.group(1))
+            obj = json.loads(block)
         except (ValueError, RecursionError):
             continue
         if isinstance(obj, dict):
@@ -417,11 +435,11 @@ def _internal_conversation_info(messages: list[dict[str, Any]]) -> dict[str, Any
             continue
         for text in _texts(m):
             for block in _data_blocks(text):
-                match = _CONVERSATION_INFO.match(block)
-                if match is None:
+                content = header_block(block, _INFO_HEADER)
+                if content is None:
                     continue
                 try:
-                    obj = json.loads(match.group(1))
+                    obj = json.loads(content)
                 except (ValueError, RecursionError):
                     continue
                 if isinstance(obj, dict) and ("chat_id" in obj or "message_id" in obj):
@@ -430,17 +448,29 @@ def _internal_conversation_info(messages: list[dict[str, Any]]) -> dict[str, Any
 
 
 def _data_blocks(text: str) -> Iterator[str]:
-    """OpenClaw quotes each data block as a JSON string literal; yield them unquoted."""
-    pos = text.find('"')
-    while pos != -1:
-        try:
-            value, end = _DECODER.raw_decode(text, pos)
+    """The data blocks that begin with the `Conversation info` header, unquoted: literals
+    that open a line. A JSON string holds no raw newline, so decoding one stops at its
+    line's end at the latest, and no character is read twice (decoding at every quote
+    read a line of escaped quotes once per quote: 80 KB took 2.7 s)."""
+    at = 0 if text.startswith(_INFO_LITERAL) else _line_start(text, _INFO_LITERAL, 0)
+    for _ in range(DATA_BLOCKS_READ):
+        if at == -1:
+            return
+        eol = text.find("\n", at)
+        line = text[at:] if eol == -1 else text[at:eol]
+        try:  # (on the line alone: a decode error counts the newlines before it)
+            value, _ = _DECODER.raw_decode(line)
         except ValueError:
-            pos = text.find('"', pos + 1)
-            continue
-        if value.startswith("Conversation info"):  # decoding at a quote gives a string
-            yield value
-        pos = text.find('"', end)
+            pass
+        else:
+            yield value  # (a string: decoding at a quote)
+        at = -1 if eol == -1 else _line_start(text, _INFO_LITERAL, eol)
+
+
+def _line_start(text: str, literal: str, pos: int) -> int:
+    """The first occurrence of `literal` at or after `pos` that begins a line, or -1."""
+    found = text.find("\n" + literal, max(0, pos - 1))
+    return -1 if found == -1 else found + 1
 
 
 def _same_text_memo(fn: Callable[[str], str | None]) -> Callable[[str], str | None]:

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ai_agent_proxy.context import (
+    INTERNAL_BEGIN,
     RETRY_NOTICE,
     MediaStore,
     clean_user_text,
@@ -20,7 +21,7 @@ from ai_agent_proxy.context import (
 )
 
 from . import openclaw as oc
-from .conftest import FIXTURE_CONTEXTS, fixture_body
+from .conftest import FIXTURE_CONTEXTS, OPENCLAW_HOME, fixture_body
 
 
 @pytest.mark.parametrize(("name", "expected"), sorted(FIXTURE_CONTEXTS.items()))
@@ -614,3 +615,126 @@ def test_a_conversation_info_that_is_not_an_object_is_ignored() -> None:
     part["text"] = part["text"][:start] + '[\\"chat_id\\", \\"message_id\\"]' + part["text"][end:]
     ctx = extract_context(body)
     assert ctx.message_id is None and ctx.latest_user_prompt == "hello from telegram DM"
+
+
+# -- no text-dependent stall --------------------------------------------------------------
+# Chat text is written by strangers and Python's `re` has no time limit: one 4 KB message
+# of newlines once held the event loop 20 s. Each shape below is a run of something a
+# reader of OpenClaw's wrapping looks for (ai_agent_proxy/envelope.py).
+# (what opens the shape, the unit repeated after it): a reader that backtracks or searches
+# again from every position meets its worst case where something opens and never closes.
+STAMPED = "hello\n[1:23] A info\n```json\n"
+PATHOLOGICAL = {
+    "newlines": ("", "\n"), "spaces": ("", " "), "newline-space": ("", "\n "),
+    "backticks": ("", "`"), "fences": ("", "```"), "openings": ("", "```json\n"),
+    "brackets": ("", "["), "closing-brackets": ("", "]"), "stamps": ("", "[1:23] "),
+    "stamped-envelopes": ("", "[1:23] A info\n```json\n"),
+    "stamped-then-newlines": (STAMPED, "\n"), "stamped-then-newline-space": (STAMPED, "\n "),
+    "envelope-then-newlines": ("A info\n```json\n", "\n"),
+    "opening-then-spaces": ("```json\n", " \n"),
+    "escaped-quotes": ('"', '\\"'), "quotes": ("", '"'), "markers": ("", INTERNAL_BEGIN),
+    "info-literals": ("", '\n"Conversation info\\n```json\\n'),
+    "info-literal-then-newlines": ('"Conversation info\\n```json\\n', "\\n"),
+    "runtime-lines": ("", "\nRuntime: "), "runtime-then-spaces": ("\nRuntime: ", " "),
+    "continue": ("", "\n\n" + CONTINUE + " If a tool "),
+    "continue-then-spaces": ("\n\n" + CONTINUE + " If a tool", " "),
+    "media": ("", "[media attached: media://inbound/a.png (image/png)]\n"),
+    "media-then-closing-brackets": ("[media attached: media://inbound/a", "] "),
+    "media-unclosed": ("", "[media attached: /x (a/b"),
+    "not-analyzed": ("", "[Image attachment not analyzed: ]] "),
+    "pipes": ("", "| "), "channel-pipes": ("", "| channel"), "channel-then-spaces": ("|", " "),
+    "retry": ("", RETRY_NOTICE), "retry-spaces": ("", " "), "queued": ("", QUEUED),
+    "empty-blocks": ("", "```json\n{}\n```\n"),
+}  # fmt: skip
+
+
+def _filled(shape: tuple[str, str], size: int) -> str:
+    opening, unit = shape
+    return opening + (unit * (size // len(unit) + 1))[: size - len(opening)] + "x"
+
+
+def _bodies(text: str) -> dict[str, dict[str, Any]]:
+    """`text` where a stranger (or a key holder) can put it: the person's message, OpenClaw's
+    internal-context message, the system prompt."""
+    internal = oc.load(oc.TURN2)
+    internal["messages"][oc._internal_index(internal)]["content"][0]["text"] = (
+        INTERNAL_BEGIN + "\n" + text
+    )
+    system = oc.load(oc.TURN2)
+    system["messages"][0]["content"] = text
+    return {"person": oc.typed(oc.load(oc.TURN2), text), "internal": internal, "system": system}
+
+
+def _seconds_per_call(fn: Any, arg: Any, budget_s: float) -> float:
+    """The best of three runs of calls (each at least 2 ms long) per call; fails as soon as
+    one call takes longer than `budget_s` (so a super-linear reader fails at a small size,
+    long before it would hang the suite)."""
+    import time
+
+    best = float("inf")
+    for _ in range(3):
+        calls, start = 0, time.perf_counter()
+        while True:
+            fn(arg)
+            calls += 1
+            took = time.perf_counter() - start
+            assert took < budget_s * calls, f"{took:.3f} s for {calls} call(s)"
+            if took >= 0.002:
+                break
+        best = min(best, took / calls)
+    return best
+
+
+def _text_readers() -> dict[str, Any]:
+    from ai_agent_proxy import context
+    from ai_agent_proxy.printable import printable
+
+    media = MediaStore(OPENCLAW_HOME)
+    return {
+        "clean_user_text": clean_user_text,
+        "split_media": lambda t: split_media(t, media),
+        "fenced_objects": lambda t: list(context._fenced_objects(t)),
+        "data_blocks": lambda t: list(context._data_blocks(t)),
+        "strip_notices": context.strip_notices,
+        "channel_line": context._channel_line_in,
+        "printable": printable,
+        **{
+            f"extract_context[{where}]": (lambda t, w=where: extract_context(_bodies(t)[w], media))
+            for where in ("person", "internal", "system")
+        },
+    }
+
+
+@pytest.mark.parametrize("shape", sorted(PATHOLOGICAL))
+def test_every_text_reader_takes_linear_time(shape: str) -> None:
+    """1, 4, 16 and 64 KB of the shape: each call within a budget linear in its size, and
+    64 KB at most ~8 times 16 KB where the time is long enough to measure (a quadratic
+    reader is ~16 times, a cubic one ~64)."""
+    for name, read in _text_readers().items():
+        times = {}
+        for size in (1024, 4096, 16384, 65536):
+            text = _filled(PATHOLOGICAL[shape], size)
+            if name.startswith("extract_context"):
+                # the body around the text is built outside the timing
+                bodies = _bodies(text)
+                where = name.split("[")[1].rstrip("]")
+                media = MediaStore(OPENCLAW_HOME)
+
+                def call(_: Any, b: Any = bodies[where], m: Any = media) -> Any:
+                    return extract_context(b, m)
+            else:
+                call = read
+            times[size] = _seconds_per_call(call, text, budget_s=0.002 + size * 5e-7)
+        if times[16384] >= 50e-6:
+            ratio = times[65536] / times[16384]
+            assert ratio < 8, f"{name} on {shape}: 64 KB took {ratio:.1f} times 16 KB"
+
+
+def test_a_mebibyte_body_is_read_within_50_ms_whatever_it_holds() -> None:
+    media = MediaStore(OPENCLAW_HOME)
+    worst = (0.0, "")
+    for shape, unit in PATHOLOGICAL.items():
+        for where, body in _bodies(_filled(unit, 1 << 20)).items():
+            took = _seconds_per_call(lambda b: extract_context(b, media), body, budget_s=1.0)
+            worst = max(worst, (took, f"{shape} in the {where}"))
+    assert worst[0] < 0.05, f"{worst[0] * 1000:.0f} ms for 1 MiB of {worst[1]}"
