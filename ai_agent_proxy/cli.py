@@ -46,7 +46,7 @@ def serve(config: str | None = None, **flags: Any) -> None:
     setup_logging(settings.debug)
     from .startup import serve as start
 
-    start(settings)
+    start(settings, config)
 
 
 serve.__signature__ = parts.serve_signature()  # type: ignore[attr-defined]

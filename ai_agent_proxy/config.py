@@ -178,6 +178,15 @@ class Settings(BaseModel):
             raise ValueError("must be a whole number of bytes per second, 1-1073741824")
         return v
 
+    @field_validator("key", "api_key")
+    @classmethod
+    def _secret(cls, v: str | None) -> str | None:
+        # Sent in an HTTP header: anything else fails there, not here (a non-ASCII API_KEY
+        # once made httpx fail inside start-up and the server hang, deaf to SIGTERM).
+        if v is not None and not all("!" <= c <= "~" for c in v):
+            raise ValueError("must be printable ASCII without spaces (it is sent in a header)")
+        return v
+
     @field_validator("url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
@@ -236,9 +245,8 @@ class Settings(BaseModel):
 
 
 def mask(secret: str | None) -> str:
-    if not secret:
-        return "(not set)"
-    return "****" + (secret[-2:] if len(secret) >= 12 else "")
+    """How a secret is shown: whether it is set, nothing of it."""
+    return "****" if secret else "(not set)"
 
 
 KEYS: tuple[str, ...] = tuple(name.upper() for name in Settings.model_fields)
@@ -276,6 +284,30 @@ def parse_config_file(text: str, path: str) -> dict[str, Source]:
     return out
 
 
+def settings_file(config_path: str | None) -> Path | None:
+    """The settings file `load_settings` reads for `config_path` (-f), if there is one."""
+    path = Path(os.path.expanduser(config_path or DEFAULT_CONFIG_FILE))
+    return path if path.is_file() else None
+
+
+def exposed_secrets(path: Path | None) -> str | None:
+    """A warning when the settings file holds KEY or API_KEY and others may read it."""
+    if path is None:
+        return None
+    try:
+        mode = path.stat().st_mode
+        held = parse_config_file(path.read_text(encoding="utf-8-sig"), str(path))
+    except (OSError, UnicodeDecodeError, ConfigError):
+        return None  # (load_settings says what is wrong with it)
+    secrets = sorted(k for k in SECRET_KEYS if held.get(k, Source("", "")).value)
+    if not secrets or not mode & 0o077:
+        return None
+    return (
+        f"settings file {path} holds {' and '.join(secrets)} and others may read it"
+        f" (mode {mode & 0o777:o}): chmod 600 {path}"
+    )
+
+
 def load_settings(
     config_path: str | None = None,
     flags: Mapping[str, Any] | None = None,
@@ -289,7 +321,7 @@ def load_settings(
     path = Path(os.path.expanduser(config_path or DEFAULT_CONFIG_FILE))
     if path.is_file():
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # (an editor's BOM is no key's)
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config error: cannot read config file {path}: {exc}") from None
         sources.update(parse_config_file(text, str(path)))

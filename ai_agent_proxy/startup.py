@@ -8,22 +8,24 @@ import errno
 import logging
 import sqlite3
 from functools import partial
+from pathlib import Path
 
-from .config import Settings
+from .config import Settings, exposed_secrets, settings_file
 from .errors import SchemaError, StartError
 from .migrations import migrate
 
 log = logging.getLogger("ai_agent_proxy")
 
 
-def serve(settings: Settings) -> None:
-    """Everything `ai-agent-proxy serve` does once its settings are read."""
+def serve(settings: Settings, config_path: str | None = None) -> None:
+    """Everything `ai-agent-proxy serve` does once its settings are read (from
+    `config_path`, -f, or the default file)."""
     from .process import raise_open_files_limit
 
     check_port_free(settings)  # before any DB or inbox is created for a server that can't run
     prepare_storage(settings)
     raise_open_files_limit()  # inherited by the workers
-    announce(settings)
+    announce(settings, settings_file(config_path))
     run_server(settings)
 
 
@@ -59,9 +61,11 @@ def prepare_storage(settings: Settings) -> None:
     )
 
 
-def announce(settings: Settings) -> None:
+def announce(settings: Settings, config_file: Path | None = None) -> None:
     summary = " ".join(f"{k}={v!r}" for k, v in settings.summary().items() if v != "")
     log.info("config %s", summary)
+    if warning := exposed_secrets(config_file):
+        log.warning("settings_readable_by_others: %s", warning)
     if not settings.is_loopback and not settings.key:
         log.warning(
             "!!! SERVING ON %s WITHOUT A KEY: anyone who can reach this port can write into "

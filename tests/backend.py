@@ -1,6 +1,7 @@
 """A small real OpenAI-style backend LLM for relay tests (HTTP/1.1 in a thread).
 
-`mode` picks the behaviour: ok, status500, garbage, hang, cut, slow, json-for-stream, echo
+`mode` picks the behaviour: ok, status500, raw500 (`echo_text` as a 500's body), garbage,
+hang, cut, slow, json-for-stream, echo
 (a successful answer that repeats `echo_text`, e.g. secrets a careless backend echoes; a
 stream sends each event in two chunks cut in its middle). `requests` records each request's
 path (query included), headers and body.
@@ -94,6 +95,14 @@ class FakeBackend:
             return
         if mode == "status500":
             h._json(500, {"error": {"message": f"internal trouble {SECRET_ECHO}{self.api_key}"}})
+            return
+        if mode == "raw500":  # `echo_text` as the error body, byte for byte
+            data = self.echo_text.encode()
+            h.send_response(500)
+            h.send_header("content-type", "application/json")
+            h.send_header("content-length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
             return
         if mode == "garbage":
             data = b"<html>definitely not json</html>"

@@ -181,3 +181,48 @@ def test_absurd_values_and_malformed_urls_are_refused(
     assert r.exit_code == 2, r.output
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "sk-pw-1234" not in r.output and "Traceback" not in r.output
+
+
+def test_keys_must_be_printable_ascii(tmp_path: Path, monkeypatch) -> None:
+    """A non-ASCII API_KEY was accepted, then made start-up fail inside httpx and hang."""
+    monkeypatch.chdir(tmp_path)
+    for flag, value in (("--api-key", "sk-é-0123456789"), ("--key", "k 0123456789")):
+        r = CliRunner().invoke(cli, ["serve", flag, value, "--url", "http://127.0.0.1:9/v1"])
+        assert r.exit_code == 2, r.output
+        (line,) = r.stderr.strip().splitlines()
+        assert "=**** (from flag" in line and "printable ASCII" in line
+        assert value not in r.output
+
+
+def test_a_bom_before_the_first_key_is_no_part_of_it(tmp_path: Path) -> None:
+    conf = tmp_path / "proxy.conf"
+    conf.write_bytes("\ufeffPORT=8123\nREPLY=hé\n".encode())
+    s = load_settings(str(conf), {}, {})
+    assert (s.port, s.reply) == (8123, "hé")
+
+
+def test_a_settings_file_with_a_key_that_others_may_read_is_said_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ai_agent_proxy.config import exposed_secrets, settings_file
+    from ai_agent_proxy.startup import announce
+
+    conf = tmp_path / "proxy.conf"
+    conf.write_text("KEY=k-0123456789abcdef\nPORT=7011\n")
+    conf.chmod(0o644)
+    settings = load_settings(str(conf), {}, {})
+    with caplog.at_level("WARNING"):
+        announce(settings, settings_file(str(conf)))
+    (said,) = [r.getMessage() for r in caplog.records if "readable_by_others" in r.getMessage()]
+    assert f"holds KEY and others may read it (mode 644): chmod 600 {conf}" in said
+    assert "k-0123456789abcdef" not in caplog.text
+    conf.chmod(0o600)
+    assert exposed_secrets(conf) is None
+    conf.chmod(0o640)
+    assert exposed_secrets(conf) is not None  # the group counts as others
+    conf.write_text("PORT=7011\nKEY=\n")  # no secret in it: nothing to say
+    conf.chmod(0o644)
+    assert exposed_secrets(conf) is None
+    conf.write_text("API_KEY=sk-x-0123456789\n")
+    assert "holds API_KEY" in (exposed_secrets(conf) or "")
+    assert exposed_secrets(None) is None and settings_file(str(tmp_path / "none")) is None

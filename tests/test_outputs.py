@@ -3,17 +3,21 @@ spreadsheets, the inbox keys the agent trusts, and secrets anywhere."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote, quote_plus
 
 import pytest
 from typer.testing import CliRunner
 
 from ai_agent_proxy.cli import cli
-from ai_agent_proxy.config import load_settings
+from ai_agent_proxy.config import load_settings, mask
 from ai_agent_proxy.errors import ConfigError
 from ai_agent_proxy.history_render import csv_cell, printable, write_records
 from ai_agent_proxy.redaction import Redactor, mask_url, url_secrets
@@ -161,6 +165,44 @@ def test_redaction_rules() -> None:
     assert mask_url("https://llm.example.com/v1") == "https://llm.example.com/v1"
     redact = Redactor(["abc", "sk-long-secret", "sk-long", None])
     assert redact("x sk-long-secret y sk-long abc") == "x **** y **** abc"  # "abc": too short
+    # query names that hold secrets; a value percent-encoded in the URL, in both forms
+    url = "https://h/v1?api_key=Zz%2FSEKRET&code=c0de1&pass=p4ss1&pw=pw001&sig=s1gn1"
+    url += "&signature=s1gn2&auth=auth1&access_token=tok01&model=gpt&page=2"
+    assert url_secrets(url) == ["Zz%2FSEKRET", "Zz/SEKRET", "c0de1", "p4ss1", "pw001",
+                                "s1gn1", "s1gn2", "auth1", "tok01"]  # fmt: skip
+    assert mask_url(url).endswith("access_token=****&model=gpt&page=2")
+    assert "c0de1" not in mask_url(url) and "SEKRET" not in mask_url(url)
+    # shown masked: nothing of the secret, however long
+    assert mask("sk-" + "x" * 40) == "****" and mask(None) == "(not set)"
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        lambda k: json.dumps({"m": k}),  # JSON as Python and JavaScript write it
+        lambda k: json.dumps({"m": k}).replace("/", "\\/"),  # PHP escapes the slash
+        lambda k: json.dumps({"m": k}, ensure_ascii=True),
+        lambda k: "".join(f"\\u{ord(c):04x}" for c in k),  # every character escaped
+        lambda k: "".join(f"\\u{ord(c):04X}" for c in k),
+        lambda k: quote(k, safe=""),  # percent-encoded (a URL's query)
+        lambda k: re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), quote(k, safe="")),
+        lambda k: quote_plus(k, safe=""),
+        lambda k: "Basic " + base64.b64encode(f"user:{k}".encode()).decode(),  # at each
+        lambda k: "Basic " + base64.b64encode(f"us:{k}".encode()).decode(),  # place in
+        lambda k: "Basic " + base64.b64encode(f"u:{k}".encode()).decode(),  # base64's groups
+        lambda k: base64.urlsafe_b64encode(f"x{k}".encode()).decode(),
+    ],
+)
+@pytest.mark.parametrize(
+    "key", ["sk-Zz/SEKRET-0123456789", 'sk-"q"\\back\\slash-99', "é-sk-ü€-1234"]
+)
+def test_a_secret_is_masked_in_every_form_a_program_may_echo_it(form: Any, key: str) -> None:
+    echoed = form(key)
+    masked = Redactor.for_settings(None, key, None)(f"before {echoed} after")
+    assert masked.startswith("before ") and masked.endswith(" after")
+    for piece in (key, form(key)[len("Basic ") :] if echoed.startswith("Basic ") else echoed):
+        assert piece not in masked, masked
+    assert "****" in masked
 
 
 def test_echoed_keys_leave_no_trace(make_server, tmp_path: Path) -> None:

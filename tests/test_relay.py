@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import socket
@@ -11,6 +12,8 @@ import threading
 import time
 from array import array
 from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote
 
 import httpx
 import openai
@@ -329,3 +332,44 @@ def test_a_query_in_url_stays_after_each_path(make_server, backend: FakeBackend)
     assert [r["path"] for r in backend.requests] == [
         "/v1/chat/completions?api-version=2&x=a+b", "/v1/models?api-version=2&x=a+b",
     ]  # fmt: skip
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize(
+    ("api_key", "echo"),
+    [
+        # PHP's json_encode escapes the slash
+        ("sk-Zz/SEKRET/0123456789", lambda k: json.dumps({"k": k}).replace("/", "\\/")),
+        # a key holding a quote and a backslash, echoed as JSON has them
+        ('sk-"q"\\b-0123456789', lambda k: json.dumps({"error": f"bad key {k}"})),
+        ("sk-Zz/SEKRET-0123456789", lambda k: "key=" + quote(k, safe="")),
+        ("sk-Zz/SEKRET-0123456789", lambda k: "Basic " + b64(b"u:" + k.encode())),
+        ("sk-Zz/SEKRET-0123456789", lambda k: "".join(f"\\u{ord(c):04x}" for c in k)),
+    ],
+)  # fmt: skip
+def test_a_key_the_backend_echoes_in_another_encoding_reaches_no_record(
+    make_server, api_key: str, echo: Any
+) -> None:
+    backend = FakeBackend(api_key=api_key)
+    try:
+        backend.mode, backend.echo_text = "raw500", echo(api_key)
+        # the URL's own secret, percent-encoded in it, echoed decoded
+        url = backend.url + "?api_key=Zz%2FQUERY-SECRET-42"
+        backend.echo_text += " and Zz/QUERY-SECRET-42"
+        server = make_server("--url", url, "--api-key", api_key, "--reply", "fallback")
+        r = server.post_chat({"messages": [{"role": "user", "content": "q"}]})
+        assert r.status_code == 200 and "fallback" in r.text
+        server.wait_files(1)
+    finally:
+        backend.close()
+    (row,) = server.rows()
+    assert "backend answered HTTP 500" in row["backend_error"] and "****" in row["backend_error"]
+    records = [server.log(), server.db.read_bytes().decode("latin-1"),
+               *(p.read_text() for p in server.inbox.iterdir())]  # fmt: skip
+    records += [w.read_bytes().decode("latin-1") for w in server.db.parent.glob("outbox.db-*")]
+    for record in records:
+        for secret in (api_key, echo(api_key), "QUERY-SECRET-42"):
+            assert secret not in record
