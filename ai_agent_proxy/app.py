@@ -445,9 +445,16 @@ async def readiness(app: Sanic) -> tuple[dict[str, Any], bool]:
         report["db"] = f"error: {exc}"
     if outbox.last_commit_error:
         report["db"] = f"error: {outbox.last_commit_error}"
+    if problem := outbox.file_problem():
+        report["db"] = f"error: {problem}"
     inbox = app.ctx.settings.inbox
     status = app.ctx.flusher.status
-    if status.consecutive_failures:
+    if (held := status.stalled_s(time.monotonic())) is not None:
+        report["inbox"] = (
+            f"error: the inbox writer process has held a batch of {status.batch_rows} rows for"
+            f" {held:.0f} s without answering (stopped, or its disk hangs)"
+        )
+    elif status.consecutive_failures:
         report["inbox"] = f"error: {status.last_error}"
         report["retry_in_s"] = status.retry_in_s
         report["consecutive_failures"] = status.consecutive_failures

@@ -35,6 +35,12 @@ STALE_BACKEND_MARGIN_S = 60.0
 STOP_WRITE_S = 5.0  # beyond twice BACKEND_TIMEOUT a backend wait is abandoned
 
 
+# A batch the writer process holds longer than this makes the server not ready (/readyz):
+# stopped (SIGSTOP), or stuck on a dead disk. A batch is a few MiB: it takes milliseconds.
+WRITER_STALL_S = 10.0
+STOP_WAIT_S = STOP_WRITE_S + 1.0  # a stop then gives up on a writer that does not answer
+
+
 @dataclass
 class FlusherStatus:
     files_written: int = 0
@@ -42,6 +48,15 @@ class FlusherStatus:
     consecutive_failures: int = 0
     last_error: str | None = None
     retry_in_s: float = 0.0
+    writing_since: float | None = None  # monotonic time the batch in hand went to the writer
+    batch_rows: int = 0
+
+    def stalled_s(self, now: float) -> float | None:
+        """How long the writer has held its batch, once that is past WRITER_STALL_S."""
+        if self.writing_since is None:
+            return None
+        held = now - self.writing_since
+        return held if held > WRITER_STALL_S else None
 
 
 def next_backoff(failures: int) -> float:
@@ -131,8 +146,19 @@ class Flusher:
         self._stopping.set()
         self._wake.set()
         if self._task:
+            done, _ = await asyncio.wait({self._task}, timeout=STOP_WAIT_S)
+            if not done:  # the writer holds a batch and does not answer (stopped, stuck)
+                since = self.status.writing_since
+                log.error(
+                    "inbox_writer_unresponsive held_batch_s=%.1f: killed; its rows stay"
+                    " pending for the next start",
+                    0.0 if since is None else time.monotonic() - since,
+                )
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            if not done:
+                await self.writer.kill()
         await self.writer.close()
 
     async def run(self) -> None:
@@ -203,7 +229,11 @@ class Flusher:
             await self._settle_marks()
             self._recovered()  # the DB answers and nothing is left failing
             return False
-        result = await self.writer.write(rows)
+        self.status.writing_since, self.status.batch_rows = time.monotonic(), len(rows)
+        try:
+            result = await self.writer.write(rows)
+        finally:
+            self.status.writing_since = None
         # Written is written: counted, reported and due a mark before anything may raise
         # (else a retry's claim would take these rows again and write them twice).
         self.status.files_written += len(result.written)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import logging
 import os
@@ -40,6 +41,8 @@ from .rows import PendingRow
 log = logging.getLogger("ai_agent_proxy.inbox_writer")
 
 _LEN = struct.Struct("!I")
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+CLOSE_WAIT_S = 2.0  # then a writer that does not end (stopped: SIGSTOP) is killed
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,18 @@ def _read_frame(stream: IO[bytes]) -> bytes | None:
     return data if len(data) == size else None
 
 
+def die_with_parent() -> None:
+    """Linux: the kernel kills this process when its server dies, even while it is stopped
+    (SIGSTOP) and cannot read the end of its stdin."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def main() -> None:
-    # The server decides when this process ends, by closing its stdin.
+    # The server decides when this process ends, by closing its stdin (or by dying).
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     stdin = sys.stdin.buffer
@@ -179,6 +192,11 @@ class InboxWriter:
         self._proc.stdin.write(frame(self.options.encode()))
         return self._proc
 
+    async def kill(self) -> None:
+        """End the process now (SIGKILL works on a stopped one too); its batch is lost and
+        its rows stay pending."""
+        await self._discard()
+
     async def _discard(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
@@ -194,8 +212,8 @@ class InboxWriter:
             return
         assert proc.stdin is not None
         proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
+        try:  # (no batch is in hand: it only has to read the end of its stdin)
+            await asyncio.wait_for(proc.wait(), CLOSE_WAIT_S)
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -370,3 +371,116 @@ def test_metrics_is_prometheus_text(server: Server) -> None:
             "aiap_request_to_file_seconds", "aiap_inbox_write_failures"} <= names  # fmt: skip
     assert metric(server, 'aiap_rows{state="written"}') == 1
     assert HTTP.get(server.base_url + "/readyz").json()["status"] == "ready"
+
+
+# -- health tells the truth ----------------------------------------------------------------
+
+
+def writer_pids_of(pid: int) -> list[int]:
+    """The inbox writers started by any thread of process `pid` (an embedded server starts
+    its writer from its own thread)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"ai_agent_proxy.inbox_writer" in cmdline:
+                found.append(int(child))
+    return found
+
+
+def test_a_db_deleted_or_replaced_under_the_server_is_never_acknowledged_into(
+    make_server, tmp_path: Path
+) -> None:
+    server = make_server()
+    assert server.post_chat(body("before")).status_code == 200
+    server.wait_files(1)
+    moved = tmp_path / "moved-away.db"
+    server.db.rename(moved)  # as `rm` does to the path
+    ready = server.get("/readyz")
+    assert ready.status_code == 503
+    assert f"the database file {server.db} was deleted while the server ran" in ready.json()["db"]
+    refused = server.post_chat(body("into the deleted file"))
+    assert refused.status_code == 503
+    assert "restart the server" in refused.json()["error"]["message"]
+    server.db.write_bytes(b"")  # another file at the path
+    assert "was replaced by another file" in server.get("/readyz").json()["db"]
+    assert server.post_chat(body("into the other file")).status_code == 503
+    moved.replace(server.db)  # the file it opened is back: it takes requests again
+    assert server.post_chat(body("after")).status_code == 200
+    assert server.get("/readyz").status_code == 200
+    server.wait_files(2)
+    assert delivered(server) == Counter(["prompt before", "prompt after"])
+
+
+def test_a_stopped_writer_makes_the_server_not_ready_and_says_why(
+    make_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ai_agent_proxy import flusher
+
+    monkeypatch.setattr(flusher, "WRITER_STALL_S", 0.3)
+    server = make_server()
+    assert server.post_chat(body(0)).status_code == 200
+    server.wait_files(1)
+    (pid,) = writer_pids_of(os.getpid())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for i in (1, 2, 3):
+            assert server.post_chat(body(i)).status_code == 200  # still accepted
+        ready = wait_until(lambda: (r := server.get("/readyz")).status_code == 503 and r)
+        said = ready.json()["inbox"]
+        assert (
+            "the inbox writer process has held a batch of" in said and "without answering" in said
+        )
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    server.wait_files(4)
+    wait_until(lambda: server.get("/readyz").status_code == 200)
+
+
+def test_a_stop_gives_up_on_a_writer_that_does_not_answer(
+    make_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer is stopped holding a batch: the server's stop kills it after its wait
+    instead of waiting for ever; the row stays pending and is written at the next start."""
+    from ai_agent_proxy import flusher
+
+    monkeypatch.setattr(flusher, "STOP_WAIT_S", 0.5)
+    server = make_server()
+    assert server.post_chat(body(0)).status_code == 200
+    server.wait_files(1)
+    (pid,) = writer_pids_of(os.getpid())
+    os.kill(pid, signal.SIGSTOP)
+    assert server.post_chat(body(1)).status_code == 200
+    wait_until(lambda: "T" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3])
+    server.stop()
+    assert "inbox_writer_unresponsive" in server.log()
+    assert wait_until(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid))
+    server.start()
+    server.wait_files(2)
+    assert delivered(server) == Counter(["prompt 0", "prompt 1"])
+
+
+def _zombie(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("end", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_writer_never_outlives_its_server(make_server, end: str) -> None:
+    server = make_server()
+    assert server.post_chat(body(0)).status_code == 200
+    server.wait_files(1)
+    assert server.proc is not None
+    (pid,) = writer_pids(server.proc.pid)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        if end == "SIGTERM":
+            started = time.monotonic()
+            server.stop()
+            assert time.monotonic() - started < 6  # its own wait, not a writer's for ever
+        else:
+            server.kill()  # the kernel ends it: PR_SET_PDEATHSIG
+        assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=5)
+    finally:
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)

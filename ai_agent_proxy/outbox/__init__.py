@@ -83,6 +83,12 @@ class Outbox:
         """The DB fault of the last commit, None once one works (for /readyz)."""
         return self._engine.last_error
 
+    def file_problem(self) -> str | None:
+        """Why the DB's path no longer names the file this process writes, if it does not
+        (deleted, or replaced), for /readyz: found without waiting for a commit."""
+        identity = self._engine.identity
+        return None if identity is None else identity.problem()
+
     # -- ingest ---------------------------------------------------------------------------
 
     async def record(self, req: NewRequest) -> None:

@@ -12,6 +12,11 @@ to `on_committed` with the whole batch, then to each caller.
 
 The thread stops when it takes the STOP sentinel off the queue: work queued before `close`
 is still committed.
+
+Before each COMMIT the file at the DB's path must still be the one the engine opened: a DB
+deleted or replaced under a running server would otherwise take commits into a file nobody
+will open again (2,000 requests were acknowledged into a deleted one). Such a commit is
+rolled back and its callers get 503, until the server is restarted.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -61,9 +67,44 @@ def is_db_fault(exc: BaseException) -> bool:
     )
 
 
+class DatabaseGone(sqlite3.OperationalError):
+    """The file at the DB's path is no longer the one the engine opened (a DB fault)."""
+
+
+class FileIdentity:
+    """Which file a path named when it was opened (device and inode)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._identity = self._of_path()
+
+    def _of_path(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def problem(self) -> str | None:
+        """Why the path no longer names the opened file, or None while it does."""
+        now = self._of_path()
+        if now == self._identity:
+            return None
+        what = "deleted" if now is None else "replaced by another file"
+        return (
+            f"the database file {self.path} was {what} while the server ran: nothing more is"
+            " accepted into it; restart the server"
+        )
+
+    def check(self) -> None:
+        if (problem := self.problem()) is not None:
+            raise DatabaseGone(problem)
+
+
 class WriteEngine:
     def __init__(self, path: Path, on_committed: Callable[[list[Job]], None] | None = None) -> None:
         self.path = path
+        self.identity: FileIdentity | None = None  # set once the DB is open
         self.on_committed = on_committed
         self.last_error: str | None = None  # a DB fault of the last commit; None once one works
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -102,6 +143,7 @@ class WriteEngine:
         name_this_thread(THREAD_NAME)
         try:
             conn = connect(self.path)
+            self.identity = FileIdentity(self.path)
         except sqlite3.Error as exc:
             error = OutboxError(f"cannot open database {self.path}: {exc}")
             self._call(self._opened.set_exception, error)  # type: ignore[union-attr]
@@ -129,8 +171,9 @@ class WriteEngine:
             conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[Job]) -> None:
+        assert self.identity is not None
         try:
-            _transaction(conn, batch)
+            _transaction(conn, batch, self.identity)
         except Exception as exc:
             if len(batch) > 1 and not is_db_fault(exc):
                 log.error("outbox_batch_failed jobs=%d error=%r; one by one", len(batch), exc)
@@ -168,7 +211,8 @@ class WriteEngine:
                 job.future.set_exception(error)
 
 
-def _transaction(conn: sqlite3.Connection, batch: list[Job]) -> None:
+def _transaction(conn: sqlite3.Connection, batch: list[Job], identity: FileIdentity) -> None:
     with transaction(conn):
         for job in batch:
             job.result = job.work(conn)
+        identity.check()  # (raising here rolls the batch back)
