@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from functools import partial
 from typing import Any
@@ -25,6 +26,7 @@ from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, raw
 
 from . import wire
+from .admission import LARGE_BODY, RETRY_AFTER_S, BodyBudget, NoRoom
 from .bodies import BodyParser, ParsedBody, TooDeep
 from .chat import Answer, json_response, relay_chat
 from .config import Settings
@@ -60,13 +62,16 @@ _ERROR_TYPES = {
 class ApiError(SanicException):
     """An error the client sees as the OpenAI-style error object."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message, status_code=status, quiet=True)
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, status_code=status, quiet=True, headers=headers)
 
 
-def error_response(status: int, message: str) -> HTTPResponse:
+def error_response(status: int, message: str, headers: Any = None) -> HTTPResponse:
     type_ = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return json_response(wire.error_body(status, message, type_), status)
+    response = json_response(wire.error_body(status, message, type_), status)
+    if headers:
+        response.headers.update(headers)
+    return response
 
 
 class ProxyErrorHandler(ErrorHandler):
@@ -86,6 +91,8 @@ class ProxyErrorHandler(ErrorHandler):
             self.log(request, exception)
             return error_response(status, "internal error; the request was not accepted")
         message = str(exception) or "error"
+        if isinstance(exception, ApiError):
+            return error_response(status, message, exception.headers)
         if status == 404:
             message = f"not found: {request.path}" if request is not None else "not found"
         elif status == 405 and request is not None:
@@ -139,22 +146,29 @@ class AuthWarnings:
         )
 
 
-def read_body(request: Request, parser: BodyParser) -> ParsedBody:
-    """The request body, parsed and cut for storage; 400 for one the proxy cannot accept
-    (not JSON, not an object, nested too deep: see bodies.loads and check_depth)."""
-    raw_body = request.body
+class Refused(Exception):
+    """A body the proxy cannot accept: the client's message, and why (for the log)."""
+
+    def __init__(self, message: str, why: object) -> None:
+        super().__init__(message)
+        self.why = why
+
+
+def read_body(
+    raw: bytes, parser: BodyParser, media: MediaStore
+) -> tuple[ParsedBody, RequestContext]:
+    """The body parsed and cut for storage, and what it says (context.py); Refused for one
+    the proxy cannot accept (not JSON, not an object, nested too deep: see bodies.loads and
+    check_depth). No I/O: a large body is read in a thread (LARGE_BODY)."""
     try:
-        parsed = parser.read(raw_body)
+        parsed = parser.read(raw)
     except TooDeep as exc:
-        refuse(request, exc)
-        raise ApiError(400, f"request body is not accepted: {exc}") from None
+        raise Refused(f"request body is not accepted: {exc}", exc) from None
     except (ValueError, RecursionError) as exc:
-        refuse(request, exc)
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        raise Refused(f"request body is not valid JSON: {exc}", exc) from None
     if not isinstance(parsed.value, dict):
-        refuse(request, "not an object")
-        raise ApiError(400, "request body must be a JSON object")
-    return parsed
+        raise Refused("request body must be a JSON object", "not an object")
+    return parsed, extract_context(parsed.value, media)
 
 
 def refuse(request: Request, why: object) -> None:
@@ -250,8 +264,8 @@ def create_app(settings: Settings) -> Sanic:
     if settings.key:  # (a signal Sanic dispatches on every request: ~10 µs each)
         app.add_signal(authenticate, "http.routing.after")
     app.register_middleware(count, "response")
-    for uri, handler, methods in ROUTES:
-        app.add_route(handler, uri, methods=methods)
+    for uri, handler, methods, streamed in ROUTES:  # (streamed: the handler reads its body)
+        app.add_route(handler, uri, methods=methods, stream=streamed)
     return app
 
 
@@ -264,6 +278,11 @@ async def open_outbox(app: Sanic) -> None:
     settings: Settings = app.ctx.settings
     return_large_allocations()  # in each worker process
     app.ctx.parser = BodyParser()  # learns the pieces this process's bodies repeat
+    # Large bodies: read in one thread, one at a time, with a parser of their own (a
+    # BodyParser is not shared between threads), within the bytes of BODY_MEMORY.
+    app.ctx.large_parser = BodyParser()
+    app.ctx.large_bodies = ThreadPoolExecutor(1, thread_name_prefix="aiap-large-body")
+    app.ctx.body_budget = BodyBudget(settings.body_memory)
     outbox = Outbox(settings.db_path, settings.dedup_window)
     await outbox.open()
     flusher = Flusher(outbox, settings, on_written=app.ctx.metrics.flush_latency.observe)
@@ -311,6 +330,7 @@ async def close_outbox(app: Sanic) -> None:
         await app.ctx.relay.close()
     await app.ctx.flusher.stop()
     await app.ctx.outbox.close()
+    app.ctx.large_bodies.shutdown(wait=False)
 
 
 LISTENERS = (
@@ -344,20 +364,48 @@ async def count(request: Request, response: HTTPResponse) -> None:
 
 
 async def chat_completions(request: Request) -> HTTPResponse | None:
-    """Parse, extract (pure), commit, answer: the local answer, or the relayed one."""
+    """Admit, read, parse, extract (pure), commit, answer: the local answer, or the relayed
+    one. A streaming route: the body is read here, once it has room (admission.py)."""
     ctx = request.app.ctx
-    parsed = read_body(request, ctx.parser)
-    body = parsed.value
-    context = extract_context(body, ctx.media)
-    request_id, received_ms = new_request_id()
-    relay: Relay | None = ctx.relay
-    row = new_request(request_id, received_ms, parsed, request.body, context, relay)
+    stream = request.stream
+    assert stream is not None
+    stream.request_max_size = ctx.settings.max_body  # (Sanic lifts it for streaming routes)
+    if stream.request_bytes > ctx.settings.max_body:
+        end_without_body(request)
+        raise ApiError(413, "request body too large")
+    expected = stream.request_bytes if stream.request_body is True else ctx.settings.max_body
     try:
-        await ctx.outbox.record(row)
-    except RowRejected as exc:  # permanent: telling the client to retry would not help
-        raise ApiError(400, f"the request cannot be stored: {exc}") from None
-    except OutboxError as exc:
-        raise ApiError(503, f"the request could not be recorded, please retry ({exc})") from None
+        reserved = await ctx.body_budget.reserve(expected if stream.request_body else 0)
+    except NoRoom as exc:
+        end_without_body(request)
+        raise ApiError(503, str(exc), {"retry-after": str(RETRY_AFTER_S)}) from None
+    try:
+        await request.receive_body()
+        raw_body = request.body
+        try:
+            if len(raw_body) >= LARGE_BODY:  # (off the event loop, one at a time)
+                loop = asyncio.get_running_loop()
+                work = partial(read_body, raw_body, ctx.large_parser, ctx.media)
+                parsed, context = await loop.run_in_executor(ctx.large_bodies, work)
+            else:
+                parsed, context = read_body(raw_body, ctx.parser, ctx.media)
+        except Refused as exc:
+            refuse(request, exc.why)
+            raise ApiError(400, str(exc)) from None
+        body = parsed.value
+        request_id, received_ms = new_request_id()
+        relay: Relay | None = ctx.relay
+        row = new_request(request_id, received_ms, parsed, raw_body, context, relay)
+        try:
+            await ctx.outbox.record(row)
+        except RowRejected as exc:  # permanent: telling the client to retry would not help
+            raise ApiError(400, f"the request cannot be stored: {exc}") from None
+        except OutboxError as exc:
+            raise ApiError(
+                503, f"the request could not be recorded, please retry ({exc})"
+            ) from None
+    finally:
+        ctx.body_budget.release(reserved)
     answer = Answer.for_body(body, ctx.settings)
     if relay is None:
         return answer.fallback()
@@ -391,12 +439,12 @@ async def metrics(request: Request) -> HTTPResponse:
 
 
 ROUTES = (
-    ("/v1/chat/completions", chat_completions, ["POST"]),
-    ("/v1/models", list_models, ["GET"]),
-    ("/v1/models/<model_id:path>", get_model, ["GET"]),
-    ("/healthz", healthz, ["GET", "HEAD"]),
-    ("/readyz", readyz, ["GET"]),
-    ("/metrics", metrics, ["GET"]),
+    ("/v1/chat/completions", chat_completions, ["POST"], True),
+    ("/v1/models", list_models, ["GET"], False),
+    ("/v1/models/<model_id:path>", get_model, ["GET"], False),
+    ("/healthz", healthz, ["GET", "HEAD"], False),
+    ("/readyz", readyz, ["GET"], False),
+    ("/metrics", metrics, ["GET"], False),
 )
 
 

@@ -105,6 +105,11 @@ class Settings(BaseModel):
         " broke off mid-stream (empty: nothing extra).",
     )
     max_body: int = _setting(16 * 1024 * 1024, "Largest body in bytes (or 16MiB, 512KB).")
+    body_memory: int = _setting(
+        256 * 1024 * 1024,
+        "Bytes of large bodies (1 MiB and more) received and read at once; past it a large"
+        " body waits, then gets 503 with Retry-After (or 256MiB, 1GiB).",
+    )
     max_connections: int = _setting(
         1000, "Open connections per worker (also kept below the open-files limit)."
     )
@@ -151,9 +156,9 @@ class Settings(BaseModel):
             raise ValueError("must be a whole number of worker processes, 1-64")
         return v
 
-    @field_validator("max_body", mode="before")
+    @field_validator("max_body", "body_memory", mode="before")
     @classmethod
-    def _max_body(cls, v: Any) -> Any:
+    def _size(cls, v: Any) -> Any:
         if isinstance(v, str):
             m = _SIZE.match(v)
             if not m:

@@ -19,15 +19,26 @@ from .config import Settings
 from .errors import OutboxError
 from .inbox_writer import InboxWriter, WriterOptions
 from .outbox import CLAIM_LEASE_MS, Outbox
+from .outbox.queries import LARGE_ROW
 from .rows import PendingRow
 
 log = logging.getLogger("ai_agent_proxy.flusher")
 
 BATCH = 128
+# A batch's bytes (bodies and words) at most, past its first row: the writer holds a batch
+# whole, and 128 rows of 15 MiB were 2 GB in each process.
+BATCH_BYTES = 16 * 1024 * 1024
 # Handed rows kept in memory at most; beyond this the flusher is far behind (or failing)
 # and claims take over: the rows are in the DB, leased to this process.
 HANDED_MAX_ROWS = 4096
-HANDED_MAX_BYTES = 32 * 1024 * 1024
+HANDED_MAX_BYTES = 64 * 1024 * 1024
+
+
+def row_bytes(row: PendingRow) -> int:
+    """What a row holds in memory, roughly: its body (when carried) and the person's words."""
+    return len(row.body) + len(row.latest_user_prompt)
+
+
 IDLE_POLL_S = 1.0  # also picks up rows whose flusher (another worker) died
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
@@ -126,7 +137,7 @@ class Flusher:
     def hand(self, rows: list[PendingRow]) -> None:
         """New rows just committed, leased to this process."""
         self._handed.extend(rows)
-        self._handed_bytes += sum(len(r.body) for r in rows)
+        self._handed_bytes += sum(row_bytes(r) for r in rows)
         if len(self._handed) > HANDED_MAX_ROWS or self._handed_bytes > HANDED_MAX_BYTES:
             self._handed.clear()
             self._handed_bytes = 0
@@ -247,7 +258,8 @@ class Flusher:
             await self._record_rejected(result.rejected, rows)
         await self._settle_marks()  # the previous batch's, done meanwhile
         if result.written:
-            self._marking = asyncio.create_task(self._mark(list(self._unmarked)))
+            large = any(row_bytes(r) >= LARGE_ROW for r in rows)
+            self._marking = asyncio.create_task(self._mark(list(self._unmarked), large))
         if result.failed_seq is None:
             self._recovered()
             return True
@@ -280,8 +292,8 @@ class Flusher:
                 log.warning("inbox_row_failed request_id=%s error=%s", ids[seq], error)
         self._use(Source.CLAIMS, "rows rejected by the writer, to try again")
 
-    async def _mark(self, seqs: list[int]) -> None:
-        await self.outbox.mark_written(seqs)
+    async def _mark(self, seqs: list[int], bulk: bool = False) -> None:
+        await self.outbox.mark_written(seqs, bulk)
         done = set(seqs)
         self._unmarked = [seq for seq in self._unmarked if seq not in done]
 
@@ -308,19 +320,26 @@ class Flusher:
             if self._unmarked:
                 await self._mark(list(self._unmarked))
             drops = self._drops
-            rows = await self.outbox.claim_pending(BATCH)
+            rows, more = await self.outbox.claim_pending(BATCH, BATCH_BYTES)
             # Claims stay in charge while there may be more, or if rows were dropped from
             # memory meanwhile (committed after this claim, so not in it).
-            if len(rows) < BATCH and self._drops == drops:
+            if not more and self._drops == drops:
                 self._use(Source.HANDED, "a claim came back short: nothing older is pending")
             if rows:
                 # Handed rows up to here were pending and leased to us: the claim took them.
                 last = rows[-1].seq
                 while handed and handed[0].seq <= last:
-                    self._handed_bytes -= len(handed.popleft().body)
+                    self._handed_bytes -= row_bytes(handed.popleft())
             return rows
-        rows = [handed.popleft() for _ in range(min(BATCH, len(handed)))]
-        self._handed_bytes -= sum(len(r.body) for r in rows)
+        rows, size = [], 0
+        while (
+            handed
+            and len(rows) < BATCH
+            and not (rows and size + row_bytes(handed[0]) > BATCH_BYTES)
+        ):
+            rows.append(handed.popleft())
+            size += row_bytes(rows[-1])
+        self._handed_bytes -= size
         return rows
 
     def _use(self, source: Source, why: str) -> None:

@@ -21,7 +21,14 @@ from .bodies import join_segments, loads, unpack_ids
 from .errors import HistoryError, SchemaError
 from .ids import inbox_file_name
 from .migrations import check_version
-from .outbox.queries import ANSWERED, BACKLOG, SEGMENT_DATA, UNANSWERED, in_chunks
+from .outbox.queries import (
+    ANSWERED,
+    BACKLOG,
+    PROMPT_DATA,
+    SEGMENT_DATA,
+    UNANSWERED,
+    in_chunks,
+)
 from .rows import (
     JSON_FIELDS,
     MESSAGE_FIELDS,
@@ -42,7 +49,8 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.I)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 RECORD_COLUMNS = (
-    f"id, received_ms, {', '.join(MESSAGE_FIELDS)}, state, payload_kind, duplicate_of,"
+    f"id, received_ms, {', '.join(MESSAGE_FIELDS)}, prompt_segment, state, payload_kind,"
+    " duplicate_of,"
     " backend_status, backend_error, attempts, last_error, written_ms,"
     " (SELECT state FROM replies WHERE request_id = requests.id) AS reply_state,"
     " (SELECT finished_ms FROM replies WHERE request_id = requests.id"
@@ -158,9 +166,13 @@ class Selection:
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
-def record(row: sqlite3.Row) -> dict[str, Any]:
-    """A history record as shown to users (json, csv, table)."""
+def record(row: sqlite3.Row, words: str | None = None) -> dict[str, Any]:
+    """A history record as shown to users (json, csv, table); `words`: the person's whole
+    words, when the row keeps only their start (prompt_segment)."""
     out = dict(row)
+    out.pop("prompt_segment", None)
+    if words is not None:
+        out["latest_user_prompt"] = words
     received_ms = out.pop("received_ms")
     out["inbox_file"] = written_file(out["id"], received_ms, out["state"])
     out["written_at"] = iso(out.pop("written_ms"))
@@ -231,7 +243,7 @@ class History:
         sql = f"SELECT {RECORD_COLUMNS} FROM requests{where} ORDER BY seq DESC"
         if sel.limit:
             sql += f" LIMIT {int(sel.limit)}"
-        return (record(r) for r in self._stream(sql, params))
+        return (record(r, self.words(r["prompt_segment"])) for r in self._stream(sql, params))
 
     def pending_rows(self, sel: Selection, full: bool = False) -> Iterator[tuple[PendingRow, str]]:
         """Rows as the flusher sees them (with their state), oldest first, for replay; the
@@ -244,7 +256,7 @@ class History:
             sql = inner + " ORDER BY seq"
         for r in self._stream(sql, params):
             body = self.body(r["body_segments"]) if body_needed(r["payload_kind"], full) else b""
-            yield PendingRow.from_row(r, body), r["state"]
+            yield PendingRow.from_row(r, body, self.words(r["prompt_segment"])), r["state"]
 
     def body(self, segments_blob: bytes) -> bytes:
         """Join a body's segments; they repeat across rows, so recent ones are cached."""
@@ -256,6 +268,14 @@ class History:
         if len(self._segments) > SEGMENT_CACHE_SIZE:
             self._segments.clear()
         return body
+
+    def words(self, prompt_segment: int | None) -> str | None:
+        """The person's whole words kept as a segment (long words), or None for a row that
+        keeps them itself."""
+        if prompt_segment is None:
+            return None
+        ((data,),) = self._query(PROMPT_DATA, (prompt_segment,))
+        return bytes(data).decode("utf-8")
 
     def resolve_id(self, text: str) -> str:
         """A full request id, an inbox file name, or any unambiguous part of an id of 8+ hex
@@ -302,6 +322,8 @@ class History:
             (out["seq"],),
         )
         out["inbox_file"] = written_file(rid, out["received_ms"], out["state"])
+        if (words := self.words(out.pop("prompt_segment"))) is not None:
+            out["latest_user_prompt"] = words
         out["state"] = display_state(out["state"], out["last_error"])
         out["received_at"] = iso(out.pop("received_ms"))
         out["written_at"] = iso(out.pop("written_ms"))

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -125,11 +125,12 @@ def _load_syncfs() -> Callable[[int], int] | None:
 _syncfs = _load_syncfs()
 
 
-def write_files(inbox: Path, files: Sequence[tuple[str, bytes]]) -> tuple[int, OSError | None]:
+def write_files(inbox: Path, files: Iterable[tuple[str, bytes]]) -> tuple[int, OSError | None]:
     """Write files atomically and durably: each goes to a dot-named temp file in the same
     directory, the data is flushed, then it is renamed into place and the directory is
-    flushed. Readers never see a partial file; re-writing a name replaces it. Returns how
-    many files (in order) are in place, and the error that stopped the rest, if any."""
+    flushed. Readers never see a partial file; re-writing a name replaces it. `files` is
+    taken one at a time (a file's data can be dropped once it is in its temp file). Returns
+    how many files (in order) are in place, and the error that stopped the rest, if any."""
     staged: list[tuple[Path, Path]] = []
     error: OSError | None = None
     for name, data in files:
@@ -204,21 +205,30 @@ def write_batch(
         ensure_dir(inbox)
     except OSError as exc:
         return BatchResult([], rows[0].seq, _describe(exc))
-    files, kept, rejected = [], [], []
-    for row in rows:
-        try:
-            files.append((row.inbox_file, render(row, settings, parse=parse)))
-            kept.append(row)
-        except Exception as exc:  # any reason at all: this row's, not the inbox's
-            rejected.append((row.seq, _describe(exc)))
-    done, error = write_files(inbox, files)
-    for name, data in files[:done]:
+    kept: list[tuple[PendingRow, int]] = []
+    rejected: list[tuple[int, str]] = []
+
+    def rendered() -> Iterator[tuple[str, bytes]]:
+        """Each row's file, rendered as it is written: a batch is never held rendered
+        whole (a few large rows were gigabytes)."""
+        for row in rows:
+            try:
+                data = render(row, settings, parse=parse)
+            except Exception as exc:  # any reason at all: this row's, not the inbox's
+                rejected.append((row.seq, _describe(exc)))
+                continue
+            kept.append((row, len(data)))
+            yield row.inbox_file, data
+
+    done, error = write_files(inbox, rendered())
+    for row, size in kept[:done]:
         log.info(
-            "chat_completion request inbox file_size=%d inbox_path=%s", len(data), inbox / name
-        )
-    result = BatchResult(written=[row.seq for row in kept[:done]], rejected=rejected)
+            "chat_completion request inbox file_size=%d inbox_path=%s",
+            size, inbox / row.inbox_file,
+        )  # fmt: skip
+    result = BatchResult(written=[row.seq for row, _ in kept[:done]], rejected=rejected)
     if error is not None:
-        result.failed_seq, result.error = kept[done].seq, _describe(error)
+        result.failed_seq, result.error = kept[done][0].seq, _describe(error)
     return result
 
 

@@ -98,9 +98,15 @@ class PendingRow(Message):
         return inbox_file_name(self.id, self.received_ms)
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any], body: bytes = b"") -> PendingRow:
-        """From a DB row (or any mapping) by column name; `body` joined by the caller."""
-        return cls(body=body, **{name: row[name] for name in META_FIELDS})
+    def from_row(
+        cls, row: Mapping[str, Any], body: bytes = b"", words: str | None = None
+    ) -> PendingRow:
+        """From a DB row (or any mapping) by column name; `body` joined by the caller, and
+        `words` the person's whole words when the row keeps only their start."""
+        fields_ = {name: row[name] for name in META_FIELDS}
+        if words is not None:
+            fields_["latest_user_prompt"] = words
+        return cls(body=body, **fields_)
 
     @classmethod
     def handed(cls, req: NewRequest, seq: int, payload_kind: str) -> PendingRow:
@@ -120,8 +126,9 @@ class PendingRow(Message):
 
 
 META_FIELDS = tuple(f.name for f in fields(PendingRow) if f.name != "body")
-# The columns a PendingRow is read from; the body comes from body_segments.
-PENDING_COLUMNS = ", ".join((*META_FIELDS, "body_segments"))
+# The columns a PendingRow is read from; the body comes from body_segments, long words from
+# prompt_segment (outbox/queries.stored_prompt).
+PENDING_COLUMNS = ", ".join((*META_FIELDS, "body_segments", "prompt_segment"))
 
 
 def body_needed(payload_kind: str, full: bool = False) -> bool:

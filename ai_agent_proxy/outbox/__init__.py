@@ -28,6 +28,7 @@ from ..errors import OutboxError, RowRejected
 from ..rows import NewRequest, PendingRow, State, body_needed
 from . import queries
 from .engine import Job, WriteEngine
+from .queries import LARGE_ROW
 
 CLAIM_LEASE_MS = 10_000  # a dead worker's claimed rows go to another flusher after this
 ROW_ATTEMPTS = 3  # tries to make a file of a row before it is undeliverable
@@ -97,11 +98,14 @@ class Outbox:
         segments = [(self._segment_hash(part), part) for part in req.segments]
         # The body's own hash, from its segments' (cheaper than hashing the body again).
         body_hash = digest(b"".join(h for h, _ in segments))
+        words, words_data = queries.stored_prompt(req.latest_user_prompt)
+        prompt = None if words_data is None else (digest(words_data), words_data)
         params = {
             "id": req.id,
             "received_ms": req.received_ms,
             "body_hash": body_hash,
             **req.message(),
+            "latest_user_prompt": words,
             "retry": req.retry,
             "state": (State.AWAITING_BACKEND if req.awaiting_backend else State.PENDING).value,
             "dedup_since_ms": req.received_ms - self.dedup_window_ms,
@@ -111,9 +115,11 @@ class Outbox:
         }
         check_storable(params)
         work = partial(
-            queries.insert_request, params=params, segments=segments, known=self._segment_ids
-        )
-        await self._engine.run(work, tag=_Inserted(req))
+            queries.insert_request, params=params, segments=segments, known=self._segment_ids,
+            prompt=prompt,
+        )  # fmt: skip
+        large = sum(len(p) for p in req.segments) + len(req.latest_user_prompt) >= LARGE_ROW
+        await self._engine.run(work, tag=_Inserted(req), bulk=large)
 
     def _segment_hash(self, part: bytes) -> bytes:
         """digest(part), skipping the hashing for a piece equal to one seen recently: a
@@ -150,28 +156,37 @@ class Outbox:
 
     # -- flusher side ---------------------------------------------------------------------
 
-    async def claim_pending(self, limit: int) -> list[PendingRow]:
-        """Lease the oldest pending rows to this flusher, in arrival order."""
+    async def claim_pending(self, limit: int, max_bytes: int) -> tuple[list[PendingRow], bool]:
+        """Lease the oldest pending rows to this flusher, in arrival order (at most `limit`,
+        and past the first at most `max_bytes`); and whether more were pending."""
         work = partial(
             queries.claim_pending, token=self.token, now_ms=_now_ms(), lease_ms=CLAIM_LEASE_MS,
-            limit=limit,
+            limit=limit, max_bytes=max_bytes,
         )  # fmt: skip
-        rows = await self._engine.run(work)
+        rows, more = await self._engine.run(work)
         ids = [
             unpack_ids(r["body_segments"]) if body_needed(r["payload_kind"]) else [] for r in rows
         ]
+        words = {r["prompt_segment"] for r in rows if r["prompt_segment"] is not None}
         data: dict[int, bytes] = {}
-        for marks, chunk in queries.in_chunks(sorted({i for row_ids in ids for i in row_ids})):
+        needed = {i for row_ids in ids for i in row_ids} | words
+        for marks, chunk in queries.in_chunks(sorted(needed)):
             data.update(await self._read(queries.SEGMENT_DATA % marks, chunk))
         return [
-            PendingRow.from_row(r, join_segments(row_ids, data))
+            PendingRow.from_row(
+                r, join_segments(row_ids, data),
+                None if r["prompt_segment"] is None else data[r["prompt_segment"]].decode(),
+            )
             for r, row_ids in zip(rows, ids, strict=True)
-        ]
+        ], more  # fmt: skip
 
-    async def mark_written(self, seqs: Iterable[int]) -> None:
+    async def mark_written(self, seqs: Iterable[int], bulk: bool = False) -> None:
+        """Mark rows written (`bulk`: large ones among them, each rewritten whole by SQLite:
+        committed after the ordinary work, see WriteEngine)."""
         seqs = list(seqs)
         if seqs:
-            await self._engine.run(partial(queries.mark_written, seqs=seqs, now_ms=_now_ms()))
+            work = partial(queries.mark_written, seqs=seqs, now_ms=_now_ms())
+            await self._engine.run(work, bulk=bulk)
 
     async def record_inbox_failure(self, seq: int, error: str, release: Iterable[int]) -> None:
         """The inbox failed at row `seq`; the lease on the other rows is given back."""

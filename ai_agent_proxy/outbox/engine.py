@@ -3,12 +3,15 @@ group commits. It knows no domain SQL: a unit of work is any function of a conne
 
 Every function queued while the previous commit ran goes into the next one: one
 transaction, one fsync, for a whole batch of requests, so a handler answers only after its
-row is durable without paying a commit of its own. If a batch fails for a reason of the
-DB's (busy past its timeout, disk full, read-only: `is_db_fault`), every caller gets that
-OutboxError; for any other reason (which can only be one function's), the functions are run
-again one by one, each in its own transaction, so only the guilty caller fails (with
-RowRejected: it would fail again). Results go back to the event loop in queue order: first
-to `on_committed` with the whole batch, then to each caller.
+row is durable without paying a commit of its own. Bulk work (a 15 MiB row) goes alone in a
+transaction of its own, after the ordinary work queued before it is committed: a request of
+a few KB never waits behind more than one bulk job (it waited 4 s behind a group of them).
+If a batch fails for a reason of the DB's (busy past its timeout, disk full, read-only:
+`is_db_fault`), every caller gets that OutboxError; for any other reason (which can only
+be one function's), the functions are run again one by one, each in its own transaction,
+so only the guilty caller fails (with RowRejected: it would fail again). Results go back
+to the event loop in queue order: first to `on_committed` with the whole batch, then to
+each caller.
 
 The thread stops when it takes the STOP sentinel off the queue: work queued before `close`
 is still committed.
@@ -28,6 +31,7 @@ import os
 import queue
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +58,7 @@ class Job:
     future: asyncio.Future[Any]
     tag: Any = None
     result: Any = None
+    bulk: bool = False
 
 
 STOP = object()
@@ -120,13 +125,14 @@ class WriteEngine:
         self._thread.start()
         await self._opened
 
-    async def run(self, work: Work, tag: Any = None) -> Any:
-        """Queue `work` for the next group commit; return its result once committed.
-        Raises OutboxError once the engine is closed (nothing would ever commit it)."""
+    async def run(self, work: Work, tag: Any = None, bulk: bool = False) -> Any:
+        """Queue `work` for the next group commit (`bulk`: in a commit of its own, after
+        the ordinary work); return its result once committed. Raises OutboxError once the
+        engine is closed (nothing would ever commit it)."""
         if self._loop is None or self._thread is None:
             raise OutboxError(f"the outbox {self.path} is closed")
         future = self._loop.create_future()
-        self._queue.put(Job(work, future, tag))
+        self._queue.put(Job(work, future, tag, bulk=bulk))
         return await future
 
     async def close(self) -> None:
@@ -149,12 +155,15 @@ class WriteEngine:
             self._call(self._opened.set_exception, error)  # type: ignore[union-attr]
             return
         self._call(self._opened.set_result, None)  # type: ignore[union-attr]
+        bulk: deque[Job] = deque()
         try:
             while True:
-                first = self._queue.get()
-                if first is STOP:
-                    return
-                batch, stop = [first], False
+                batch, stop = [], False
+                if not bulk:  # nothing waits: block for the next job
+                    first = self._queue.get()
+                    if first is STOP:
+                        return
+                    (bulk if first.bulk else batch).append(first)
                 while len(batch) < MAX_BATCH:
                     try:
                         job = self._queue.get_nowait()
@@ -163,9 +172,18 @@ class WriteEngine:
                     if job is STOP:
                         stop = True
                         break
-                    batch.append(job)
-                self._commit(conn, batch)
+                    (bulk if job.bulk else batch).append(job)
+                if batch:  # ordinary work first, then one bulk job (never starved)
+                    self._commit(conn, batch)
+                if bulk:
+                    self._commit(conn, [bulk.popleft()])
+                    # Its WAL frames copied now, in its own turn: else the next commit
+                    # (a small request's) ran the automatic checkpoint of 30 MiB.
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 if stop:
+                    for job in bulk:  # (committed before the thread ends)
+                        self._commit(conn, [job])
                     return
         finally:
             conn.close()

@@ -35,8 +35,10 @@ def collect_segment_garbage(db_path: Path) -> int:
     try:
         with transaction(conn):
             used: set[int] = set()
-            for (blob,) in conn.execute("SELECT body_segments FROM requests"):
+            for blob, words in conn.execute("SELECT body_segments, prompt_segment FROM requests"):
                 used.update(unpack_ids(blob))
+                if words is not None:  # (long words: outbox/queries.stored_prompt)
+                    used.add(words)
             unused = [(i,) for (i,) in conn.execute("SELECT id FROM segments") if i not in used]
             conn.executemany("DELETE FROM segments WHERE id = ?", unused)
         return len(unused)

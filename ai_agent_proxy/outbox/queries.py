@@ -15,15 +15,18 @@ from ..bodies import pack_ids
 from ..rows import MESSAGE_FIELDS, PENDING_COLUMNS, PayloadKind, ReplyState, State
 
 _SQL_VARS = 500  # parameters per IN (...) query, well under SQLite's limit
+LARGE_ROW = 1 << 20  # bytes of body and words from which a row's size is kept (large_rows)
+PROMPT_INLINE_MAX = 1 << 16  # characters of words kept in the row itself, at most
+PROMPT_PREFIX = 4096  # what the row keeps of longer words (history --search looks there)
 _DUP, _PENDING, _WAITING = State.DUPLICATE.value, State.PENDING.value, State.AWAITING_BACKEND.value
 
 INSERT_REQUEST = f"""
 INSERT INTO requests (
-    id, received_ms, body_segments, body_hash, {", ".join(MESSAGE_FIELDS)}, claimed_until_ms,
-    claimed_by, payload_kind, state, duplicate_of, repeat_reason)
+    id, received_ms, body_segments, body_hash, {", ".join(MESSAGE_FIELDS)}, prompt_segment,
+    claimed_until_ms, claimed_by, payload_kind, state, duplicate_of, repeat_reason)
 SELECT
     :id, :received_ms, :body_segments, :body_hash, {", ".join(":" + f for f in MESSAGE_FIELDS)},
-    :claimed_until_ms, :claimed_by,
+    :prompt_segment, :claimed_until_ms, :claimed_by,
     CASE WHEN :context_id IS NOT NULL AND EXISTS (
         SELECT 1 FROM requests WHERE context_id = :context_id AND state != '{_DUP}'
     ) THEN '{PayloadKind.COMPACT.value}' ELSE '{PayloadKind.FULL.value}' END,
@@ -37,7 +40,8 @@ FROM (
             -- steered follow-up shares the message_id but brings new words: not a repeat)
             (SELECT id FROM requests
              WHERE context_id = :context_id AND message_id = :message_id
-               AND latest_user_prompt = :latest_user_prompt AND attachments IS :attachments
+               AND latest_user_prompt = :latest_user_prompt
+               AND prompt_segment IS :prompt_segment AND attachments IS :attachments
                AND state != '{_DUP}'
              ORDER BY seq LIMIT 1),
             -- OpenClaw's retry notice: the newest request of the same message. OpenClaw may
@@ -47,7 +51,8 @@ FROM (
             (SELECT id FROM requests
              WHERE :retry AND context_id IS :context_id AND message_id IS :message_id
                AND (:message_id IS NOT NULL OR (
-                    latest_user_prompt = :latest_user_prompt AND attachments IS :attachments
+                    latest_user_prompt = :latest_user_prompt
+                    AND prompt_segment IS :prompt_segment AND attachments IS :attachments
                     AND received_ms >= :dedup_since_ms))
                AND state != '{_DUP}'
              ORDER BY seq DESC LIMIT 1)
@@ -83,12 +88,15 @@ def insert_request(
     params: dict[str, Any],
     segments: Sequence[tuple[bytes, bytes]],
     known: Mapping[bytes, int],
+    prompt: tuple[bytes, bytes] | None = None,
 ) -> tuple[tuple[int, str, str], dict[bytes, int]]:
     """The row of a request, with its body's (hash, data) segments, storing those not known
-    to be stored: ((seq, payload_kind, state), the segment ids it looked up, which the
-    caller may remember once the commit is done)."""
-    ids = {h: known.get(h) for h, _ in segments}  # each looked up once: `known` may change
-    unseen = {h: data for h, data in segments if ids[h] is None}
+    to be stored (and `prompt`, the person's words as a segment when they are too long to
+    keep in the row: `stored_prompt`): ((seq, payload_kind, state), the segment ids it
+    looked up, which the caller may remember once the commit is done)."""
+    pieces = [*segments, prompt] if prompt else list(segments)
+    ids = {h: known.get(h) for h, _ in pieces}  # each looked up once: `known` may change
+    unseen = {h: data for h, data in pieces if ids[h] is None}
     learned: dict[bytes, int] = {}
     if unseen:
         conn.executemany(
@@ -100,29 +108,59 @@ def insert_request(
             )
         ids.update(learned)
     body_segments = pack_ids([ids[h] for h, _ in segments])  # type: ignore[misc]
-    (row,) = named_rows(conn.execute(INSERT_REQUEST, {**params, "body_segments": body_segments}))
+    prompt_segment = ids[prompt[0]] if prompt else None
+    (row,) = named_rows(
+        conn.execute(
+            INSERT_REQUEST,
+            {**params, "body_segments": body_segments, "prompt_segment": prompt_segment},
+        )
+    )
+    size = sum(len(data) for _, data in pieces) + len(params["latest_user_prompt"])
+    if size >= LARGE_ROW:
+        conn.execute("INSERT INTO large_rows (seq, bytes) VALUES (?, ?)", (row["seq"], size))
     return (row["seq"], row["payload_kind"], row["state"]), learned
 
 
+def stored_prompt(words: str) -> tuple[str, bytes | None]:
+    """(what the row keeps of the person's words, the words as a segment's data or None):
+    words of PROMPT_INLINE_MAX characters or more stay out of the row (migration 0008)."""
+    if len(words) < PROMPT_INLINE_MAX:
+        return words, None
+    return words[:PROMPT_PREFIX], words.encode("utf-8")
+
+
 def claim_pending(
-    conn: sqlite3.Connection, token: str, now_ms: int, lease_ms: int, limit: int
-) -> list[dict[str, Any]]:
+    conn: sqlite3.Connection, token: str, now_ms: int, lease_ms: int, limit: int, max_bytes: int
+) -> tuple[list[dict[str, Any]], bool]:
     """Lease the oldest pending rows to flusher `token`: rows nobody holds, rows whose lease
-    ran out, and rows it already holds. Returned in arrival order."""
+    ran out, and rows it already holds; at most `limit` of them and, past the first, no
+    more than `max_bytes` (large rows by their recorded size, the others as LARGE_ROW).
+    Returns them in arrival order, and whether more were pending beyond them."""
+    candidates = conn.execute(
+        f"""SELECT seq, coalesce(large_rows.bytes, 0) FROM requests
+        LEFT JOIN large_rows USING (seq)
+        WHERE state = '{_PENDING}' AND (claimed_until_ms IS NULL
+            OR claimed_until_ms < ? OR claimed_by = ?)
+        ORDER BY seq LIMIT ?""",
+        (now_ms, token, limit),
+    ).fetchall()
+    chosen, total = [], 0
+    for seq, size in candidates:
+        if chosen and total + size > max_bytes:
+            break
+        chosen.append(seq)
+        total += size
+    if not chosen:
+        return [], False
     rows = named_rows(
         conn.execute(
-            f"""UPDATE requests SET claimed_until_ms = ?, claimed_by = ?
-            WHERE seq IN (
-                SELECT seq FROM requests
-                WHERE state = '{_PENDING}' AND (claimed_until_ms IS NULL
-                    OR claimed_until_ms < ? OR claimed_by = ?)
-                ORDER BY seq LIMIT ?)
-            RETURNING {PENDING_COLUMNS}""",
-            (now_ms + lease_ms, token, now_ms, token, limit),
+            f"UPDATE requests SET claimed_until_ms = ?, claimed_by = ?"
+            f" WHERE seq IN ({', '.join('?' * len(chosen))}) RETURNING {PENDING_COLUMNS}",
+            (now_ms + lease_ms, token, *chosen),
         )
     )
     rows.sort(key=lambda r: r["seq"])
-    return rows
+    return rows, len(chosen) < len(candidates) or len(candidates) == limit
 
 
 def mark_written(conn: sqlite3.Connection, seqs: Sequence[int], now_ms: int) -> None:
@@ -212,6 +250,7 @@ def prune_delivered(conn: sqlite3.Connection, received_before_ms: int, limit: in
 
 
 SEGMENT_DATA = "SELECT id, data FROM segments WHERE id IN (%s)"
+PROMPT_DATA = "SELECT data FROM segments WHERE id = ?"
 BACKLOG = (
     f"SELECT count(*), min(received_ms) FROM requests WHERE state IN ('{_PENDING}', '{_WAITING}')"
 )
