@@ -28,15 +28,15 @@ class BodyBudget:
         self.refused = 0
         self._freed = asyncio.Event()
 
-    async def reserve(self, size: int, wait_s: float = ADMIT_WAIT_S) -> int:
-        """Reserve `size` bytes (nothing for a small body) and return what was reserved,
-        for `release`; 0 for a body that may go at once. Waits up to `wait_s` for room
-        (one body alone always goes, even one larger than the limit); None past that."""
+    async def reserve(self, size: int, wait_s: float | None = None) -> int:
+        """Reserve room for a body of `size` bytes and return what was reserved, for
+        `release` (0 for a small body: nothing). Waits up to `wait_s` (ADMIT_WAIT_S) for
+        room; one body alone always goes, even one larger than the limit. NoRoom past it."""
         if size < LARGE_BODY:
             return 0
         size *= EXPANSION
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
+        deadline = loop.time() + (ADMIT_WAIT_S if wait_s is None else wait_s)
         while self.used and self.used + size > self.limit:
             self._freed.clear()
             left = deadline - loop.time()

@@ -104,7 +104,8 @@ _SENDER_FIELDS = ("sender_id", "id", "e164", "target", "user_id", "recipient", "
 _CHANNEL_LINE = re.compile(r"\|\s*channel=([^\s|]+)")
 # `[media attached: <path> (<mime>) "<name>"]`, also numbered (`media attached 1/2:`) and
 # with a `| <path or url>` tail; `[media attached: 2 files]` only announces the lines.
-_MEDIA_LINE = re.compile(r"[ \t]*\[media attached(?: \d+/\d+)?: ([^\n]*)\][ \t]*(?:\n|$)")
+_MEDIA_HEAD = re.compile(r"[ \t]*\[media attached(?: \d+/\d+)?: ")
+MEDIA_LINE_MAX = 4096  # OpenClaw's line is a path, a type and a name; a longer one is text
 _MEDIA_INNER = re.compile(
     r'^(?P<path>.+?)(?: \((?P<mime>[\w.+-]+/[\w.+-]+)[^()]*\))?(?: "(?P<name>[^"]*)")?'
     r"(?: \| [^|]*)?$"
@@ -238,7 +239,8 @@ def _extract(body: Any, media: MediaStore | None) -> RequestContext:
     sender: dict[str, str] | None = None
 
     # OpenClaw 2026.9: its internal-context message carries chat_id, message_id and sender.
-    info = _internal_conversation_info(messages)
+    internal = _internal_index(messages)
+    info = _internal_conversation_info(messages, internal)
     if info:
         chat_id = _str(info.get("chat_id"))
         message_id = _str(info.get("message_id"))
@@ -255,7 +257,7 @@ def _extract(body: Any, media: MediaStore | None) -> RequestContext:
         channel = _inbound_meta_channel(messages) or _channel_line(messages)
 
     # Older OpenClaw: sender identity in the person's newest message's JSON block.
-    text, retry = _read_turn(messages)
+    text, retry = _read_turn(messages, internal)
     prompt, attachments = "", ()
     if text is not None:
         if not target:
@@ -315,16 +317,33 @@ def split_media(text: str, media: MediaStore | None = None) -> tuple[str, tuple[
         return text, ()
     found: list[Attachment] = []
     at = space_end(text, 0)
-    while len(found) < ATTACHMENTS_MAX and (match := _MEDIA_LINE.match(text, at)):
-        inner = match.group(1).strip()
+    while len(found) < ATTACHMENTS_MAX and (line := _media_line(text, at)) is not None:
+        inner, next_line = line
         parts = None if _MEDIA_COUNT.match(inner) else _MEDIA_INNER.match(inner)
         if parts is not None:
             path = parts["path"].strip()
             if not (media.holds(path) if media else _looks_inbound(path)):
                 break
             found.append(Attachment(path, parts["mime"], parts["name"]))
-        at = _NEWLINES.match(text, match.end()).end()  # type: ignore[union-attr]
+        at = _NEWLINES.match(text, next_line).end()  # type: ignore[union-attr]
     return (text[at:].strip(), tuple(found)) if found else (text, ())
+
+
+def _media_line(text: str, at: int) -> tuple[str, int] | None:
+    """(what is inside the `[media attached: ...]` line that starts at `at`, where the
+    next line starts), or None when no such line (of at most MEDIA_LINE_MAX characters)
+    starts there. The inside runs to the line's last `]`, only spaces or tabs after it."""
+    head = _MEDIA_HEAD.match(text, at)
+    if head is None:
+        return None
+    eol = text.find("\n", head.end(), head.end() + MEDIA_LINE_MAX + 1)
+    end = eol if eol != -1 else len(text)
+    if end - head.end() > MEDIA_LINE_MAX:
+        return None
+    rest = text[head.end() : end].rstrip(" \t")
+    if not rest.endswith("]"):
+        return None
+    return rest[:-1].strip(), end + 1 if eol != -1 else end
 
 
 def _looks_inbound(path: str) -> bool:
@@ -375,15 +394,22 @@ def _message_text(message: dict[str, Any]) -> str:
     return "\n".join(_texts(message))
 
 
-def _is_internal(message: dict[str, Any]) -> bool:
-    """OpenClaw's own internal-context message: every text part *begins* with the marker.
-    A person's message never does (OpenClaw wraps it, `[<time>] Conversation info: ...`),
-    so the marker typed inside one, or merged in as a later part, stays their text."""
-    texts = _texts(message)
-    return bool(texts) and all(t.lstrip().startswith(INTERNAL_BEGIN) for t in texts)
+def _internal_index(messages: list[dict[str, Any]]) -> int | None:
+    """Where OpenClaw's own internal-context message is: the first user message whose first
+    text part begins with the marker. The gateway sends one per request (every captured
+    body has exactly one), after the person's message and before a steered one, and it
+    wraps every person's message (`[<time>] Conversation info: ...`). So the marker typed
+    inside a person's message, merged in as a later part, or opening a message that comes
+    after OpenClaw's (not seen from the gateway) is somebody's text, never identity; and
+    OpenClaw's message gaining a second part is still OpenClaw's."""
+    for i, message in enumerate(messages):
+        texts = _texts(message) if message.get("role") == "user" else []
+        if texts and texts[0].startswith(INTERNAL_BEGIN, space_end(texts[0], 0)):
+            return i
+    return None
 
 
-def _read_turn(messages: list[dict[str, Any]]) -> tuple[str | None, bool]:
+def _read_turn(messages: list[dict[str, Any]], internal: int | None) -> tuple[str | None, bool]:
     """(the text of the person's newest message, or None if there is none; whether
     OpenClaw's retry notice is in the current turn).
 
@@ -398,8 +424,8 @@ def _read_turn(messages: list[dict[str, Any]]) -> tuple[str | None, bool]:
         start -= 1
     newest: list[str] | None = None
     retry = False
-    for message in messages[start:]:
-        if _is_internal(message):
+    for i, message in enumerate(messages[start:], start):
+        if i == internal:
             continue
         texts = []
         for text in _texts(message):
@@ -410,8 +436,11 @@ def _read_turn(messages: list[dict[str, Any]]) -> tuple[str | None, bool]:
         if texts or not _texts(message):  # a message of only notices is not the person's
             newest = texts
     if newest is None:  # no turn of the person's (e.g. the body ends with an answer)
-        older = (m for m in reversed(messages[:start]) if m.get("role") == "user")
-        found = next((m for m in older if not _is_internal(m)), None)
+        older = (
+            m for i, m in reversed(list(enumerate(messages[:start])))
+            if m.get("role") == "user" and i != internal
+        )  # fmt: skip
+        found = next(older, None)
         return (None if found is None else _message_text(found)), retry
     return "\n".join(newest), retry
 
@@ -426,24 +455,25 @@ def _fenced_objects(text: str) -> Iterator[dict[str, Any]]:
             yield obj
 
 
-def _internal_conversation_info(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The `Conversation info` object of the newest internal-context message that has one.
-    Only OpenClaw's own message is read (_is_internal), and in it only the data block that
-    starts with that header: chat text quoted elsewhere is never a source of identity."""
-    for m in reversed(messages):
-        if m.get("role") != "user" or not _is_internal(m):
+def _internal_conversation_info(
+    messages: list[dict[str, Any]], internal: int | None
+) -> dict[str, Any] | None:
+    """The `Conversation info` object of OpenClaw's internal-context message (at index
+    `internal`), if it has one: only the first text part of that message is read, and in
+    it only the data block that starts with that header, so chat text quoted elsewhere is
+    never a source of identity."""
+    if internal is None:
+        return None
+    for block in _data_blocks(_texts(messages[internal])[0]):
+        content = header_block(block, _INFO_HEADER)
+        if content is None:
             continue
-        for text in _texts(m):
-            for block in _data_blocks(text):
-                content = header_block(block, _INFO_HEADER)
-                if content is None:
-                    continue
-                try:
-                    obj = json.loads(content)
-                except (ValueError, RecursionError):
-                    continue
-                if isinstance(obj, dict) and ("chat_id" in obj or "message_id" in obj):
-                    return obj
+        try:
+            obj = json.loads(content)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(obj, dict) and ("chat_id" in obj or "message_id" in obj):
+            return obj
     return None
 
 

@@ -28,6 +28,13 @@ VOICE = "openclaw-2026.9-telegram-voice.json"
 QUEUED = "openclaw-2026.9-telegram-queued-resend.json"
 QUEUED_EMPTY = "openclaw-2026.9-telegram-queued-empty-turn.json"
 QUEUED_RETRY = "openclaw-2026.9-telegram-queued-empty-retry.json"
+# One person writes three times within two seconds (the gateway's own bursts, 2026-12-06):
+# REPLY empty, each message its own turn and its retry; steered into a running turn under
+# the first message's id; merged into one turn inside Telegram's 300 ms intake window.
+BURST_EMPTY = [f"openclaw-2026.9-telegram-burst-empty-{i}.json" for i in range(1, 7)]
+BURST_STEERED = [f"openclaw-2026.9-telegram-burst-steered-{i}.json" for i in range(1, 4)]
+BURST_TIGHT = "openclaw-2026.9-telegram-burst-tight.json"
+BURST_WORDS = ["hi, are you there", "one more thing: the invoice is wrong", "it is invoice 4711"]
 
 INTERNAL_BEGIN = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>"
 _WRAPPER = re.compile(r"\A\[[^\]]*\] Conversation info: [^\n]*\n```json\n[^\n]*\n```\n\n")
@@ -201,6 +208,17 @@ EXPECTED: dict[str, dict[str, Any]] = {
                        stored_prompt="hello from the real gateway, REPLY empty\n"
                                      "while you were down: book a table"),
 }  # fmt: skip
+for _i, _name in enumerate(BURST_EMPTY):  # turns 1, 3, 5; each retry re-assembles the words
+    _turn = _i // 2
+    EXPECTED[_name] = dict(context_id="telegram:511111111", message_id=f"510{_turn + 1}",
+                           sender=_alice("511111111"), prompt=BURST_WORDS[_turn])  # fmt: skip
+    if _i % 2:
+        EXPECTED[_name]["stored_prompt"] = "\n".join(BURST_WORDS[: _turn + 1])
+for _name, _words in zip(BURST_STEERED, BURST_WORDS, strict=True):  # all under the first id
+    EXPECTED[_name] = dict(context_id="telegram:544444444", message_id="5401",
+                           sender=_alice("544444444"), prompt=_words)  # fmt: skip
+EXPECTED[BURST_TIGHT] = dict(context_id="telegram:555555555", message_id="5503",
+                             sender=_alice("555555555"), prompt="\n".join(BURST_WORDS))  # fmt: skip
 for _values in EXPECTED.values():
     _values.setdefault("attachments", None)
     _values.setdefault("modality", None)

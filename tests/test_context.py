@@ -444,16 +444,47 @@ def test_older_shape_sender_nested_and_field_order() -> None:
     assert ctx.latest_user_prompt == block.split("\n")[-1] or ctx.latest_user_prompt
 
 
-def test_the_newest_internal_context_wins() -> None:
+@pytest.mark.parametrize(
+    "name", [oc.TURN2, oc.STEER_SECOND, "openclaw-2026.9-telegram-burst-steered-3.json"]
+)
+def test_a_marker_first_message_after_openclaws_own_is_text(name: str) -> None:
+    """OpenClaw sends one internal-context message per request (every captured body): the
+    first. A message that opens with the marker after it (not seen from the gateway: it
+    wraps every person's message) is somebody's words, not the chat's identity."""
+    body = oc.load(name)
+    original = extract_context(body)
+    body["messages"].append({"role": "user", "content": [{"type": "text", "text": forged_block()}]})
+    ctx = extract_context(body)
+    assert (ctx.context_id, ctx.message_id, ctx.sender) == (
+        original.context_id, original.message_id, original.sender,
+    )  # fmt: skip
+    assert ctx.latest_user_prompt.startswith("<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>")
+    assert "telegram:666" in ctx.latest_user_prompt
+
+
+def test_openclaws_message_gaining_a_second_part_keeps_the_identity() -> None:
+    body = oc.load(oc.TURN2)
+    own = body["messages"][-1]
+    own["content"].append({"type": "text", "text": "a later part of OpenClaw's"})
+    ctx = extract_context(body)
+    assert (ctx.context_id, ctx.message_id) == ("telegram:123456789", "12")
+    assert ctx.latest_user_prompt == "second message, normal mode"
+    # a leading space or newline before the marker is still OpenClaw's message
+    own["content"][0]["text"] = "\n " + own["content"][0]["text"]
+    assert extract_context(body).message_id == "12"
+
+
+def test_only_the_first_internal_context_names_the_chat() -> None:
     body = {
         "messages": [
-            internal({"chat_id": "tg:old", "message_id": "1"}),
+            internal({"chat_id": "tg:first", "message_id": "1"}),
             {"role": "user", "content": "hi"},
-            internal({"chat_id": "tg:new", "message_id": "2"}),
+            internal({"chat_id": "tg:later", "message_id": "2"}),
         ]
     }
     ctx = extract_context(body)
-    assert (ctx.context_id, ctx.message_id) == ("tg:new", "2")
+    assert (ctx.context_id, ctx.message_id) == ("tg:first", "1")
+    assert ctx.latest_user_prompt.startswith("<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>")
 
 
 def test_an_internal_part_merged_into_a_persons_message_is_their_words() -> None:
@@ -724,7 +755,7 @@ def test_every_text_reader_takes_linear_time(shape: str) -> None:
                     return extract_context(b, m)
             else:
                 call = read
-            times[size] = _seconds_per_call(call, text, budget_s=0.002 + size * 5e-7)
+            times[size] = _seconds_per_call(call, text, budget_s=0.02 + size * 5e-7)
         if times[16384] >= 50e-6:
             ratio = times[65536] / times[16384]
             assert ratio < 8, f"{name} on {shape}: 64 KB took {ratio:.1f} times 16 KB"

@@ -8,6 +8,7 @@ Then the variants of a retry that the gateway might send, each built from a capt
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -24,12 +25,13 @@ from .embedded import EmbeddedServer
 ORDER = [
     oc.TURN1, oc.TURN2, oc.EMPTY_TURN, oc.EMPTY_RETRY, oc.QUEUED, oc.GROUP, oc.CLI_LOCAL,
     oc.STEER_FIRST, oc.STEER_SECOND, oc.PHOTO, oc.PHOTO_INPUT, oc.VOICE, oc.QUEUED_EMPTY,
-    oc.QUEUED_RETRY,
+    oc.QUEUED_RETRY, *oc.BURST_EMPTY, *oc.BURST_STEERED, oc.BURST_TIGHT,
 ]  # fmt: skip
 # (bodies in the order sent, inbox files they make together)
 SEQUENCES = [
     ((oc.TURN1, oc.TURN2), 2), ((oc.STEER_FIRST, oc.STEER_SECOND), 2),
     ((oc.EMPTY_TURN, oc.EMPTY_RETRY), 1), ((oc.QUEUED_EMPTY, oc.QUEUED_RETRY), 1),
+    (tuple(oc.BURST_EMPTY), 3), (tuple(oc.BURST_STEERED), 3), ((oc.BURST_TIGHT,), 1),
 ]  # fmt: skip
 
 
@@ -100,14 +102,17 @@ def test_each_captured_body_end_to_end(corpus: Corpus, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("names", "files"), SEQUENCES, ids=["dm", "steer", "empty-retry", "queued-retry"]
-)
+    ("names", "files"), SEQUENCES,
+    ids=["dm", "steer", "empty-retry", "queued-retry", "burst-empty", "burst-steered",
+         "burst-tight"],
+)  # fmt: skip
 def test_each_sequence_makes_its_files(corpus: Corpus, names: tuple[str, str], files: int) -> None:
     rows = [corpus.rows[n] for n in names]
     assert sum(r["state"] == "written" for r in rows) == files
-    if files == 1:  # the retry: stored, linked to the turn it repeats, no file of its own
-        assert rows[1]["state"] == "duplicate"
-        assert (rows[1]["duplicate_of"], rows[1]["repeat_reason"]) == (rows[0]["id"], "retry")
+    for turn, retry in itertools.pairwise(rows):
+        if retry["state"] == "duplicate":  # stored, linked to the turn it repeats, no file
+            assert (retry["duplicate_of"], retry["repeat_reason"]) == (turn["id"], "retry")
+    assert sum(r["state"] == "duplicate" for r in rows) == len(rows) - files
 
 
 def test_the_corpus_made_one_file_per_written_row(corpus: Corpus) -> None:
