@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
@@ -198,15 +199,34 @@ class MediaStore:
         object.__setattr__(self, "_resolved_root", self.resolve(self.root))
 
     def holds(self, path: str) -> bool:
-        """Whether `path` names a file in the store (`media://inbound/...` always does)."""
-        if path.startswith("media://inbound/"):
-            return ".." not in path.split("/")
-        if not path.startswith("/") or ".." in path.split("/"):
-            return False
+        """Whether `path` names a file in the store: an absolute path inside it, or a
+        `media://inbound/` name that stays inside (media_name_stays_in)."""
+        if path.startswith(MEDIA_SCHEME):
+            return media_name_stays_in(path)
+        if not path.startswith("/") or ".." in path.split("/") or _has_controls(path):
+            return False  # (a NUL made realpath raise: the whole message lost its chat)
         # Inside as written (no `..`, no /proc/self/root/...) and as resolved (no symlink out).
         return _in_inbound(os.path.normpath(path), self._written_root) and _in_inbound(
             self.resolve(path), self._resolved_root
         )
+
+
+MEDIA_SCHEME = "media://inbound/"
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _has_controls(text: str) -> bool:
+    return _CONTROLS.search(text) is not None
+
+
+def media_name_stays_in(name: str) -> bool:
+    """A `media://inbound/<name>` that names a file inside the folder, once decoded:
+    `%2e%2e` is `..`, and an empty segment (`//etc/passwd`) or a control character in it
+    is no name of OpenClaw's."""
+    rest = unquote(name[len(MEDIA_SCHEME) :])
+    return bool(rest) and not _has_controls(rest) and all(
+        part not in ("", ".", "..") for part in rest.replace("\\", "/").split("/")
+    )  # fmt: skip
 
 
 def _in_inbound(path: str, root: str) -> bool:
@@ -264,7 +284,11 @@ def _extract(body: Any, media: MediaStore | None) -> RequestContext:
             target = _sender_target(text)
         if sender is None:
             sender = next((_sender(o.get("sender")) for o in _fenced_objects(text)), None)
-        prompt, attachments = split_media(clean_user_text(text), media)
+        prompt = clean_user_text(text)
+        try:  # (a media line never costs the message its chat)
+            prompt, attachments = split_media(prompt, media)
+        except (ValueError, OSError):
+            attachments = ()
     return RequestContext(
         storable(channel),
         storable(target),
@@ -347,10 +371,12 @@ def _media_line(text: str, at: int) -> tuple[str, int] | None:
 
 
 def _looks_inbound(path: str) -> bool:
+    if path.startswith(MEDIA_SCHEME):
+        return media_name_stays_in(path)
     unified = path.replace("\\", "/")
-    if ".." in unified.split("/"):
+    if ".." in unified.split("/") or _has_controls(unified):
         return False
-    return "/media/inbound/" in unified or unified.startswith("media://inbound/")
+    return "/media/inbound/" in unified
 
 
 def _sender(value: Any) -> dict[str, str] | None:

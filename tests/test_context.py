@@ -615,15 +615,51 @@ def test_a_symlink_out_of_the_media_store_stays_text(tmp_path: Path) -> None:
     "path",
     [
         "media://inbound/../secrets",  # climbs out of the store's name space
+        "media://inbound/%2e%2e/%2E%2E/secrets",  # the same, percent-encoded
+        "media://inbound//etc/passwd",  # an empty segment: an absolute path after it
+        "media://inbound/./x",
+        "media://inbound/",
+        "media://inbound/a%00b",
+        "/home/alice/.openclaw/media/inbound/a\x00b.png",  # (realpath raised on the NUL)
         "/home/alice/.openclaw/media/outbound/x.png",  # media, but not inbound
         "/home/alice/.openclaw/uploads/inbound/x.png",  # inbound, but not media's
     ],
 )
 def test_the_store_holds_only_media_inbound_files(path: str) -> None:
-    store = MediaStore("/home/alice/.openclaw")
+    store = MediaStore("/home/alice/.openclaw", os.path.realpath)
     assert not store.holds(path)
     assert store.holds("/home/alice/.openclaw/media/inbound/x.png")
-    assert store.holds("media://inbound/x")
+    assert store.holds("media://inbound/x") and store.holds("media://inbound/a/b%20c.png")
+    # without a store, by the name's shape: the same rules
+    assert split_media(f"[media attached: {path}]\nhi")[1] == ()
+
+
+def test_a_media_line_the_store_cannot_judge_costs_the_message_nothing() -> None:
+    """A NUL in a media path once made the whole extraction fail: no chat, no sender, the
+    message unanswerable. Now the line is the person's text and the rest stands."""
+    words = "[media attached: /home/alice/.openclaw/media/inbound/a\x00.png (image/png)]\nhi"
+
+    def resolve(path: str) -> str:  # a store whose lookups fail (as realpath on a NUL did)
+        if "\x00" in path:
+            raise ValueError("embedded null byte")
+        return path
+
+    store = MediaStore("/home/alice/.openclaw", resolve)
+    ctx = extract_context(oc.typed(oc.load(oc.TURN1), words), store)
+    assert (ctx.context_id, ctx.message_id, ctx.attachments) == ("telegram:123456789", "11", ())
+    assert ctx.latest_user_prompt == words
+
+    def broken(path: str) -> str:
+        raise OSError("the disk went away")
+
+    ctx = extract_context(
+        oc.typed(
+            oc.load(oc.TURN1), "[media attached: /home/alice/.openclaw/media/inbound/a.png]\nhi"
+        ),
+        MediaStore("/home/alice/.openclaw", lambda p: p if p.endswith("openclaw") else broken(p)),
+    )
+    assert (ctx.context_id, ctx.attachments) == ("telegram:123456789", ())
+    assert ctx.latest_user_prompt.endswith("hi")
 
 
 def test_only_a_user_message_is_openclaws_internal_context() -> None:
