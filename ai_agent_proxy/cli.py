@@ -23,6 +23,7 @@ from . import cli_parts as parts
 from .config import Settings, check_seconds, load_settings
 from .errors import ProxyError, ReplyRefused
 from .logs import setup_logging
+from .printable import printable
 
 cli = parts.ProxyTyper(
     add_completion=False,
@@ -239,10 +240,12 @@ def reply(
     with replies_session(config, db, inbox) as (settings, history, conn):
         rid = history.resolve_id(request_id)
         try:
-            to = replies.reply(conn, settings, rid, text or "", reply_to, again)
+            with parts.signals_deferred():
+                to = replies.reply(conn, settings, rid, text or "", reply_to, again)
         except ReplyRefused as exc:
             raise parts.fail(f"{exc}; not sent again (--again to send anyway)", 1) from None
-    typer.echo(f"replied to {rid} on {to.channel}:{to.target}", err=True)
+    where = printable(f"{to.channel}:{to.target}", one_line=True)  # (a stranger's chat id)
+    typer.echo(f"replied to {rid} on {where}", err=True)
 
 
 @cli.command()
@@ -312,13 +315,15 @@ def mcp_server(
 ) -> None:
     """The agent's loop as MCP tools over stdio (next_message, reply, mark_done,
     show_request, search_history), for any agent that speaks MCP."""
-    from .mcp_server import build
+    import anyio
+
+    from .mcp_server import build, serve_stdio
 
     settings = load_settings(config, {"db": db, "inbox": inbox})
     setup_logging(settings.debug)  # to stderr: stdout is the protocol
     with history_session(config, db, inbox):  # the DB must exist and be ours
         pass
-    build(settings).run("stdio")
+    anyio.run(serve_stdio, build(settings))
 
 
 # -- running as a service -------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import signal
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -186,6 +187,27 @@ def read_text_file(name: str) -> str:
         raise fail(f"cannot read {name}: {exc}") from None
     except UnicodeDecodeError as exc:
         raise fail(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT wait until the block ends, then end the command (exit 128 + the
+    signal): a reply stopped mid-send waits for the send it started and records its
+    outcome, instead of leaving it 'sending' while the send goes on without it."""
+    received: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        received.append(signum)
+
+    kept = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in kept.items():
+            signal.signal(signum, handler)
+    if received:
+        raise fail(f"stopped by {signal.Signals(received[0]).name} (what was begun is done)",
+                   128 + received[0])  # fmt: skip
 
 
 def echo_lines(lines: Iterable[str]) -> None:

@@ -59,6 +59,7 @@ RECORD_COLUMNS = (
 SEGMENT_CACHE_SIZE = 20_000
 MAX_LIMIT = 1_000_000_000
 UNANSWERED_AFTER_S = 300  # `stats`: unanswered for longer than this
+SEARCH_MAX_CHARS = 10_000  # longer is no search (a 50 MB one failed inside SQLite)
 LATENCY_ROWS = 100_000  # `stats`: request->file percentiles over the newest this many
 
 
@@ -118,6 +119,10 @@ class Selection:
             raise HistoryError(f"--limit must be 0 (no limit) to {MAX_LIMIT:,}, got {limit}")
         if state and state not in STATES:
             raise HistoryError(f"unknown --state {state!r}: use one of {', '.join(STATES)}")
+        if search and len(search) > SEARCH_MAX_CHARS:
+            raise HistoryError(
+                f"--search is {len(search):,} characters; at most {SEARCH_MAX_CHARS:,}"
+            )
         return cls(
             context_id=context_id,
             since_ms=parse_when(since) if since else None,

@@ -15,11 +15,24 @@ import math
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from mcp.server.stdio import stdio_server
+from mcp.shared.message import SessionMessage
+from mcp.types import (
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    CallToolResult,
+    ErrorData,
+    JSONRPCError,
+    TextContent,
+    ToolAnnotations,
+)
+from pydantic import ValidationError
 
 from . import replies
 from .agent_view import render_text
@@ -32,6 +45,7 @@ WAIT_MAX_S = 300.0  # next_message waits at most this long per call
 POLL_S = 0.2
 REPLY_MAX_CHARS = 32_768  # more is no chat message (Telegram's is 4,096; OpenClaw splits)
 SEARCH_MAX = 200
+QUERY_MAX_CHARS = 1000  # a search longer than this is no search (50 MB failed in SQLite)
 PROMPT_SHOWN = 300  # characters of each prompt in search_history
 
 INSTRUCTIONS = """\
@@ -143,6 +157,8 @@ class Tools:
         context_id, state, whether answered, the words. since: '2h', '3d' or an ISO time."""
         if not 1 <= limit <= SEARCH_MAX:
             raise ToolError(f"limit must be from 1 to {SEARCH_MAX}, got {limit}")
+        if len(query) > QUERY_MAX_CHARS:
+            raise ToolError(f"the query is {len(query):,} characters; at most {QUERY_MAX_CHARS:,}")
 
         def search() -> list[dict[str, Any]]:
             since_ms = parse_when(since) if since else None
@@ -163,9 +179,17 @@ class Tools:
         try:
             return await asyncio.to_thread(fn)
         except ProxyError as exc:
-            raise ToolError(str(exc)) from None
+            raise ToolError(self._without_paths(str(exc))) from None
         except sqlite3.Error as exc:
-            raise ToolError(f"database {self.settings.db_path}: {exc}") from None
+            raise ToolError(self._without_paths(f"the outbox database: {exc}")) from None
+
+    def _without_paths(self, message: str) -> str:
+        """A tool error names no file of this machine (the agent's words may be read by
+        the model's provider, or quoted to a stranger in the chat)."""
+        for path, name in ((self.settings.db_path, "the outbox database"),
+                           (self.settings.inbox, "the inbox"), (Path.home(), "~")):  # fmt: skip
+            message = message.replace(str(path), name)
+        return message
 
     def _session(self) -> Any:
         return replies.session(self.settings.db_path)
@@ -176,6 +200,42 @@ class Tools:
             if found is None:
                 return None
             return replies.view_of(conn, replies.row_of(history, found), self.settings.inbox)
+
+
+async def serve_stdio(server: MCPServer) -> None:
+    """The SDK's stdio transport, with what it cannot read answered per JSON-RPC (-32700 for
+    a line that is not JSON, -32600 for JSON that is not a message): the SDK drops such a
+    line without a word, and the agent that sent it waits for ever. The SDK offers no hook
+    for it, so its low-level server is run here as MCPServer.run_stdio_async runs it."""
+    lowlevel = getattr(server, "_lowlevel_server", None)
+    if lowlevel is None:  # (another SDK: run as it runs itself)
+        await server.run_stdio_async()
+        return
+    async with stdio_server() as (read_stream, write_stream):
+        checked_send, checked = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+
+        async def relay() -> None:
+            async with checked_send:
+                async for item in read_stream:
+                    if isinstance(item, Exception):
+                        await write_stream.send(SessionMessage(unreadable(item)))
+                    else:
+                        await checked_send.send(item)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(relay)
+            await lowlevel.run(checked, write_stream, lowlevel.create_initialization_options())
+            tasks.cancel_scope.cancel()
+
+
+def unreadable(exc: Exception) -> JSONRPCError:
+    """The JSON-RPC error for a line the transport could not read as a message."""
+    errors = exc.errors() if isinstance(exc, ValidationError) else []
+    if any(e.get("type") == "json_invalid" for e in errors):
+        error = ErrorData(code=PARSE_ERROR, message="Parse error: the line is not JSON")
+    else:
+        error = ErrorData(code=INVALID_REQUEST, message="Invalid Request: not a JSON-RPC message")
+    return JSONRPCError(jsonrpc="2.0", id=None, error=error)
 
 
 def _short(record: dict[str, Any]) -> dict[str, Any]:

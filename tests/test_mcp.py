@@ -173,6 +173,7 @@ def test_next_message_waits_for_a_request_without_blocking_others(world) -> None
         ("search_history", {"query": "x", "since": "yesterday"}, "cannot read time"),
         ("show_request", {"request_id": "00"}, "is not a request id"),
         ("show_request", {"request_id": "ffffffffffff"}, "no request with id"),
+        ("search_history", {"query": "x" * 50_000}, "at most 1,000"),
     ],
 )
 def test_bad_input_is_a_tool_error_and_the_server_keeps_serving(
@@ -186,8 +187,44 @@ def test_bad_input_is_a_tool_error_and_the_server_keeps_serving(
         async with mcp_session(server, env) as s:
             bad = await s.call_tool(tool, arguments)
             assert bad.is_error and needle in text(bad), text(bad)
+            assert str(server.workdir) not in text(bad)  # no file of this machine named
             fine = await s.call_tool("next_message", {})
             assert not fine.is_error and fine.structured_content["request_id"] == first
 
     asyncio.run(scenario())
     assert calls(log) == []
+
+
+@pytest.mark.process
+def test_lines_that_are_no_message_are_answered_per_json_rpc(world) -> None:
+    """The SDK dropped them without a word (the agent waited for ever): now -32700 for a
+    line that is not JSON, -32600 for JSON that is not a message, and serving goes on."""
+    import subprocess
+
+    server, _log, env = world
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ai_agent_proxy", "mcp", "--db", str(server.db),
+         "--inbox", str(server.inbox)],
+        env=env, cwd=server.workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        answers = []
+        for line in ("not json at all", '{"a": 1}', '{"jsonrpc": "2.0", "id": 7, "method": '):
+            proc.stdin.write(line + "\n")
+            proc.stdin.flush()
+            answers.append(json.loads(proc.stdout.readline()))
+        assert [(a["id"], a["error"]["code"]) for a in answers] == [
+            (None, -32700), (None, -32600), (None, -32700),
+        ]  # fmt: skip
+        hello = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"}}}  # fmt: skip
+        proc.stdin.write(json.dumps(hello) + "\n")
+        proc.stdin.flush()
+        answer = json.loads(proc.stdout.readline())
+        assert answer["id"] == 1 and answer["result"]["serverInfo"]["name"] == "ai-agent-proxy"
+    finally:
+        proc.stdin.close()
+        proc.wait(10)

@@ -358,6 +358,7 @@ def test_a_reply_killed_mid_send_is_taken_over_after_its_lease(loop) -> None:
         (["history", "--since", "99999999999999999999999w"], "too far back"),
         (["history", "--until", "1e400h"], "cannot read time"),
         (["history", "--limit", "99999999999999999999999"], "--limit must be 0"),
+        (["history", "--search", "x" * 20_000], "--search is 20,000 characters; at most 10,000"),
         (["next", "--wait", "--timeout", "nan"], "--timeout nan: must be a finite number"),
         (["next", "--wait", "--timeout", "-1"], "--timeout -1.0: must be from 0"),
         (["next", "--wait", "--timeout", "1e300"], "must be from 0 to 604800"),
@@ -409,3 +410,44 @@ def test_history_filters_given_with_show_or_stats_are_refused(loop, args: list[s
     args = [ids(server)[0] if a == "X" else a for a in args]
     r = CliRunner().invoke(cli, ["history", "--db", str(server.db), *args])
     assert r.exit_code == 2 and "takes no --" in r.stderr, r.output
+
+
+def test_reply_prints_a_strangers_chat_id_escaped(loop) -> None:
+    server, log, env = loop
+    body = {"channel": "api\x1b]0;pwned\x07", "target": "u\x1b[2J1",
+            "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    assert server.post_chat(body).status_code == 200
+    server.wait_files(4)
+    r = run(server, env, "reply", ids(server)[3], "--message", "ok")
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr
+    assert "on api\\x1b]0;pwned\\x07:u\\x1b[2J1" in r.stderr
+    assert calls(log)[-1][3] == "api\x1b]0;pwned\x07"  # (sent as it is, as one argument)
+
+
+@pytest.mark.process
+def test_a_reply_stopped_mid_send_waits_for_it_and_records_it(loop) -> None:
+    """SIGTERM to `reply` while openclaw sends: the reply waits for the send it started,
+    records its outcome (never 'sending' with a send going on) and exits 143."""
+    import signal
+
+    server, log, env = loop
+    first = ids(server)[0]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ai_agent_proxy", "reply", first, "--message", "slow",
+         "--db", str(server.db), "--inbox", str(server.inbox)],
+        env={**env, "FAKE_OPENCLAW_SLEEP": "1.5"}, cwd=server.workdir,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: server.rows("SELECT state FROM replies"), message="no claim")
+        proc.send_signal(signal.SIGTERM)  # the reply alone, not the openclaw it runs
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err
+    (reply,) = server.rows("SELECT state, exit_status FROM replies")
+    assert (reply["state"], reply["exit_status"]) == ("sent", 0)
+    assert len(calls(log)) == 1
