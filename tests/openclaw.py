@@ -222,3 +222,63 @@ EXPECTED[BURST_TIGHT] = dict(context_id="telegram:555555555", message_id="5503",
 for _values in EXPECTED.values():
     _values.setdefault("attachments", None)
     _values.setdefault("modality", None)
+
+
+# -- text a stranger writes to stall a reader ------------------------------------------------
+# Chat text is written by strangers and Python's `re` has no time limit (one 4 KB message once
+# held the event loop 20 s). Each shape is a run of something a reader of OpenClaw's wrapping
+# looks for (ai_agent_proxy/envelope.py); tests/test_context.py times every reader on them,
+# tools/bench.py reports the worst.
+_CONTINUE = (
+    "Continue the current task from the existing transcript, preserving completed work. If an "
+    "action was interrupted, inspect its state before deciding whether to retry it. Do not "
+    "restart the task or repeat completed actions."
+)
+_QUEUED = (
+    "[Queued user message from a previous active turn; preserved as context only. Continue "
+    "with the active prompt below.]"
+)
+_RETRY_NOTICE = "The previous attempt did not produce a user-visible answer"
+# (what opens the shape, the unit repeated after it): a reader that backtracks or searches
+# again from every position meets its worst case where something opens and never closes.
+STAMPED = "hello\n[1:23] A info\n```json\n"
+PATHOLOGICAL = {
+    "newlines": ("", "\n"), "spaces": ("", " "), "newline-space": ("", "\n "),
+    "backticks": ("", "`"), "fences": ("", "```"), "openings": ("", "```json\n"),
+    "brackets": ("", "["), "closing-brackets": ("", "]"), "stamps": ("", "[1:23] "),
+    "stamped-envelopes": ("", "[1:23] A info\n```json\n"),
+    "stamped-then-newlines": (STAMPED, "\n"), "stamped-then-newline-space": (STAMPED, "\n "),
+    "envelope-then-newlines": ("A info\n```json\n", "\n"),
+    "opening-then-spaces": ("```json\n", " \n"),
+    "escaped-quotes": ('"', '\\"'), "quotes": ("", '"'), "markers": ("", INTERNAL_BEGIN),
+    "info-literals": ("", '\n"Conversation info\\n```json\\n'),
+    "info-literal-then-newlines": ('"Conversation info\\n```json\\n', "\\n"),
+    "runtime-lines": ("", "\nRuntime: "), "runtime-then-spaces": ("\nRuntime: ", " "),
+    "continue": ("", "\n\n" + _CONTINUE + " If a tool "),
+    "continue-then-spaces": ("\n\n" + _CONTINUE + " If a tool", " "),
+    "media": ("", "[media attached: media://inbound/a.png (image/png)]\n"),
+    "media-then-closing-brackets": ("[media attached: media://inbound/a", "] "),
+    "media-unclosed": ("", "[media attached: /x (a/b"),
+    "not-analyzed": ("", "[Image attachment not analyzed: ]] "),
+    "pipes": ("", "| "), "channel-pipes": ("", "| channel"), "channel-then-spaces": ("|", " "),
+    "retry": ("", _RETRY_NOTICE), "retry-spaces": ("", " "), "queued": ("", _QUEUED),
+    "empty-blocks": ("", "```json\n{}\n```\n"),
+}  # fmt: skip
+
+
+def filled_with(shape: tuple[str, str], size: int) -> str:
+    """`size` characters of the shape (its opening, then its unit repeated), then an `x`."""
+    opening, unit = shape
+    return opening + (unit * (size // len(unit) + 1))[: size - len(opening)] + "x"
+
+
+def hostile_placements(text: str) -> dict[str, dict[str, Any]]:
+    """`text` where a stranger (or a key holder) can put it in a captured turn: the
+    person's message, OpenClaw's internal-context message, the system prompt."""
+    internal = load(TURN2)
+    internal["messages"][_internal_index(internal)]["content"][0]["text"] = (
+        INTERNAL_BEGIN + "\n" + text
+    )
+    system = load(TURN2)
+    system["messages"][0]["content"] = text
+    return {"person": typed(load(TURN2), text), "internal": internal, "system": system}

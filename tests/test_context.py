@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ai_agent_proxy.context import (
-    INTERNAL_BEGIN,
     RETRY_NOTICE,
     MediaStore,
     clean_user_text,
@@ -688,48 +687,11 @@ def test_a_conversation_info_that_is_not_an_object_is_ignored() -> None:
 # Chat text is written by strangers and Python's `re` has no time limit: one 4 KB message
 # of newlines once held the event loop 20 s. Each shape below is a run of something a
 # reader of OpenClaw's wrapping looks for (ai_agent_proxy/envelope.py).
-# (what opens the shape, the unit repeated after it): a reader that backtracks or searches
-# again from every position meets its worst case where something opens and never closes.
-STAMPED = "hello\n[1:23] A info\n```json\n"
-PATHOLOGICAL = {
-    "newlines": ("", "\n"), "spaces": ("", " "), "newline-space": ("", "\n "),
-    "backticks": ("", "`"), "fences": ("", "```"), "openings": ("", "```json\n"),
-    "brackets": ("", "["), "closing-brackets": ("", "]"), "stamps": ("", "[1:23] "),
-    "stamped-envelopes": ("", "[1:23] A info\n```json\n"),
-    "stamped-then-newlines": (STAMPED, "\n"), "stamped-then-newline-space": (STAMPED, "\n "),
-    "envelope-then-newlines": ("A info\n```json\n", "\n"),
-    "opening-then-spaces": ("```json\n", " \n"),
-    "escaped-quotes": ('"', '\\"'), "quotes": ("", '"'), "markers": ("", INTERNAL_BEGIN),
-    "info-literals": ("", '\n"Conversation info\\n```json\\n'),
-    "info-literal-then-newlines": ('"Conversation info\\n```json\\n', "\\n"),
-    "runtime-lines": ("", "\nRuntime: "), "runtime-then-spaces": ("\nRuntime: ", " "),
-    "continue": ("", "\n\n" + CONTINUE + " If a tool "),
-    "continue-then-spaces": ("\n\n" + CONTINUE + " If a tool", " "),
-    "media": ("", "[media attached: media://inbound/a.png (image/png)]\n"),
-    "media-then-closing-brackets": ("[media attached: media://inbound/a", "] "),
-    "media-unclosed": ("", "[media attached: /x (a/b"),
-    "not-analyzed": ("", "[Image attachment not analyzed: ]] "),
-    "pipes": ("", "| "), "channel-pipes": ("", "| channel"), "channel-then-spaces": ("|", " "),
-    "retry": ("", RETRY_NOTICE), "retry-spaces": ("", " "), "queued": ("", QUEUED),
-    "empty-blocks": ("", "```json\n{}\n```\n"),
-}  # fmt: skip
+PATHOLOGICAL = oc.PATHOLOGICAL
 
 
-def _filled(shape: tuple[str, str], size: int) -> str:
-    opening, unit = shape
-    return opening + (unit * (size // len(unit) + 1))[: size - len(opening)] + "x"
-
-
-def _bodies(text: str) -> dict[str, dict[str, Any]]:
-    """`text` where a stranger (or a key holder) can put it: the person's message, OpenClaw's
-    internal-context message, the system prompt."""
-    internal = oc.load(oc.TURN2)
-    internal["messages"][oc._internal_index(internal)]["content"][0]["text"] = (
-        INTERNAL_BEGIN + "\n" + text
-    )
-    system = oc.load(oc.TURN2)
-    system["messages"][0]["content"] = text
-    return {"person": oc.typed(oc.load(oc.TURN2), text), "internal": internal, "system": system}
+_filled = oc.filled_with
+_bodies = oc.hostile_placements
 
 
 def _seconds_per_call(fn: Any, arg: Any, budget_s: float) -> float:

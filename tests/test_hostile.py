@@ -9,6 +9,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -639,3 +640,75 @@ def test_aborted_and_unparsable_connections_are_one_short_escaped_line(make_serv
     failed = [line.split("error=")[1] for line in log.splitlines() if "connection_failed" in line]
     assert len(failed) == 2 and failed[1].startswith("CancelledError: the connection was")
     assert log.count("header_timeout:") == 1
+
+
+@pytest.mark.process
+def test_many_large_bodies_at_once_stay_within_memory_and_a_small_client_is_served(
+    make_server,
+) -> None:
+    """The suite's small version of tools/big_bodies.py (80 x 15 MiB: 663 MB; 13.6 + 11.6 GB
+    for 200 before): 10 distinct 6 MiB bodies at once with BODY_MEMORY 48 MiB (two at a
+    time), each refused one retried after its Retry-After as a client library does. The
+    server and its writer stay under 260 MB (176 MB measured; 353 MB before the bound, and
+    a small answer then took 1.08 s), a keyed small client is answered within a second
+    throughout, and every acknowledged body is written."""
+    import threading
+
+    import httpx
+
+    server = make_server("--body-memory", "48MiB", key="k-0123456789abcdef")
+    assert server.proc is not None
+    assert server.post_chat(good(0)).status_code == 200
+    server.wait_files(1)
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            kids = [int(p) for p in Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+                    .read_text().split()]  # fmt: skip
+            peak[0] = max(peak[0], rss_kb(server.proc.pid) + sum(rss_kb(k) for k in kids))
+            time.sleep(0.02)
+
+    small_waits: list[float] = []
+
+    def small() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            started = time.monotonic()
+            assert server.post_chat(good(f"small {n}"), timeout=30).status_code == 200
+            small_waits.append(time.monotonic() - started)
+            time.sleep(0.05)
+
+    acked: list[int] = []
+
+    def big(i: int) -> None:
+        data = json.dumps({"channel": "big", "user_id": f"u{i}", "messages": [
+            {"role": "user", "content": f"big {i} " + "y" * (6 << 20)}]}).encode()  # fmt: skip
+        with httpx.Client(timeout=60, headers=server.headers()) as client:
+            for _ in range(100):
+                try:
+                    r = client.post(server.base_url + "/v1/chat/completions", content=data)
+                except httpx.TransportError:  # refused before its body was read
+                    time.sleep(1)
+                    continue
+                if r.status_code == 200:
+                    acked.append(i)
+                    return
+                assert r.status_code == 503 and r.headers["retry-after"] == "2", r.text
+                time.sleep(float(r.headers["retry-after"]))
+
+    helpers = [threading.Thread(target=sample), threading.Thread(target=small)]
+    bigs = [threading.Thread(target=big, args=(i,)) for i in range(10)]
+    for t in helpers + bigs:
+        t.start()
+    for t in bigs:
+        t.join(120)
+    stop.set()
+    for t in helpers:
+        t.join(30)
+    assert sorted(acked) == list(range(10))
+    files = server.wait_files(1 + 10 + len(small_waits), timeout=60)
+    assert len(files) == 11 + len(small_waits)
+    assert peak[0] < 260_000, f"server + writer peaked at {peak[0] // 1024} MB"
+    assert small_waits and max(small_waits) < 1.0, sorted(small_waits)[-5:]

@@ -510,12 +510,19 @@ def main() -> None:
     ap.add_argument("--fill", type=int, default=0, help="rows of a filled DB to time history on")
     ap.add_argument("--extra", nargs="*", default=[], help="extra flags for ai-agent-proxy")
     ap.add_argument(
+        "--extraction-only", action="store_true",
+        help="only time context extraction: the captured turn beside the worst hostile text",
+    )  # fmt: skip
+    ap.add_argument(
         "--dir",
         default=None,
         help="where the inbox and DB go (default: the temp dir; creating files is slower on "
         "a file system that has just deleted many: ext4 skips inodes freed in the last 30 s)",
     )
     args = ap.parse_args()
+    if args.extraction_only:
+        Console(width=None if sys.stdout.isatty() else 160).print(extraction_table())
+        return
     driver = args.driver
     if driver == "auto":
         driver = "wrk" if shutil.which("wrk") else "httpx"
@@ -577,6 +584,7 @@ def main() -> None:
         f"DB bytes per request over a {args.turns}-turn conversation: {conv_kb:.1f} KB"
         f" (mean body {body_kb:.1f} KB)"
     )
+    out.print(extraction_table())
     if args.fill:
         filled(work, args, templates, throughput, out)
     shutil.rmtree(work, ignore_errors=True)
@@ -584,6 +592,55 @@ def main() -> None:
         f"removed {work} with its inbox files: on ext4 without a journal, creating files is "
         "slower for a while after such a delete; wait a minute before the next run"
     )
+
+
+def extraction_table() -> Table:
+    """Context extraction (context.extract_context, on the event loop for bodies under
+    1 MiB, in the large-body thread from there), microseconds per request: the captured
+    turn beside the worst of the hostile shapes (tests/openclaw.py) in each place a
+    stranger's text can be, at 64 KiB and 1 MiB, and the three worst again at 16 MiB."""
+    sys.path.insert(0, str(ROOT))
+    from ai_agent_proxy.context import MediaStore, extract_context
+    from tests import openclaw as oc
+
+    media = MediaStore("/home/alice/.openclaw")
+
+    def us(body: Any) -> float:  # the best of 3 runs of calls, each run at least 20 ms
+        best = float("inf")
+        for _ in range(3):
+            calls, start = 0, time.perf_counter()
+            while (took := time.perf_counter() - start) < 0.02 or not calls:
+                extract_context(body, media)
+                calls += 1
+            best = min(best, took / calls)
+        return best * 1e6
+
+    table = Table(title="context extraction, µs per request")
+    for column in ("body", "size", "µs", "µs per KiB"):
+        table.add_column(column, justify="right" if column != "body" else "left")
+    normal = oc.load(oc.TURN2)
+    size = len(json.dumps(normal))
+    table.add_row("captured turn (dm-turn2)", f"{size / 1024:.0f} KiB", fmt(us(normal), 0),
+                  fmt(us(normal) / (size / 1024), 2))  # fmt: skip
+    worst_at_1m: list[tuple[float, str, str]] = []
+    for label, length in (("64 KiB", 1 << 16), ("1 MiB", 1 << 20)):
+        found = []
+        for name, shape in oc.PATHOLOGICAL.items():
+            for where, body in oc.hostile_placements(oc.filled_with(shape, length)).items():
+                found.append((us(body), name, where))
+        found.sort(reverse=True)
+        if length == 1 << 20:
+            worst_at_1m = found[:3]
+        took, name, where = found[0]
+        table.add_row(f"worst: {name} in the {where}", label, fmt(took, 0),
+                      fmt(took / (length / 1024), 2))  # fmt: skip
+    for _, name, where in worst_at_1m:
+        length = 16 << 20
+        body = oc.hostile_placements(oc.filled_with(oc.PATHOLOGICAL[name], length))[where]
+        took = us(body)
+        table.add_row(f"{name} in the {where}", "16 MiB", fmt(took, 0),
+                      fmt(took / (length / 1024), 2))  # fmt: skip
+    return table
 
 
 def alternate(
