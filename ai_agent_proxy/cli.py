@@ -13,6 +13,7 @@ import json
 import logging
 import sqlite3
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,8 +21,9 @@ from typing import Any
 import typer
 
 from . import cli_parts as parts
+from .cli_service import service_cli
 from .config import Settings, check_seconds, load_settings
-from .errors import ProxyError, ReplyRefused
+from .errors import NewerMessagesWait, ProxyError, ReplyRefused
 from .logs import setup_logging
 from .printable import printable
 
@@ -198,7 +200,7 @@ def replay(
     typer.echo(report, err=True)
 
 
-# -- the agent's side: next, reply, done --------------------------------------------------
+# -- the agent's side: next, reply, done ---------------------------------------------------
 
 
 @contextmanager
@@ -207,7 +209,7 @@ def replies_session(
 ) -> Iterator[tuple[Settings, Any, Any]]:
     """Settings, the History (to resolve ids) and a read-write connection for replies;
     their errors one line."""
-    from . import replies
+    from .agent import replies
 
     settings = load_settings(config, {"db": db, "inbox": inbox})
     try:
@@ -223,14 +225,17 @@ def reply(
     message: parts.MessageOpt = None,
     message_file: parts.MessageFileOpt = None,
     reply_to: parts.ReplyToOpt = False,
+    anyway: parts.AnywayOpt = False,
     again: parts.AgainOpt = False,
+    taker: parts.AsOpt = None,
     config: parts.ConfigOpt = None,
     db: parts.DbOpt = None,
     inbox: parts.InboxOpt = None,
 ) -> None:
-    """Send the reply to a request through `openclaw message send`, once: a second reply
-    to an answered request is refused (exit 1) unless --again."""
-    from . import replies
+    """Answer a request and the earlier waiting messages of its conversation, once, through
+    `openclaw message send`. Refused while newer messages wait (exit 4: they are printed),
+    and for an answered request (exit 1) unless --again."""
+    from .agent import replies, views
 
     if (message is None) == (message_file is None):
         raise parts.fail("give the reply as --message TEXT or --message-file FILE ('-' for stdin)")
@@ -241,28 +246,42 @@ def reply(
         rid = history.resolve_id(request_id)
         try:
             with parts.signals_deferred():
-                to = replies.reply(conn, settings, rid, text or "", reply_to, again)
+                done_ = replies.reply(conn, settings, rid, text or "", reply_to=reply_to,
+                                      again=again, anyway=anyway, taker=taker)  # fmt: skip
+        except NewerMessagesWait as exc:
+            shown = [views.message_view(m, settings.inbox, time.time()) for m in exc.newer]
+            sys.stdout.write(views.render_newer(rid, shown))
+            raise parts.fail(f"{exc}; reply to the newest, or --anyway", 4) from None
         except ReplyRefused as exc:
             raise parts.fail(f"{exc}; not sent again (--again to send anyway)", 1) from None
+    to = done_.to
+    assert to is not None
     where = printable(f"{to.channel}:{to.target}", one_line=True)  # (a stranger's chat id)
-    typer.echo(f"replied to {rid} on {where}", err=True)
+    also = f" and {len(done_.covered)} earlier" if done_.covered else ""
+    typer.echo(f"replied to {rid}{also} on {where}", err=True)
+    if done_.note:
+        typer.echo(done_.note, err=True)
 
 
 @cli.command()
 def done(
     request_id: parts.RequestIdArg,
+    only: parts.OnlyOpt = False,
     again: parts.AgainOpt = False,
+    taker: parts.AsOpt = None,
     config: parts.ConfigOpt = None,
     db: parts.DbOpt = None,
     inbox: parts.InboxOpt = None,
 ) -> None:
-    """Mark a request handled without a reply (no answer is needed)."""
-    from . import replies
+    """Mark a request, and the earlier waiting messages of its conversation, handled
+    without a reply (no answer is needed)."""
+    from .agent import replies
 
     with replies_session(config, db, inbox) as (_, history, conn):
         rid = history.resolve_id(request_id)
-        replies.claim(conn, rid, None, again)
-    typer.echo(f"done: {rid}", err=True)
+        outcome = replies.done(conn, rid, only=only, again=again, taker=taker)
+    also = f" and {len(outcome.covered)} earlier" if outcome.covered else ""
+    typer.echo(f"done: {rid}{also}", err=True)
 
 
 @cli.command("next")
@@ -272,14 +291,16 @@ def next_request(
     as_json: parts.JsonOpt = False,
     full: parts.FullFileOpt = False,
     path_only: parts.PathOpt = False,
+    taker: parts.AsOpt = None,
+    lease: parts.LeaseOpt = "10m",
     config: parts.ConfigOpt = None,
     db: parts.DbOpt = None,
     inbox: parts.InboxOpt = None,
 ) -> None:
-    """The oldest request not yet replied to or done, in short: id, file, sender, words
-    (exit 3 if there is none)."""
-    from . import replies
-    from .agent_view import render_text
+    """The oldest waiting conversation: every waiting message in arrival order, in short
+    (exit 3 if none waits). With --as NAME it is yours for --lease."""
+    from .agent import conversations, views
+    from .history import Selection
     from .inbox import render
     from .printable import json_safe
 
@@ -288,22 +309,22 @@ def next_request(
             check_seconds(timeout, 0, 7 * 86400)  # (a week)
         except ValueError as exc:
             raise parts.fail(f"--timeout {timeout}: {exc}") from None
+    lease_s = parts.duration("--lease", lease) or conversations.LEASE_S
     with replies_session(config, db, inbox) as (settings, history, conn):
-        found = (
-            replies.wait_for_unanswered(conn, timeout) if wait else replies.oldest_unanswered(conn)
-        )
-        if found is None:
-            raise parts.fail("no request is waiting for a reply", 3)
-        row = replies.row_of(history, found)
-        view = replies.view_of(conn, row, settings.inbox)
+        chat = conversations.wait_for(conn, taker, lease_s, timeout if wait else 0.0)
+        if chat is None:
+            raise parts.fail("no conversation is waiting for a reply", 3)
+        view = views.conversation_view(chat, settings.inbox, time.time())
+        if full:  # the files' bytes, from the DB: the agent may have moved them already
+            ids = [m.request_id for m in chat.messages]
+            rows = history.pending_rows(Selection(ids=ids))
+            out = "".join(render(row, settings).decode() for row, _ in rows)
     if path_only:
-        out = view["inbox_file"] + "\n"
-    elif full:  # the file's bytes, from the DB: the agent may have moved the file already
-        out = render(row, settings).decode()
-    else:
-        out = (
-            json_safe(json.dumps(view, ensure_ascii=False)) + "\n" if as_json else render_text(view)
-        )
+        out = "".join(m["inbox_file"] + "\n" for m in view["messages"])
+    elif as_json:
+        out = json_safe(json.dumps(view, ensure_ascii=False)) + "\n"
+    elif not full:
+        out = views.render_conversation(view)
     with parts.reader_may_leave():
         sys.stdout.write(out)
         sys.stdout.flush()
@@ -317,81 +338,19 @@ def mcp_server(
     show_request, search_history), for any agent that speaks MCP."""
     import anyio
 
-    from .mcp_server import build, serve_stdio
+    from .agent.mcp_server import Tools, build, serve_stdio
 
     settings = load_settings(config, {"db": db, "inbox": inbox})
     setup_logging(settings.debug)  # to stderr: stdout is the protocol
     with history_session(config, db, inbox):  # the DB must exist and be ours
         pass
-    anyio.run(serve_stdio, build(settings))
+    tools = Tools(settings)
+    anyio.run(serve_stdio, build(settings, tools), tools)
 
 
-# -- running as a service -------------------------------------------------------------------
+# -- the command groups of their own modules -----------------------------------------------
 
-service_cli = parts.ProxyTyper(
-    help="Run the proxy as a user service (systemd on Linux, launchd on macOS).",
-    no_args_is_help=True,
-    rich_markup_mode=None,
-)
 cli.add_typer(service_cli, name="service")
-
-
-def _manager(name: str | None) -> str:
-    from .service import manager
-
-    chosen = name or manager()
-    if chosen not in ("systemd", "launchd"):
-        raise parts.fail(f"unknown --manager {chosen!r}: use systemd or launchd")
-    return chosen
-
-
-@service_cli.command("install")
-def service_install(config: parts.ConfigOpt = None, manager_name: parts.ManagerOpt = None) -> None:
-    """Install and start the service with the settings in force now (config file,
-    AI_AGENT_PROXY_* environment), written to a config file only you can read."""
-    from . import service
-
-    settings = load_settings(config, {})
-    parts.echo_lines(service.install(settings, _manager(manager_name)))
-
-
-@service_cli.command("uninstall")
-def service_uninstall(manager_name: parts.ManagerOpt = None) -> None:
-    """Stop the service and remove its unit (the settings file stays)."""
-    from . import service
-
-    parts.echo_lines(service.uninstall(_manager(manager_name)))
-
-
-def _control(action: str, doc: str) -> None:
-    """`service start|stop|restart`: one command each, all alike."""
-
-    def command(manager_name: parts.ManagerOpt = None) -> None:
-        from . import service
-
-        parts.echo_lines(service.control(action, _manager(manager_name)))
-
-    command.__doc__ = doc
-    service_cli.command(action)(command)
-
-
-_control("start", "Start the installed service.")
-_control("stop", "Stop the service.")
-_control("restart", "Restart the service.")
-
-
-@service_cli.command("status")
-def service_status(config: parts.ConfigOpt = None, manager_name: parts.ManagerOpt = None) -> None:
-    """The service manager's view and the running server's /readyz; exit 0 when both are
-    well."""
-    from . import service
-
-    conf = service.service_config_path()
-    settings = load_settings(config or (str(conf) if conf.is_file() else None), {})
-    lines, well = service.status(settings, _manager(manager_name))
-    parts.echo_lines(lines)
-    if not well:
-        raise typer.Exit(1)
 
 
 def subcommands() -> set[str]:

@@ -76,13 +76,28 @@ MessageFileOpt = Annotated[
 ]
 ReplyToOpt = Annotated[bool, switch("--reply-to", "Thread it under the person's message.")]
 AgainOpt = Annotated[bool, switch("--again", "Even if the request was answered.")]
-WaitOpt = Annotated[bool, switch("--wait", "Block until a request is waiting.")]
+WaitOpt = Annotated[bool, switch("--wait", "Block until a conversation is waiting.")]
+AsOpt = Annotated[
+    str | None,
+    opt("Take the conversation as NAME (a lease others' next skips; renewed by your next,"
+        " reply and done --as NAME).", "--as"),
+]  # fmt: skip
+LeaseOpt = Annotated[
+    str, typer.Option("--lease", help="With --as: how long the lease lasts (30s, 15m, 1h).")
+]
+AnywayOpt = Annotated[
+    bool, switch("--anyway", "Even if newer messages of the conversation wait: answer up to"
+                 " this one only (the newer ones stay waiting).")
+]  # fmt: skip
+OnlyOpt = Annotated[bool, switch("--only", "This request only, not the earlier waiting ones.")]
 TimeoutOpt = Annotated[
     float | None, typer.Option("--timeout", help="With --wait: give up after SECONDS.")
 ]
 JsonOpt = Annotated[bool, switch("--json", "The short view as JSON.")]
-FullFileOpt = Annotated[bool, switch("--full", "The inbox file, byte for byte.")]
-PathOpt = Annotated[bool, switch("--path", "Print the file's path only.")]
+FullFileOpt = Annotated[
+    bool, switch("--full", "The waiting messages' inbox files, byte for byte, one after another.")
+]
+PathOpt = Annotated[bool, switch("--path", "Print the files' paths only, one a line.")]
 # service
 ManagerOpt = Annotated[
     str | None, typer.Option("--manager", help="systemd or launchd (default: this OS's).")
@@ -176,6 +191,18 @@ def inherited(
 def check_format(fmt: str, allowed: tuple[str, ...]) -> None:
     if fmt not in allowed:
         raise fail(f"unknown --format {fmt!r}: use one of {', '.join(allowed)}")
+
+
+def duration(flag: str, text: str | float | None, high: float = 7 * 86400) -> float | None:
+    """A duration option in seconds (None when not given); one line and exit 2 if bad."""
+    if text is None:
+        return None
+    from .config import parse_duration
+
+    try:
+        return parse_duration(text, 0, high)
+    except ValueError as exc:
+        raise fail(f"{flag} {text}: {exc}") from None
 
 
 def read_text_file(name: str) -> str:

@@ -49,6 +49,21 @@ def check_seconds(value: float, low: float, high: float) -> None:
         raise ValueError(f"must be from {low:g} to {high:g}")
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$", re.I)
+_DURATION_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | float, low: float = 0, high: float = 7 * 86400) -> float:
+    """Seconds from `30s`, `15m`, `1h`, `2d` or plain seconds (`90`, `0.5`); ValueError
+    (one line) unless it is a finite number of seconds within [low, high]."""
+    match = _DURATION.match(str(text))
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration: use 30s, 15m, 1h, 2d or seconds")
+    seconds = float(match.group(1)) * _DURATION_UNIT_S[(match.group(2) or "s").lower()]
+    check_seconds(seconds, low, high)
+    return seconds
+
+
 def check_backend_url(url: str) -> str:
     """The backend URL, checked: http(s), a host, no user info; no trailing slash."""
     try:

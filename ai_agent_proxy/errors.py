@@ -11,6 +11,7 @@ already phrased for the person who will read it (one line, no traceback).
      ├── HistoryError     a history/replay query that cannot run (bad id, time, state, DB)
      ├── ReplayError      a row that cannot be written again as an inbox file (exit 1)
      ├── ReplyRefused     a request answered already, or whose reply is being sent (exit 1)
+     │    └── NewerMessagesWait  newer messages of the conversation wait: nothing sent (exit 4)
      ├── ReplyFailed      openclaw message send failed: recorded, try again later (exit 1)
      └── BackendError     the backend LLM gave no usable answer (safe to log and record)
 
@@ -72,6 +73,17 @@ class ReplyRefused(ProxyError):
     sent (by another process, within its lease)."""
 
     exit_code = 1
+
+
+class NewerMessagesWait(ReplyRefused):
+    """`reply` to a message while newer ones of its conversation wait: nothing was sent.
+    `newer` holds them (agent.conversations.Message), for the caller to show."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, newer: list[object]) -> None:
+        super().__init__(message)
+        self.newer = newer
 
 
 class ReplyFailed(ProxyError):

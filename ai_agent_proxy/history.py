@@ -355,8 +355,11 @@ class History:
                 "output": r["output"], "attempts": r["attempts"],
                 # an earlier send's process died mid-send; this one took its claim over
                 "abandoned_attempt_found_at": iso(r["abandoned_ms"]),
+                # answered by the reply (or done) to this later message of its conversation
+                "covered_by": r["covered_by"],
             }  # fmt: skip
         out["body"] = self.body(out.pop("body_segments"))
+        out["answered_at"] = iso(out.pop("answered_ms", None))
         for key in ("seq", "claimed_until_ms", "body_hash"):
             out.pop(key, None)
         return out

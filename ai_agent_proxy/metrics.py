@@ -51,6 +51,11 @@ class Metrics:
             "Requests in the inbox the agent has neither replied to nor marked done",
             registry=self.registry,
         )
+        self.waiting_chats = Gauge(
+            "aiap_waiting_conversations",
+            "Conversations with a request the agent has neither replied to nor marked done",
+            registry=self.registry,
+        )
         self.flush_latency = Histogram(
             "aiap_request_to_file_seconds",
             "Time from receipt to inbox file",
@@ -73,13 +78,14 @@ class Metrics:
         try:
             counts = await outbox.counts_by_state()
             backlog, oldest = await outbox.backlog()
-            unanswered = await outbox.count_unanswered()
+            unanswered, waiting_chats = await outbox.count_unanswered()
         except OutboxError:
-            counts, backlog, oldest, unanswered = {}, -1, None, -1
+            counts, backlog, oldest, unanswered, waiting_chats = {}, -1, None, -1, -1
         for state in State:
             self.rows.labels(state.value).set(counts.get(state.value, 0))
         self.backlog.set(backlog)
         self.unanswered.set(unanswered)
+        self.waiting_chats.set(waiting_chats)
         self.backlog_age.set(0 if oldest is None else max(0.0, time.time() - oldest / 1000))
         self.files.set(flusher.files_written)
         self.failures.set(flusher.write_failures)

@@ -141,13 +141,14 @@ def steered(body: dict[str, Any], words: str) -> dict[str, Any]:
     return out
 
 
-def with_info(body: dict[str, Any], **changes: Any) -> dict[str, Any]:
-    """The same turn with fields of OpenClaw's `Conversation info` changed (chat_id,
+def with_info(body: dict[str, Any], **changes: str) -> dict[str, Any]:
+    """The same turn with string fields of OpenClaw's `Conversation info` changed (chat_id,
     message_id, ...): a new message of the same chat, or another chat."""
     out = copy.deepcopy(body)
     part = out["messages"][_internal_index(out)]["content"][0]
     text = part["text"]
     for key, value in changes.items():
+        assert isinstance(value, str), f"{key}: only string fields are changed"
         escaped = json.dumps(json.dumps(value))[1:-1]  # as it stands in the quoted block
         pattern = rf'(\\"{key}\\":)(\\"[^"\\]*\\"|[^,}}]+)'
         text, n = re.subn(pattern, lambda m, e=escaped: m.group(1) + e, text, count=1)

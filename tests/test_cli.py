@@ -334,15 +334,16 @@ def test_skills_commands_run_as_written(make_server, tmp_path: Path) -> None:
     server.explicit_db = False  # the agent's commands find the DB from the inbox
     server.db = load_settings(None, {"inbox": str(server.inbox)}).db_path
     server.start()
-    for n in range(6):
-        body = fixture_body(TURN1 if n == 0 else TURN2)
-        body["messages"][-2]["content"] = body["messages"][-2]["content"].replace(
-            "message", f"message {n}"
-        )  # a new message each time, not a repeat
+    for n in range(6):  # each in a chat of its own: each reply answers a waiting chat
+        body = oc.with_info(oc.typed(oc.load(oc.TURN2), f"message {n}"),
+                            chat_id=f"telegram:{1000 + n}", message_id=str(50 + n))  # fmt: skip
         assert server.post_chat(body).status_code == 200
     names = server.wait_files(6)
-    payloads = [json.loads((server.inbox / n).read_text()) for n in names]
-    fresh = iter(p["request_id"] for p in payloads[1:])  # compact: they carry request_id
+    payloads = [
+        json.loads((server.inbox / n).read_text()) | {"request_id": n[15:47]} for n in names
+    ]  # (each the first of its chat: a full payload, named by id)
+    targets = {p["request_id"]: p["target"] for p in payloads}
+    fresh = iter(p["request_id"] for p in payloads[1:])
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     argv_log = tmp_path / "argv.jsonl"
@@ -367,7 +368,7 @@ def test_skills_commands_run_as_written(make_server, tmp_path: Path) -> None:
             **os.environ,
             "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
             "AI_AGENT_PROXY_INBOX": str(server.inbox),
-            "REQUEST_ID": request_id, "TEXT": message,
+            "REQUEST_ID": request_id, "TEXT": message, "AGENT_NAME": "skills-test",
             "CHANNEL": payloads[1]["channel"], "TARGET": payloads[1]["target"],
         }  # fmt: skip
         r = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=env,
@@ -377,4 +378,4 @@ def test_skills_commands_run_as_written(make_server, tmp_path: Path) -> None:
     assert json.loads((full_dir / written).read_text())["messages"]  # expanded
     sent = [json.loads(line) for line in argv_log.read_text().splitlines()]
     assert sent and all(a[:2] == ["message", "send"] and message in a for a in sent)
-    assert all(a[a.index("--target") + 1] == "123456789" for a in sent)
+    assert all(a[a.index("--target") + 1] in targets.values() for a in sent)

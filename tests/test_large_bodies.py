@@ -102,8 +102,8 @@ def test_long_words_live_out_of_the_row_yet_are_whole_wherever_shown(make_server
     # (the retry is a row too: stored, no file)
     assert [r["id"] for r in listed] == [rows[4]["id"], rows[2]["id"], first]  # type: ignore[index]
     assert listed[2]["latest_user_prompt"] == words  # type: ignore[index]
-    view = cli_json(server, "next", "--json")
-    assert view["words"] == words[:2000] and view["words_left_out"] == len(words) - 2000  # type: ignore[index]
+    view = cli_json(server, "next", "--json")["messages"][0]  # type: ignore[index]
+    assert view["words"] == words[:2000] and view["words_left_out"] == len(words) - 2000
 
 
 def raw_post(port: int, body: bytes, *, send: int | None = None) -> socket.socket:

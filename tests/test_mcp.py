@@ -20,13 +20,15 @@ import pytest
 from mcp import Client, ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
+from ai_agent_proxy.agent.mcp_server import build
 from ai_agent_proxy.config import load_settings
-from ai_agent_proxy.mcp_server import build
 
 from . import openclaw as oc
 from .conftest import Server
 
-TOOLS = {"next_message", "reply", "mark_done", "show_request", "search_history"}
+TOOLS = {
+    "next_message", "new_messages", "reply", "mark_done", "show_request", "search_history",
+}  # fmt: skip
 
 
 @pytest.fixture
@@ -86,7 +88,9 @@ def calls(log: Path) -> list[list[str]]:
 
 @pytest.mark.process
 def test_the_agent_loop_through_mcp(world) -> None:
-    """list -> next_message -> reply -> (second reply refused) -> mark_done -> next."""
+    """As an agent runs it, over stdio: next_message gives the conversation (both DM
+    messages); a message posted mid-session is seen by new_messages; a reply to an older
+    message is refused naming the newer one; the reply to the newest covers them all."""
     server, log, env = world
     first, second, third = (r["id"] for r in server.rows())
 
@@ -96,33 +100,51 @@ def test_the_agent_loop_through_mcp(world) -> None:
             assert set(listed) == TOOLS
             assert listed["next_message"].input_schema["properties"]["wait_seconds"]
             assert set(listed["reply"].input_schema["required"]) == {"request_id", "text"}
-            assert listed["next_message"].annotations.read_only_hint is True
+            assert "anyway" in listed["reply"].input_schema["properties"]
+            assert listed["new_messages"].annotations.read_only_hint is True
             assert listed["reply"].annotations.read_only_hint is not True
 
             shown = await s.call_tool("next_message", {})
             assert not shown.is_error and len(text(shown)) < 4000
-            view = shown.structured_content
-            assert view["request_id"] == first and view["words"] == "hello from telegram DM"
-            assert view["inbox_file"] == str(server.inbox / server.inbox_names()[0])
-            assert "hello from telegram DM" in text(shown) and view["inbox_file"] in text(shown)
+            chat = shown.structured_content
+            assert chat["context_id"] == "telegram:123456789" and chat["taken_by"]
+            assert [m["request_id"] for m in chat["messages"]] == [first, second]
+            assert chat["messages"][0]["inbox_file"] == str(server.inbox / server.inbox_names()[0])
+            assert "hello from telegram DM" in text(shown) and "second message" in text(shown)
+            # taken: another session's next_message gets the group, not this chat
+            async with mcp_session(server, env) as other:
+                theirs = (await other.call_tool("next_message", {})).structured_content
+                assert [m["request_id"] for m in theirs["messages"]] == [third]
 
-            sent = await s.call_tool("reply", {"request_id": first, "text": "Hi Alice!"})
+            nothing = await s.call_tool("new_messages", {"context_id": "telegram:123456789",
+                                                         "after_request_id": second})  # fmt: skip
+            assert not nothing.is_error and nothing.structured_content["messages"] == []
+            late = oc.with_info(oc.typed(oc.load(oc.TURN2), "actually, cancel it"), message_id="13")
+            await asyncio.to_thread(server.post_chat, late)
+            news = await s.call_tool("new_messages", {"context_id": "telegram:123456789",
+                                                      "after_request_id": second})  # fmt: skip
+            (fresh,) = news.structured_content["messages"]
+            assert fresh["words"] == "actually, cancel it"
+            stale = await s.call_tool("reply", {"request_id": second, "text": "Done!"})
+            assert stale.is_error and fresh["request_id"] in text(stale)
+            assert "actually, cancel it" in text(stale)
+            await asyncio.to_thread(server.wait_files, 4)
+            sent = await s.call_tool("reply", {"request_id": fresh["request_id"],
+                                               "text": "Cancelled."})  # fmt: skip
             assert not sent.is_error, text(sent)
+            assert sent.structured_content["covered"] == [first, second]
             assert sent.structured_content["sent_to"] == "telegram:123456789"
             again = await s.call_tool("reply", {"request_id": first, "text": "twice?"})
             assert again.is_error and "answered already" in text(again)
             unknown = await s.call_tool("reply", {"request_id": "ffffffffffff", "text": "x"})
             assert unknown.is_error and "no request with id" in text(unknown)
 
-            assert (await s.call_tool("next_message", {})).structured_content["request_id"] == (
-                second
-            )
-            done = await s.call_tool("mark_done", {"request_id": second})
-            assert not done.is_error
-            assert (await s.call_tool("mark_done", {"request_id": second})).is_error
+            # nothing waits here any more, and the group is the other session's
             nxt = await s.call_tool("next_message", {})
-            assert nxt.structured_content["request_id"] == third
-
+            assert nxt.structured_content["waiting"] is False
+            done = await s.call_tool("mark_done", {"request_id": third})
+            assert not done.is_error
+            assert (await s.call_tool("mark_done", {"request_id": third})).is_error
             full = await s.call_tool("show_request", {"request_id": third, "full": True})
             path = server.inbox / server.inbox_names()[2]
             assert text(full).encode() == path.read_bytes()  # the file, byte for byte
@@ -132,7 +154,7 @@ def test_the_agent_loop_through_mcp(world) -> None:
 
     asyncio.run(scenario())
     assert calls(log) == [["message", "send", "--channel", "telegram", "--target", "123456789",
-                           "--message", "Hi Alice!"]]  # fmt: skip
+                           "--message", "Cancelled."]]  # fmt: skip
 
 
 def test_next_message_waits_for_a_request_without_blocking_others(world) -> None:
@@ -144,7 +166,7 @@ def test_next_message_waits_for_a_request_without_blocking_others(world) -> None
                 assert not (await s.call_tool("mark_done", {"request_id": r["id"]})).is_error
             empty = await s.call_tool("next_message", {"wait_seconds": 0})
             assert not empty.is_error and empty.structured_content == {
-                "waiting": False, "note": "no request is waiting for a reply",
+                "waiting": False, "note": "no conversation is waiting for a reply",
             }  # fmt: skip
             started = time.monotonic()
             waiting = asyncio.create_task(s.call_tool("next_message", {"wait_seconds": 30}))
@@ -154,7 +176,7 @@ def test_next_message_waits_for_a_request_without_blocking_others(world) -> None
             body = oc.with_info(oc.typed(oc.load(oc.TURN2), "are you there?"), message_id="13")
             await asyncio.to_thread(server.post_chat, body)
             got = await asyncio.wait_for(waiting, 10)
-            assert got.structured_content["words"] == "are you there?"
+            assert got.structured_content["messages"][0]["words"] == "are you there?"
             assert time.monotonic() - started < 5  # as soon as it came, not after 30 s
 
     asyncio.run(scenario())
@@ -189,7 +211,8 @@ def test_bad_input_is_a_tool_error_and_the_server_keeps_serving(
             assert bad.is_error and needle in text(bad), text(bad)
             assert str(server.workdir) not in text(bad)  # no file of this machine named
             fine = await s.call_tool("next_message", {})
-            assert not fine.is_error and fine.structured_content["request_id"] == first
+            assert not fine.is_error
+            assert fine.structured_content["messages"][0]["request_id"] == first
 
     asyncio.run(scenario())
     assert calls(log) == []

@@ -76,21 +76,25 @@ def ids(server: Server) -> list[str]:
 
 def test_reply_sends_once_to_the_right_chat(loop) -> None:
     server, log, env = loop
-    first = ids(server)[0]
+    first, second, _ = ids(server)
     text = 'It\'s "done" & costs $5\nsee you'
-    r = run(server, env, "reply", first[-8:], "--message", text, "--reply-to")
+    r = run(server, env, "reply", second[-8:], "--message", text, "--reply-to")
     assert r.returncode == 0, r.stderr
+    assert f"replied to {second} and 1 earlier on telegram:123456789" in r.stderr
     assert calls(log) == [["message", "send", "--channel", "telegram", "--target", "123456789",
-                           "--message", text, "--reply-to", "11"]]  # fmt: skip
-    (reply,) = server.rows("SELECT * FROM replies")
-    assert (reply["state"], reply["exit_status"], reply["message"]) == ("sent", 0, text)
-    assert "Message ID: 4242" in reply["output"]
-    # a second reply is refused, says so, and sends nothing
-    again = run(server, env, "reply", first, "--message", "twice?")
-    assert again.returncode == 1 and "answered already" in again.stderr
+                           "--message", text, "--reply-to", "12"]]  # fmt: skip
+    replies = {r["request_id"]: r for r in server.rows("SELECT * FROM replies")}
+    assert (replies[second]["state"], replies[second]["exit_status"]) == ("sent", 0)
+    assert replies[second]["message"] == text and "Message ID: 4242" in replies[second]["output"]
+    assert (replies[first]["state"], replies[first]["covered_by"]) == ("sent", second)
+    # a second reply to either is refused, says so, and sends nothing
+    for rid, why in ((second, "answered already (sent)"),
+                     (first, f"answered already (sent (by the reply to {second}))")):  # fmt: skip
+        again = run(server, env, "reply", rid, "--message", "twice?")
+        assert again.returncode == 1 and why in again.stderr, again.stderr
     assert len(calls(log)) == 1
     # unless asked for
-    assert run(server, env, "reply", first, "--message", "on purpose", "--again").returncode == 0
+    assert run(server, env, "reply", second, "--message", "on purpose", "--again").returncode == 0
     assert len(calls(log)) == 2
 
 
@@ -130,7 +134,7 @@ def test_two_concurrent_replies_send_once(loop) -> None:
 
 def test_a_failed_send_is_recorded_and_can_be_retried(loop) -> None:
     server, log, env = loop
-    target = ids(server)[0]
+    target = ids(server)[2]  # the group's message: alone in its chat
     Path(str(log) + ".fail").touch()  # the gateway is down
     r = run(server, env, "reply", target, "--message-file", "-", input="hello there")
     assert r.returncode == 1 and "Gateway not reachable" in r.stderr
@@ -152,15 +156,18 @@ def test_next_done_and_waiting(loop) -> None:
     first, second, third = ids(server)
     shown = run(server, env, "next", "--json")
     assert shown.returncode == 0, shown.stderr
-    assert json.loads(shown.stdout)["words"] == "hello from telegram DM"
-    assert run(server, env, "done", first).returncode == 0
+    view = json.loads(shown.stdout)
+    assert [m["words"] for m in view["messages"]] == [
+        "hello from telegram DM", "second message, normal mode",
+    ]  # fmt: skip
+    assert run(server, env, "done", first, "--only").returncode == 0
     assert run(server, env, "done", first).returncode == 1  # done already
     assert run(server, env, "reply", second, "--message", "ok").returncode == 0
     path = run(server, env, "next", "--path").stdout.strip()
     assert path == str(server.inbox / server.inbox_names()[2])
     assert run(server, env, "done", third).returncode == 0
     none = run(server, env, "next")
-    assert none.returncode == 3 and "no request is waiting" in none.stderr
+    assert none.returncode == 3 and "no conversation is waiting" in none.stderr
     started = time.monotonic()
     assert run(server, env, "next", "--wait", "--timeout", "0.3").returncode == 3
     assert time.monotonic() - started >= 0.3  # it waited the time it was given
@@ -188,30 +195,41 @@ def next_(server: Server, *args: str) -> Result:
 def test_next_shows_an_agent_the_short_view(loop) -> None:
     server, _log, env = loop
     first, second, _ = ids(server)
-    assert run(server, env, "done", first).returncode == 0
     shown = next_(server)
     assert shown.exit_code == 0, shown.output
-    path = server.inbox / server.inbox_names()[1]
-    assert len(shown.stdout.encode()) < 1024
-    lines = shown.stdout.splitlines()
-    assert lines[:4] == [f"request_id: {second}", f"file: {path}",
-                         "context_id: telegram:123456789",
-                         "sender: Alice Tester (@alice_t, id 123456789)"]  # fmt: skip
-    assert lines[4].startswith("waiting: ") and lines[4].endswith("s")
-    assert lines[5:] == [
-        "earlier: 1 in this conversation (history --context-id telegram:123456789)",
-        "", "second message, normal mode",
-    ]  # fmt: skip
+    paths = [server.inbox / n for n in server.inbox_names()[:2]]
+    assert len(shown.stdout.encode()) < 2048
+    blocks = shown.stdout.split("\n\n")
+    assert blocks[0].splitlines()[0] == "context_id: telegram:123456789"
+    assert blocks[0].splitlines()[1].startswith("waiting: 2 messages, the oldest for ")
+    assert blocks[1].splitlines()[0] == f"[1/2] request_id: {first}"
+    assert blocks[1].splitlines()[2:] == [
+        f"file: {paths[0]}",
+        "sender: Alice Tester (@alice_t, id 123456789)",
+    ]
+    assert blocks[2] == "hello from telegram DM"
+    assert blocks[3].splitlines()[0] == f"[2/2] request_id: {second}"
+    assert blocks[4] == "second message, normal mode\n"
     view = json.loads(next_(server, "--json").stdout)
-    assert view == {
-        "request_id": second, "inbox_file": str(path), "context_id": "telegram:123456789",
+    assert (view["context_id"], view["left_out"], view["answered_before"]) == (
+        "telegram:123456789", 0, 0)  # fmt: skip
+    assert (view["taken_by"], view["lease_s"]) == (None, None)
+    message = view["messages"][1]
+    assert message == {
+        "request_id": second, "received_at": message["received_at"],
+        "inbox_file": str(paths[1]), "written": True, "message_id": "12",
         "sender": oc.ALICE, "modality": None, "attachments": [],
-        "waiting_s": view["waiting_s"], "earlier_messages": 1,
-        "words": "second message, normal mode", "words_left_out": 0,
+        "waiting_s": message["waiting_s"], "words": "second message, normal mode",
+        "words_left_out": 0,
     }  # fmt: skip
-    assert 0 <= view["waiting_s"] < 60
-    assert next_(server, "--full").stdout_bytes == path.read_bytes()
-    assert next_(server, "--path").stdout == f"{path}\n"
+    assert 0 <= message["waiting_s"] < 60
+    assert next_(server, "--full").stdout_bytes == paths[0].read_bytes() + paths[1].read_bytes()
+    assert next_(server, "--path").stdout == f"{paths[0]}\n{paths[1]}\n"
+    assert run(server, env, "done", first, "--only").returncode == 0
+    one = json.loads(next_(server, "--json").stdout)
+    assert [m["request_id"] for m in one["messages"]] == [second]
+    assert one["answered_before"] == 1
+    assert next_(server, "--full").stdout_bytes == paths[1].read_bytes()  # one: byte for byte
 
 
 def test_next_cuts_long_words_and_names_the_media(make_server) -> None:
@@ -222,7 +240,8 @@ def test_next_cuts_long_words_and_names_the_media(make_server) -> None:
         assert server.post_chat(sent).status_code == 200
     server.wait_files(2)
     view = json.loads(next_(server, "--json").stdout)
-    assert view["words"] == "é" * 2000 and view["words_left_out"] == 18_000
+    (message,) = view["messages"]
+    assert message["words"] == "é" * 2000 and message["words_left_out"] == 18_000
     text = next_(server).stdout
     assert text.endswith("é\n[... 18,000 more characters: next --full shows all]\n")
     assert len(text.encode()) < 5000
@@ -238,7 +257,7 @@ def test_next_cuts_long_words_and_names_the_media(make_server) -> None:
 def test_history_stats_and_metrics_show_the_replies(loop) -> None:
     server, _log, env = loop
     first, second, third = ids(server)
-    assert run(server, env, "reply", first, "--message", "answer").returncode == 0
+    assert run(server, env, "reply", first, "--message", "answer", "--anyway").returncode == 0
     assert run(server, env, "done", second).returncode == 0
     records = json.loads(run(server, env, "history", "--format", "json").stdout)
     states = {r["id"]: (r["reply_state"], r["replied_at"] is not None) for r in records}
@@ -274,7 +293,7 @@ def test_reply_bad_input_is_one_line(loop) -> None:
 
 def test_reply_without_the_openclaw_cli_is_a_recorded_failure(loop) -> None:
     server, log, env = loop
-    target = ids(server)[0]
+    target = ids(server)[2]
     missing = {**env, "AI_AGENT_PROXY_OPENCLAW_BIN": "/nonexistent/openclaw"}
     r = run(server, missing, "reply", target, "--message", "hi")
     assert r.returncode == 1 and "not found (set OPENCLAW_BIN)" in r.stderr
@@ -317,10 +336,10 @@ def test_a_reply_killed_mid_send_is_taken_over_after_its_lease(loop) -> None:
     import signal
     import time
 
-    from ai_agent_proxy.replies import LEASE_MS
+    from ai_agent_proxy.agent.replies import LEASE_MS
 
     server, _log, env = loop
-    first = ids(server)[0]
+    first = ids(server)[2]
     slow = subprocess.Popen(
         [sys.executable, "-m", "ai_agent_proxy", "reply", first, "--message", "slow",
          "--db", str(server.db), "--inbox", str(server.inbox)],
@@ -386,7 +405,7 @@ def test_an_openclaw_bin_that_cannot_run_is_a_recorded_retryable_failure(loop, t
     """OPENCLAW_BIN names a file that is not executable: one line, exit 1, the reply
     recorded as failed (not left 'sending'), and a later reply may try again."""
     server, _log, _env = loop
-    first = ids(server)[0]
+    first = ids(server)[2]
     not_a_program = tmp_path / "openclaw-not-executable"
     not_a_program.write_text("#!/bin/sh\n")
     cfg = tmp_path / "proxy.conf"
@@ -432,7 +451,7 @@ def test_a_reply_stopped_mid_send_waits_for_it_and_records_it(loop) -> None:
     import signal
 
     server, log, env = loop
-    first = ids(server)[0]
+    first = ids(server)[2]
     proc = subprocess.Popen(
         [sys.executable, "-m", "ai_agent_proxy", "reply", first, "--message", "slow",
          "--db", str(server.db), "--inbox", str(server.inbox)],

@@ -232,10 +232,11 @@ class Outbox:
         ((count,),) = await self._read(queries.COUNT_IN_STATE, (state.value,))
         return int(count)
 
-    async def count_unanswered(self) -> int:
-        """Requests written to the inbox that the agent has neither replied to nor done."""
-        ((count,),) = await self._read(queries.COUNT_UNANSWERED)
-        return int(count)
+    async def count_unanswered(self) -> tuple[int, int]:
+        """(requests written to the inbox that the agent has neither replied to nor done,
+        the conversations they are in)."""
+        ((count, chats),) = await self._read(queries.COUNT_UNANSWERED)
+        return int(count), int(chats)
 
     async def counts_by_state(self) -> dict[str, int]:
         return dict(await self._read(queries.COUNTS_BY_STATE))

@@ -261,5 +261,8 @@ UNANSWERED = (
     f"requests.state = '{State.WRITTEN.value}' AND NOT EXISTS (SELECT 1 FROM replies"
     f" WHERE replies.request_id = requests.id AND replies.state IN {ANSWERED})"
 )
-COUNT_UNANSWERED = f"SELECT count(*) FROM requests WHERE {UNANSWERED}"
+COUNT_UNANSWERED = (
+    "SELECT count(*), count(DISTINCT coalesce(context_id, 'request:' || id)) FROM requests"
+    f" WHERE {UNANSWERED}"
+)
 COUNTS_BY_STATE = "SELECT state, count(*) FROM requests GROUP BY state"

@@ -1,0 +1,240 @@
+"""Conversations, the agent's unit of work (SPEC section 7): one context_id, or a request
+without one as a conversation of its own (`request:<id>`). A conversation waits while any
+of its messages does: written (its inbox file is there) and neither replied to nor done,
+directly or covered by a reply to a later message (`requests.answered_ms`, migration 0009).
+
+Taking one (`next --as NAME`, an MCP session, a runner's slot) is a lease in the DB
+(`conversation_leases`): the other takers' `next` skip it until the lease ends or nothing
+in it waits; a taker that dies loses it when it ends. Each function is one statement or
+one short write transaction (db.transaction) on the shared WAL database, so processes
+taking at once never get the same conversation.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from .. import db
+from ..outbox.queries import PROMPT_DATA, UNANSWERED
+from ..rows import State
+
+LEASE_S = 600.0  # a taker holds a conversation this long, renewed by each of its calls
+SHOWN = 20  # waiting messages of a conversation shown at most (the newest)
+_REQUEST = "request:"  # the conversation of a request without a context_id
+MESSAGE_COLUMNS = (
+    "id, seq, received_ms, context_id, channel, target, message_id, sender, attachments,"
+    " modality, latest_user_prompt, prompt_segment, state"
+)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message of a conversation as the agent sees it (views.py renders it)."""
+
+    request_id: str
+    seq: int
+    received_ms: int
+    context_id: str | None
+    message_id: str | None
+    sender: str | None  # JSON text, as stored
+    attachments: str | None  # JSON text, as stored
+    modality: str | None
+    words: str  # whole, also when long (stored as a segment)
+    written: bool  # its inbox file is there (else it is on its way)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A waiting conversation: its newest waiting messages (at most SHOWN, in arrival
+    order), how many older waiting ones were left out, how many of its messages were
+    answered before the first waiting one, and who holds it."""
+
+    key: str
+    context_id: str | None
+    messages: list[Message]
+    left_out: int
+    answered_before: int
+    taken_by: str | None
+    lease_s: float | None
+
+
+def key_of(context_id: str | None, request_id: str) -> str:
+    """The conversation a request belongs to."""
+    return context_id or _REQUEST + request_id
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def oldest_waiting(conn: sqlite3.Connection, taker: str | None, at_ms: int) -> str | None:
+    """The conversation whose oldest waiting message arrived first, skipping those another
+    taker holds (one walk of the waiting rows' index, in arrival order)."""
+    row = conn.execute(
+        f"SELECT coalesce(context_id, '{_REQUEST}' || id) FROM requests WHERE {UNANSWERED}"
+        f" AND coalesce(context_id, '{_REQUEST}' || id) NOT IN (SELECT conversation FROM"
+        " conversation_leases WHERE until_ms > ? AND taker IS NOT ?) ORDER BY seq LIMIT 1",
+        (at_ms, taker),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def take(conn: sqlite3.Connection, taker: str, lease_s: float = LEASE_S) -> str | None:
+    """Take the oldest waiting conversation nobody else holds, for `lease_s`; its key, or
+    None when none waits. One write transaction: concurrent takers get different ones."""
+    with db.transaction(conn):
+        at = now_ms()
+        key = oldest_waiting(conn, taker, at)
+        if key is not None:
+            hold(conn, key, taker, lease_s, at)
+    return key
+
+
+def hold(conn: sqlite3.Connection, key: str, taker: str, lease_s: float, at_ms: int) -> None:
+    """(In the caller's transaction) `taker` holds conversation `key` for `lease_s` from
+    now: a lease of its own renewed, or a new one (another's only once it has ended)."""
+    conn.execute(
+        "INSERT INTO conversation_leases (conversation, taker, taken_ms, until_ms)"
+        " VALUES (:key, :taker, :at, :until) ON CONFLICT (conversation) DO UPDATE SET"
+        " taker = :taker, until_ms = :until,"
+        " taken_ms = CASE WHEN taker = :taker THEN taken_ms ELSE :at END"
+        " WHERE taker = :taker OR until_ms <= :at",
+        {"key": key, "taker": taker, "at": at_ms, "until": at_ms + int(lease_s * 1000)},
+    )
+
+
+def renew(conn: sqlite3.Connection, key: str, taker: str, lease_s: float = LEASE_S) -> bool:
+    """Renew `taker`'s hold on `key` (or take it, when nobody else holds it); False when
+    another taker holds it."""
+    with db.transaction(conn):
+        at = now_ms()
+        hold(conn, key, taker, lease_s, at)
+        row = conn.execute(
+            "SELECT taker FROM conversation_leases WHERE conversation = ?", (key,)
+        ).fetchone()
+    return row is not None and row[0] == taker
+
+
+def release(conn: sqlite3.Connection, taker: str, key: str | None = None) -> int:
+    """Give back `taker`'s hold on `key` (on every conversation, without one)."""
+    with db.transaction(conn):
+        sql = "DELETE FROM conversation_leases WHERE taker = ?"
+        params: tuple[str, ...] = (taker,)
+        if key is not None:
+            sql, params = sql + " AND conversation = ?", (taker, key)
+        return conn.execute(sql, params).rowcount
+
+
+def holder(conn: sqlite3.Connection, key: str, at_ms: int) -> tuple[str | None, float | None]:
+    """(who holds `key`, seconds left), or (None, None) when nobody does now."""
+    row = conn.execute(
+        "SELECT taker, until_ms FROM conversation_leases WHERE conversation = ? AND until_ms > ?",
+        (key, at_ms),
+    ).fetchone()
+    return (None, None) if row is None else (str(row[0]), (row[1] - at_ms) / 1000)
+
+
+def conversation(conn: sqlite3.Connection, key: str, shown: int = SHOWN) -> Conversation | None:
+    """Conversation `key` as the agent is shown it; None when nothing in it waits."""
+    at = now_ms()
+    if key.startswith(_REQUEST):
+        context_id, sql, params = None, f"id = ? AND {UNANSWERED}", [key[len(_REQUEST) :]]
+    else:
+        context_id, sql, params = key, f"context_id = ? AND {UNANSWERED}", [key]
+    rows = conn.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM requests WHERE {sql} ORDER BY seq DESC LIMIT ?",
+        (*params, shown),
+    ).fetchall()
+    if not rows:
+        return None
+    ((waiting,),) = conn.execute(f"SELECT count(*) FROM requests WHERE {sql}", params)
+    first = rows[-1]["seq"] if waiting <= shown else _oldest_waiting_seq(conn, sql, params)
+    answered = 0
+    if context_id is not None:
+        ((answered,),) = conn.execute(
+            "SELECT count(*) FROM requests WHERE context_id = ? AND seq < ?"
+            " AND answered_ms IS NOT NULL",
+            (context_id, first),
+        )
+    taken_by, lease_s = holder(conn, key, at)
+    messages = [message_of(conn, r) for r in reversed(rows)]
+    return Conversation(
+        key, context_id, messages, waiting - len(messages), answered, taken_by, lease_s
+    )
+
+
+def _oldest_waiting_seq(conn: sqlite3.Connection, sql: str, params: list[str]) -> int:
+    ((seq,),) = conn.execute(f"SELECT min(seq) FROM requests WHERE {sql}", params)
+    return int(seq)
+
+
+def message_of(conn: sqlite3.Connection, row: sqlite3.Row) -> Message:
+    words = row["latest_user_prompt"]
+    if row["prompt_segment"] is not None:  # long words: kept whole as a segment
+        ((data,),) = conn.execute(PROMPT_DATA, (row["prompt_segment"],))
+        words = bytes(data).decode("utf-8")
+    return Message(
+        row["id"], row["seq"], row["received_ms"], row["context_id"], row["message_id"],
+        row["sender"], row["attachments"], row["modality"], words,
+        row["state"] == State.WRITTEN.value,
+    )  # fmt: skip
+
+
+def after(
+    conn: sqlite3.Connection, context_id: str | None, seq: int, request_id: str
+) -> list[Message]:
+    """The messages of a conversation newer than `seq` that wait, or are on their way to
+    the inbox (committed, not written yet: the person wrote again a moment ago). Two index
+    walks: the chat's waiting rows, and the few not yet written."""
+    if context_id is None:
+        return []  # a conversation of one request has nothing newer
+    written = conn.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM requests WHERE context_id = ? AND {UNANSWERED}"
+        " AND seq > ? ORDER BY seq",
+        (context_id, seq),
+    ).fetchall()
+    coming = conn.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM requests WHERE state IN (?, ?) AND seq > ?"
+        " AND context_id = ? ORDER BY seq",
+        (State.PENDING.value, State.AWAITING_BACKEND.value, seq, context_id),
+    ).fetchall()
+    rows = sorted([*written, *coming], key=lambda r: r["seq"])
+    return [message_of(conn, r) for r in rows if r["id"] != request_id]
+
+
+def seq_of(conn: sqlite3.Connection, request_id: str) -> tuple[int, str | None] | None:
+    row = conn.execute(
+        "SELECT seq, context_id FROM requests WHERE id = ?", (request_id,)
+    ).fetchone()
+    return None if row is None else (int(row[0]), row[1])
+
+
+def waiting_count(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(waiting messages, waiting conversations), from the waiting rows' index."""
+    ((messages, chats),) = conn.execute(
+        f"SELECT count(*), count(DISTINCT coalesce(context_id, '{_REQUEST}' || id))"
+        f" FROM requests WHERE {UNANSWERED}"
+    )
+    return int(messages), int(chats)
+
+
+POLL_S = 0.2  # how often a waiting `next` looks again (one indexed query)
+
+
+def wait_for(
+    conn: sqlite3.Connection, taker: str | None, lease_s: float, timeout_s: float | None
+) -> Conversation | None:
+    """The oldest waiting conversation (taken for `lease_s` when there is a `taker`, else
+    only looked at, skipping those others hold), waiting up to `timeout_s` for one (None:
+    for ever; 0: not at all)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        key = take(conn, taker, lease_s) if taker else oldest_waiting(conn, None, now_ms())
+        chat = None if key is None else conversation(conn, key)
+        if chat is not None or (deadline is not None and time.monotonic() >= deadline):
+            return chat
+        time.sleep(
+            POLL_S if deadline is None else min(POLL_S, max(0.0, deadline - time.monotonic()))
+        )
