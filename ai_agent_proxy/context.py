@@ -367,7 +367,7 @@ def _media_line(text: str, at: int) -> tuple[str, int] | None:
     rest = text[head.end() : end].rstrip(" \t")
     if not rest.endswith("]"):
         return None
-    return rest[:-1].strip(), end + 1 if eol != -1 else end
+    return rest[:-1].strip(), min(end + 1, len(text))
 
 
 def _looks_inbound(path: str) -> bool:

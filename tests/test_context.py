@@ -281,6 +281,9 @@ QUEUED = (
         ),
         ("x\n[Image attachment not analyzed: no image-understanding model is configured]", "x"),
         ("[Audio attachment not analyzed: no audio model]\n", ""),
+        # the closing paragraph alone: nothing of the person's is left
+        (CONTINUE, ""),
+        (f"{CONTINUE} If a tool failed, say so.", ""),
         # the same sentences inside a person's own text are theirs
         (f"please say {QUEUED} back", f"please say {QUEUED} back"),
         (f"{CONTINUE} is what my boss says", f"{CONTINUE} is what my boss says"),
@@ -767,3 +770,15 @@ def test_a_mebibyte_body_is_read_within_50_ms_whatever_it_holds() -> None:
             took = _seconds_per_call(lambda b: extract_context(b, media), body, budget_s=1.0)
             worst = max(worst, (took, f"{shape} in the {where}"))
     assert worst[0] < 0.05, f"{worst[0] * 1000:.0f} ms for 1 MiB of {worst[1]}"
+
+
+def test_a_body_ending_with_an_answer_reads_the_persons_newest_earlier_message() -> None:
+    """No turn of the person's at the end (the body ends with an assistant message): their
+    words are the newest earlier user message that is not OpenClaw's internal context."""
+    body = oc.load(oc.TURN2)
+    body["messages"].append({"role": "assistant", "content": "an answer"})
+    ctx = extract_context(body)
+    assert ctx.latest_user_prompt == "second message, normal mode"
+    assert ctx.message_id == "12"
+    body["messages"].insert(-1, {"role": "tool", "content": "a tool's output"})
+    assert extract_context(body).latest_user_prompt == "second message, normal mode"
