@@ -13,6 +13,9 @@ CREATE INDEX requests_waiting ON requests (seq)
     WHERE state = 'written' AND answered_ms IS NULL;
 CREATE INDEX requests_waiting_by_chat ON requests (context_id, seq)
     WHERE state = 'written' AND answered_ms IS NULL;
+-- A conversation's messages in arrival order (how many were answered before the waiting
+-- ones, what came after a message): walked from a point, never read whole.
+CREATE INDEX requests_chat ON requests (context_id, seq);
 
 ALTER TABLE replies ADD COLUMN covered_by TEXT;  -- the request whose reply covered this one
 CREATE INDEX replies_covered ON replies (covered_by) WHERE covered_by IS NOT NULL;

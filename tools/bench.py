@@ -747,6 +747,7 @@ def filled(
         table.add_row("history " + " ".join(words), f"{took:.2f}" + ("" if done.returncode == 0
                       else f" (exit {done.returncode}: {done.stderr.strip()[:60]})"))  # fmt: skip
     out.print(table)
+    out.print(agent_loop_table(db, args.fill, work))
     rps = {}
     for name, on in (("empty", None), ("filled", db)):  # a fresh server each, one round each
         proxy, _ = proxy_target(f"proxy-{name}", work, args.extra, db=on)
@@ -757,6 +758,78 @@ def filled(
         f"req/s on the {args.fill:,}-row DB: {rps['filled']:,.0f}, on an empty one just before:"
         f" {rps['empty']:,.0f} ({rps['filled'] / rps['empty']:.2f}x; one round each)"
     )
+
+
+def agent_loop_table(db: Path, rows: int, work: Path) -> Table:
+    """The agent's loop on the filled DB, as the MCP server and the runner call it (the
+    library, in this process: a CLI adds its interpreter's start-up, ~0.3 s): next (look),
+    next --as (take), new_messages, and what `reply` adds to the send itself (the send is
+    `true`, timed alone beside it). First with every row waiting in one chat (the fill),
+    then with all but the newest 25 answered (a month of history)."""
+    from ai_agent_proxy.agent import conversations, replies
+    from ai_agent_proxy.config import load_settings
+    from ai_agent_proxy.db import connect
+
+    table = Table(title=f"the agent's loop on {rows:,} rows, ms (best of 5)")
+    for column in ("step", "all waiting", "25 waiting"):
+        table.add_column(column, justify="right" if column != "step" else "left")
+    conn = connect(db, rows_by_name=True)
+
+    def best(fn: Any) -> float:
+        took = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            took.append((time.perf_counter() - t0) * 1000)
+        return min(took)
+
+    def look() -> Any:
+        key = conversations.oldest_waiting(conn, None, conversations.now_ms())
+        return conversations.conversation(conn, key or "")
+
+    def take() -> Any:
+        return conversations.conversation(conn, conversations.take(conn, "bench") or "")
+
+    def steps() -> dict[str, float]:
+        last = conn.execute(
+            "SELECT id, seq, context_id FROM requests ORDER BY seq DESC LIMIT 1 OFFSET 3"
+        ).fetchone()
+        found = {
+            "next (the oldest waiting conversation, shown)": best(look),
+            "next --as (taken, shown)": best(take),
+            "new_messages (after a message)": best(
+                lambda: conversations.after(conn, last["context_id"], last["seq"], last["id"])
+            ),
+        }
+        conversations.release(conn, "bench")
+        return found
+
+    waiting_all = steps()
+    with sqlite3.connect(db) as raw:  # a month of answered history, the newest 25 waiting
+        raw.execute(
+            "UPDATE requests SET answered_ms = received_ms + 60000 WHERE state = 'written'"
+            " AND seq <= (SELECT max(seq) - 25 FROM requests)"
+        )
+    waiting_few = steps()
+    (newest,) = conn.execute("SELECT id FROM requests ORDER BY seq DESC LIMIT 1").fetchone()
+    conn.execute("UPDATE requests SET channel = 'telegram', target = '1' WHERE id = ?", (newest,))
+    true = shutil.which("true") or "/bin/true"
+    settings = load_settings(
+        None, {"db": str(db), "inbox": str(work / "filled-inbox"), "openclaw_bin": true}
+    )
+    beyond = []
+    for attempt in range(5):
+        t0 = time.perf_counter()
+        replies.reply(conn, settings, newest, "bench", again=attempt > 0)
+        whole = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        subprocess.run([true], check=False)
+        beyond.append((whole - (time.perf_counter() - t0)) * 1000)
+    conn.close()
+    for step, took in waiting_all.items():
+        table.add_row(step, fmt(took, 1), fmt(waiting_few[step], 1))
+    table.add_row("reply, beyond the send itself (covering 24 earlier)", "-", fmt(min(beyond), 1))
+    return table
 
 
 async def fill_db(db: Path, rows: int, templates: list[str]) -> None:

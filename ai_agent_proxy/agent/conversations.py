@@ -17,11 +17,18 @@ import time
 from dataclasses import dataclass
 
 from .. import db
-from ..outbox.queries import PROMPT_DATA, UNANSWERED
+from ..outbox.queries import (
+    PROMPT_DATA,
+    UNANSWERED,
+    WAITING_BY_CHAT_INDEX,
+    WAITING_INDEX,
+)
 from ..rows import State
 
 LEASE_S = 600.0  # a taker holds a conversation this long, renewed by each of its calls
 SHOWN = 20  # waiting messages of a conversation shown at most (the newest)
+ANSWERED_COUNTED = 1000  # answered messages before the waiting ones are counted up to this
+WAITING_COUNTED = 10_000  # a chat's waiting messages are counted up to this (900,000: 0.3 s)
 _REQUEST = "request:"  # the conversation of a request without a context_id
 MESSAGE_COLUMNS = (
     "id, seq, received_ms, context_id, channel, target, message_id, sender, attachments,"
@@ -48,8 +55,9 @@ class Message:
 @dataclass(frozen=True)
 class Conversation:
     """A waiting conversation: its newest waiting messages (at most SHOWN, in arrival
-    order), how many older waiting ones were left out, how many of its messages were
-    answered before the first waiting one, and who holds it."""
+    order), how many older waiting ones were left out (counted up to WAITING_COUNTED:
+    `more_left_out` says there are more), how many of its messages were answered before
+    the first waiting one (up to ANSWERED_COUNTED), and who holds it."""
 
     key: str
     context_id: str | None
@@ -58,6 +66,7 @@ class Conversation:
     answered_before: int
     taken_by: str | None
     lease_s: float | None
+    more_left_out: bool = False
 
 
 def key_of(context_id: str | None, request_id: str) -> str:
@@ -73,7 +82,8 @@ def oldest_waiting(conn: sqlite3.Connection, taker: str | None, at_ms: int) -> s
     """The conversation whose oldest waiting message arrived first, skipping those another
     taker holds (one walk of the waiting rows' index, in arrival order)."""
     row = conn.execute(
-        f"SELECT coalesce(context_id, '{_REQUEST}' || id) FROM requests WHERE {UNANSWERED}"
+        f"SELECT coalesce(context_id, '{_REQUEST}' || id) FROM requests {WAITING_INDEX}"
+        f" WHERE {UNANSWERED}"
         f" AND coalesce(context_id, '{_REQUEST}' || id) NOT IN (SELECT conversation FROM"
         " conversation_leases WHERE until_ms > ? AND taker IS NOT ?) ORDER BY seq LIMIT 1",
         (at_ms, taker),
@@ -140,33 +150,42 @@ def conversation(conn: sqlite3.Connection, key: str, shown: int = SHOWN) -> Conv
     """Conversation `key` as the agent is shown it; None when nothing in it waits."""
     at = now_ms()
     if key.startswith(_REQUEST):
-        context_id, sql, params = None, f"id = ? AND {UNANSWERED}", [key[len(_REQUEST) :]]
+        context_id, where, params = None, f"WHERE id = ? AND {UNANSWERED}", [key[len(_REQUEST) :]]
     else:
-        context_id, sql, params = key, f"context_id = ? AND {UNANSWERED}", [key]
+        context_id = key
+        where, params = f"{WAITING_BY_CHAT_INDEX} WHERE context_id = ? AND {UNANSWERED}", [key]
     rows = conn.execute(
-        f"SELECT {MESSAGE_COLUMNS} FROM requests WHERE {sql} ORDER BY seq DESC LIMIT ?",
+        f"SELECT {MESSAGE_COLUMNS} FROM requests {where} ORDER BY seq DESC LIMIT ?",
         (*params, shown),
     ).fetchall()
     if not rows:
         return None
-    ((waiting,),) = conn.execute(f"SELECT count(*) FROM requests WHERE {sql}", params)
-    first = rows[-1]["seq"] if waiting <= shown else _oldest_waiting_seq(conn, sql, params)
+    ((waiting,),) = conn.execute(
+        f"SELECT count(*) FROM (SELECT 1 FROM requests {where} LIMIT ?)",
+        (*params, WAITING_COUNTED + 1),
+    )
+    first = rows[-1]["seq"] if waiting <= shown else _oldest_waiting_seq(conn, where, params)
     answered = 0
     if context_id is not None:
+        # Every written message before the oldest waiting one is answered: counted back
+        # from it through the chat's index, up to ANSWERED_COUNTED (a long chat is long).
         ((answered,),) = conn.execute(
-            "SELECT count(*) FROM requests WHERE context_id = ? AND seq < ?"
-            " AND answered_ms IS NOT NULL",
-            (context_id, first),
+            "SELECT count(*) FROM (SELECT 1 FROM requests INDEXED BY requests_chat"
+            f" WHERE context_id = ? AND seq < ? AND state = '{State.WRITTEN.value}'"
+            " ORDER BY seq DESC LIMIT ?)",
+            (context_id, first, ANSWERED_COUNTED),
         )
     taken_by, lease_s = holder(conn, key, at)
     messages = [message_of(conn, r) for r in reversed(rows)]
+    more = waiting > WAITING_COUNTED
+    left_out = min(waiting, WAITING_COUNTED) - len(messages)
     return Conversation(
-        key, context_id, messages, waiting - len(messages), answered, taken_by, lease_s
+        key, context_id, messages, left_out, answered, taken_by, lease_s, more_left_out=more
     )
 
 
-def _oldest_waiting_seq(conn: sqlite3.Connection, sql: str, params: list[str]) -> int:
-    ((seq,),) = conn.execute(f"SELECT min(seq) FROM requests WHERE {sql}", params)
+def _oldest_waiting_seq(conn: sqlite3.Connection, where: str, params: list[str]) -> int:
+    ((seq,),) = conn.execute(f"SELECT min(seq) FROM requests {where}", params)
     return int(seq)
 
 
@@ -191,8 +210,8 @@ def after(
     if context_id is None:
         return []  # a conversation of one request has nothing newer
     written = conn.execute(
-        f"SELECT {MESSAGE_COLUMNS} FROM requests WHERE context_id = ? AND {UNANSWERED}"
-        " AND seq > ? ORDER BY seq",
+        f"SELECT {MESSAGE_COLUMNS} FROM requests {WAITING_BY_CHAT_INDEX}"
+        f" WHERE context_id = ? AND {UNANSWERED} AND seq > ? ORDER BY seq",
         (context_id, seq),
     ).fetchall()
     coming = conn.execute(
@@ -215,7 +234,7 @@ def waiting_count(conn: sqlite3.Connection) -> tuple[int, int]:
     """(waiting messages, waiting conversations), from the waiting rows' index."""
     ((messages, chats),) = conn.execute(
         f"SELECT count(*), count(DISTINCT coalesce(context_id, '{_REQUEST}' || id))"
-        f" FROM requests WHERE {UNANSWERED}"
+        f" FROM requests {WAITING_INDEX} WHERE {UNANSWERED}"
     )
     return int(messages), int(chats)
 

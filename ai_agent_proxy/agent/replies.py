@@ -23,7 +23,7 @@ from .. import db
 from ..config import Settings
 from ..errors import HistoryError, NewerMessagesWait, ReplyFailed, ReplyRefused
 from ..history import History
-from ..outbox.queries import ANSWERED, UNANSWERED
+from ..outbox.queries import ANSWERED, UNANSWERED, WAITING_BY_CHAT_INDEX
 from ..printable import printable
 from ..rows import ReplyState
 from . import conversations
@@ -225,7 +225,8 @@ def _claim_earlier(conn: sqlite3.Connection, to: Target, done: bool, now: int) -
     ids = [
         r[0]
         for r in conn.execute(
-            f"SELECT id FROM requests WHERE context_id = ? AND {UNANSWERED} AND seq < ?"
+            f"SELECT id FROM requests {WAITING_BY_CHAT_INDEX} WHERE context_id = ? AND {UNANSWERED}"
+            " AND seq < ?"
             " AND NOT EXISTS (SELECT 1 FROM replies WHERE request_id = requests.id"
             " AND state = ? AND claimed_ms > ?) ORDER BY seq",
             (to.context_id, to.seq, _SENDING, now - LEASE_MS),

@@ -45,6 +45,7 @@ def conversation_view(chat: Conversation, inbox: Path, now_s: float) -> dict[str
         "context_id": chat.context_id,
         "messages": [message_view(m, inbox, now_s) for m in chat.messages],
         "left_out": chat.left_out,
+        **({"more_left_out": True} if chat.more_left_out else {}),
         "answered_before": chat.answered_before,
         "taken_by": chat.taken_by,
         "lease_s": None if chat.lease_s is None else round(chat.lease_s, 1),
@@ -58,14 +59,15 @@ def render_conversation(view: dict[str, Any]) -> str:
     messages = view["messages"]
     context = view["context_id"]
     head = [f"context_id: {printable(context, one_line=True)}"]
-    count = f"{len(messages) + view['left_out']} message" + (
+    more = " or more" if view.get("more_left_out") else ""
+    count = f"{len(messages) + view['left_out']:,}{more} message" + (
         "s" if len(messages) + view["left_out"] != 1 else ""
     )
     head.append(f"waiting: {count}, the oldest for {duration(messages[0]['waiting_s'])}"
                 if messages else "waiting: none")  # fmt: skip
     if view["left_out"]:
-        head.append(f"left_out: {view['left_out']} older waiting (the {len(messages)} newest"
-                    " shown; history --unanswered lists all)")  # fmt: skip
+        head.append(f"left_out: {view['left_out']:,}{more} older waiting (the {len(messages)}"
+                    " newest shown; history --unanswered lists all)")  # fmt: skip
     if view["answered_before"] and context:
         head.append(
             f"answered_before: {view['answered_before']} (history --context-id "
