@@ -21,6 +21,7 @@ from typing import Any
 import typer
 
 from . import cli_parts as parts
+from .cli_agent import agent_cli
 from .cli_service import service_cli
 from .config import Settings, check_seconds, load_settings
 from .errors import NewerMessagesWait, ProxyError, ReplyRefused
@@ -351,6 +352,7 @@ def mcp_server(
 # -- the command groups of their own modules -----------------------------------------------
 
 cli.add_typer(service_cli, name="service")
+cli.add_typer(agent_cli, name="agent")
 
 
 def subcommands() -> set[str]:

@@ -25,6 +25,7 @@ from .outbox.queries import (
     ANSWERED,
     BACKLOG,
     PROMPT_DATA,
+    RUNS_SINCE,
     SEGMENT_DATA,
     UNANSWERED,
     in_chunks,
@@ -360,9 +361,50 @@ class History:
             }  # fmt: skip
         out["body"] = self.body(out.pop("body_segments"))
         out["answered_at"] = iso(out.pop("answered_ms", None))
+        out["agent_runs"] = self.runs_of(rid)
         for key in ("seq", "claimed_until_ms", "body_hash"):
             out.pop(key, None)
         return out
+
+    def runs_of(self, request_id: str) -> list[dict[str, Any]]:
+        """The runner's runs that were given this request, oldest first (`agent runs`
+        has the whole record)."""
+        rows = self._query(
+            "SELECT id, started_ms, ended_ms, outcome, exit_status, limit_fired, sent_output,"
+            " error FROM agent_runs WHERE request_ids LIKE ? ORDER BY started_ms",
+            (f'%"{request_id}"%',),
+        )
+        return [
+            {"id": r["id"], "started_at": iso(r["started_ms"]), "ended_at": iso(r["ended_ms"]),
+             "outcome": r["outcome"] or "running", "exit_status": r["exit_status"],
+             "limit_fired": r["limit_fired"], "sent_output": bool(r["sent_output"]),
+             "error": r["error"]}
+            for r in rows
+        ]  # fmt: skip
+
+    def agent_stats(self) -> dict[str, Any]:
+        """The runner's last day (runs by outcome) and the conversations it set aside
+        whose messages still wait (tried `--attempts` times; tried again on a new message)."""
+        day_ago = int((time.time() - 86400) * 1000)
+        outcomes = dict(self._query(RUNS_SINCE, (day_ago,)))
+        from .agent.runner.runs import set_aside  # (the agent's half, read here only)
+
+        try:
+            aside = set_aside(self.conn)
+        except sqlite3.Error as exc:
+            raise HistoryError(f"query failed on {self.path}: {exc}") from None
+        return {
+            "runs_last_day": outcomes,
+            "set_aside": [
+                {
+                    "conversation": r["conversation"],
+                    "failed_runs": r["failures"],
+                    "since": iso(r["set_aside_ms"]),
+                    "last_outcome": r["last_outcome"],
+                }
+                for r in aside
+            ],
+        }
 
     def stats(self, top: int = 10) -> dict[str, Any]:
         q = self._query
@@ -428,6 +470,7 @@ class History:
                 if backend["latency"] is None
                 else round(backend["latency"], 1),
             },
+            "agent_runner": self.agent_stats(),
         }
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -46,8 +47,15 @@ def csv_cell(value: Any) -> Any:
     return printable(value)
 
 
-def write_records(records: Iterable[dict[str, Any]], fmt: str, out: TextIO | None = None) -> None:
-    """Write records as they come (nothing is held in memory but a table's rows)."""
+def write_records(
+    records: Iterable[dict[str, Any]],
+    fmt: str,
+    out: TextIO | None = None,
+    columns: tuple[str, ...] | None = None,
+    table: Callable[[Iterable[dict[str, Any]], TextIO], None] | None = None,
+) -> None:
+    """Write records as they come (nothing is held in memory but a table's rows): history's
+    by default; another kind's with its `columns` (csv) and `table` writer."""
     out = out or sys.stdout  # looked up now: a test may have replaced it
     if fmt == "json":
         sep = "\n  "
@@ -60,12 +68,12 @@ def write_records(records: Iterable[dict[str, Any]], fmt: str, out: TextIO | Non
         for rec in records:
             out.write(json_safe(json.dumps(rec, ensure_ascii=False)) + "\n")
     elif fmt == "csv":
-        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(out, fieldnames=columns or CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for rec in records:
             writer.writerow({k: csv_cell(v) for k, v in rec.items()})
     else:
-        write_table(records, out)
+        (table or write_table)(records, out)
 
 
 class _Console(Console):
@@ -95,6 +103,45 @@ def write_table(records: Iterable[dict[str, Any]], out: TextIO) -> None:
             backend_cell(rec),
             Text(printable(rec["context_id"], one_line=True)),
             Text(_shorten(printable(rec["latest_user_prompt"], one_line=True), 200)),
+        )
+    console.print(table)
+
+
+RUN_COLUMNS = (
+    "id", "conversation", "request_ids", "started_at", "ended_at", "outcome", "exit_status",
+    "limit_fired", "attempt", "sent_output", "session_before", "session_after", "cost_usd",
+    "tokens", "error", "command",
+)  # fmt: skip
+
+
+def write_runs_table(records: Iterable[dict[str, Any]], out: TextIO) -> None:
+    """`agent runs`: one line per run, newest first (UTC `MM-DD HH:MM`, its id's tail)."""
+    console = _Console(file=out, width=None if out.isatty() else 200, highlight=False)
+    table = Table(box=None, expand=True, pad_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("started", style="dim", no_wrap=True, min_width=11)
+    table.add_column("run", style="cyan", no_wrap=True, min_width=8)
+    table.add_column("outcome", no_wrap=True, min_width=len("interrupted"))
+    table.add_column("exit", no_wrap=True, justify="right")
+    table.add_column("took", no_wrap=True, justify="right")
+    table.add_column("msgs", no_wrap=True, justify="right")
+    table.add_column("conversation", style="green", no_wrap=True, max_width=22, overflow="ellipsis")
+    table.add_column("error", no_wrap=True, overflow="ellipsis", ratio=1)
+    for rec in records:
+        took = "-"
+        if rec["started_at"] and rec["ended_at"]:
+            seconds = datetime.fromisoformat(rec["ended_at"]) - datetime.fromisoformat(
+                rec["started_at"]
+            )
+            took = f"{seconds.total_seconds():.0f}s"
+        table.add_row(
+            (rec["started_at"] or "")[5:16].replace("T", " "),
+            rec["id"][-8:],
+            rec["outcome"] or "running",
+            "-" if rec["exit_status"] is None else str(rec["exit_status"]),
+            took,
+            str(len(rec["request_ids"])),
+            Text(printable(rec["conversation"], one_line=True)),
+            Text(_shorten(printable(rec["error"] or "", one_line=True), 200)),
         )
     console.print(table)
 

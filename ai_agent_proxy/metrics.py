@@ -8,12 +8,16 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .agent.runner.runs import Outcome
 from .errors import OutboxError
 from .flusher import FlusherStatus
 from .outbox import Outbox
 from .rows import State
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+# the agent runner's outcomes, and a run still running
+RUN_OUTCOMES = (*(o.value for o in Outcome), "running")
 
 
 class Metrics:
@@ -56,6 +60,17 @@ class Metrics:
             "Conversations with a request the agent has neither replied to nor marked done",
             registry=self.registry,
         )
+        self.agent_runs = Gauge(
+            "aiap_agent_runs_last_day",
+            "The agent runner's runs started in the last 24 hours, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.set_aside = Gauge(
+            "aiap_agent_conversations_set_aside",
+            "Conversations the agent runner set aside after failed runs (until a new message)",
+            registry=self.registry,
+        )
         self.flush_latency = Histogram(
             "aiap_request_to_file_seconds",
             "Time from receipt to inbox file",
@@ -79,13 +94,18 @@ class Metrics:
             counts = await outbox.counts_by_state()
             backlog, oldest = await outbox.backlog()
             unanswered, waiting_chats = await outbox.count_unanswered()
+            runs, set_aside = await outbox.agent_runner()
         except OutboxError:
             counts, backlog, oldest, unanswered, waiting_chats = {}, -1, None, -1, -1
+            runs, set_aside = {}, -1
         for state in State:
             self.rows.labels(state.value).set(counts.get(state.value, 0))
         self.backlog.set(backlog)
         self.unanswered.set(unanswered)
         self.waiting_chats.set(waiting_chats)
+        for outcome in (*RUN_OUTCOMES, *runs):  # every outcome shown, 0 when none
+            self.agent_runs.labels(outcome).set(runs.get(outcome, 0))
+        self.set_aside.set(set_aside)
         self.backlog_age.set(0 if oldest is None else max(0.0, time.time() - oldest / 1000))
         self.files.set(flusher.files_written)
         self.failures.set(flusher.write_failures)

@@ -113,23 +113,79 @@ def test_systemd_install_and_uninstall(home) -> None:
 
 
 @pytest.mark.process
+def test_the_agent_runner_installed_as_a_second_service(home) -> None:
+    home_dir, env, log = home
+    r = cli(env, "service", "install", "--agent", "--preset", "claude", "--agent-options",
+            "--parallel 3 --grace 10s", "--manager", "systemd")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    unit = home_dir / ".config" / "systemd" / "user" / "ai-agent-proxy-agent.service"
+    text = unit.read_text()
+    conf = home_dir / ".config" / "ai-agent-proxy" / "service.conf"
+    exec_start = text.split("ExecStart=", 1)[1].splitlines()[0].split()
+    assert exec_start[1:] == [
+        "agent", "-f", str(conf), "--workdir", str(home_dir), "--parallel", "3", "--grace",
+        "10s", "--preset", "claude",
+    ]  # fmt: skip
+    for line in ("After=ai-agent-proxy.service", "KillMode=mixed", "TimeoutStopSec=40",
+                 f"WorkingDirectory={home_dir}", "Restart=on-failure", "Type=exec"):  # fmt: skip
+        assert line in text.splitlines(), line
+    assert f'Environment="PATH={env["PATH"]}"' in text.splitlines() or (
+        f"Environment=PATH={env['PATH']}" in text.splitlines()
+    )
+    assert not any(secret in text + r.stdout + r.stderr for secret in SECRETS)
+    assert ["systemctl", "--user", "enable", "--now", "ai-agent-proxy-agent.service"] in calls(log)
+    # the proxy's own unit is another file, untouched
+    assert not (home_dir / ".config" / "systemd" / "user" / "ai-agent-proxy.service").exists()
+    # a command of one's own, after --
+    r = cli(env, "service", "install", "--agent", "--manager", "systemd", "--", "my-agent", "-p")
+    assert r.returncode == 0, r.stderr
+    assert unit.read_text().split("ExecStart=", 1)[1].splitlines()[0].endswith(" -- my-agent -p")
+    for verb in ("stop", "start"):
+        assert cli(env, "service", verb, "--agent", "--manager", "systemd").returncode == 0
+        assert calls(log)[-1] == ["systemctl", "--user", verb, "ai-agent-proxy-agent.service"]
+    r = cli(env, "service", "uninstall", "--agent", "--manager", "systemd")
+    assert r.returncode == 0 and not unit.exists()
+    # what is wrong is said at once, nothing installed
+    for args, says in [
+        (["--agent"], "say which agent"),
+        (["--agent", "--preset", "claude", "--agent-options", "--bogus"], "No such option"),
+        (["--preset", "claude"], "go with --agent"),
+    ]:
+        r = cli(env, "service", "install", "--manager", "systemd", *args)
+        assert r.returncode != 0 and says in r.stderr, (args, r.stderr)
+        assert not unit.exists()
+    # launchd: a second agent, in the folder and with the PATH it was installed from
+    r = cli(env, "service", "install", "--agent", "--preset", "codex", "--manager", "launchd")
+    assert r.returncode == 0, r.stderr
+    plist = home_dir / "Library" / "LaunchAgents" / "ai.openclaw.ai-agent-proxy.agent.plist"
+    text = plist.read_text()
+    assert "<string>agent</string>" in text and "<string>codex</string>" in text
+    assert f"<key>WorkingDirectory</key>\n  <string>{home_dir}</string>" in text
+    assert "<key>ExitTimeOut</key>\n  <integer>60</integer>" in text
+
+
+@pytest.mark.process
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed here")
-    from ai_agent_proxy.service import command, unit_text
+    from ai_agent_proxy.service import Runner, command, unit_text
 
     unit = tmp_path / "ai-agent-proxy.service"
     unit.write_text(unit_text(command(tmp_path / "a folder" / "service.conf")))  # quoting
+    runner = Runner(("--preset", "claude"), tmp_path / "a folder", "/usr/bin:/bin")
+    agent_unit = tmp_path / "ai-agent-proxy-agent.service"
+    agent_unit.write_text(unit_text(command(tmp_path / "service.conf", runner), runner))
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
+    (tmp_path / "a folder").mkdir()
     env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
-    r = subprocess.run([analyze, "verify", "--user", str(unit)], capture_output=True,
-                       text=True, env=env)  # fmt: skip
+    r = subprocess.run([analyze, "verify", "--user", str(unit), str(agent_unit)],
+                       capture_output=True, text=True, env=env)  # fmt: skip
     if "Failed to initialize manager" in r.stderr:
         pytest.skip(f"systemd-analyze cannot run a user manager here: {r.stderr.strip()}")
     assert r.returncode == 0, r.stderr
-    assert "ai-agent-proxy.service:" not in r.stderr, r.stderr
+    assert ".service:" not in r.stderr, r.stderr
 
 
 def test_install_without_a_systemd_session_explains_and_prints_the_unit(home) -> None:

@@ -239,6 +239,53 @@ def waiting_count(conn: sqlite3.Connection) -> tuple[int, int]:
     return int(messages), int(chats)
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """A waiting conversation as a scheduler sees it: its oldest and newest waiting
+    message (seq), and when the newest arrived."""
+
+    key: str
+    first_seq: int
+    last_seq: int
+    newest_ms: int
+
+
+CHATS_LISTED = 10_000  # chats with a waiting message listed at most (by context_id)
+
+# The chats with a waiting message, one index seek each (a loose index scan of
+# requests_waiting_by_chat: the next context_id after the last one), so that the cost
+# follows how many chats wait, not how many messages: 8 chats holding 1M waiting messages
+# were listed in 0.05 ms, where GROUP BY over the same rows took 1 s.
+_CHATS = (
+    "WITH RECURSIVE chats(c, n) AS ("
+    f" SELECT (SELECT min(context_id) FROM requests {WAITING_BY_CHAT_INDEX}"
+    f"  WHERE {UNANSWERED} AND context_id IS NOT NULL), 1"
+    " UNION ALL"
+    f" SELECT (SELECT min(context_id) FROM requests {WAITING_BY_CHAT_INDEX}"
+    f"  WHERE {UNANSWERED} AND context_id > chats.c), n + 1"
+    " FROM chats WHERE chats.c IS NOT NULL AND n < :most)"
+    " SELECT c,"
+    f" (SELECT min(seq) FROM requests {WAITING_BY_CHAT_INDEX} WHERE {UNANSWERED}"
+    "  AND context_id = c),"
+    f" (SELECT seq FROM requests {WAITING_BY_CHAT_INDEX} WHERE {UNANSWERED}"
+    "  AND context_id = c ORDER BY seq DESC LIMIT 1),"
+    f" (SELECT received_ms FROM requests {WAITING_BY_CHAT_INDEX} WHERE {UNANSWERED}"
+    "  AND context_id = c ORDER BY seq DESC LIMIT 1)"
+    " FROM chats WHERE c IS NOT NULL"
+)
+_LONE = (
+    f"SELECT '{_REQUEST}' || id, seq, seq, received_ms FROM requests {WAITING_BY_CHAT_INDEX}"
+    f" WHERE {UNANSWERED} AND context_id IS NULL ORDER BY seq LIMIT :most"
+)
+
+
+def waiting_conversations(conn: sqlite3.Connection, most: int = CHATS_LISTED) -> list[Waiting]:
+    """The waiting conversations, oldest waiting message first: up to `most` chats (by
+    context_id) and the `most` oldest requests without one."""
+    rows = [*conn.execute(_CHATS, {"most": most}), *conn.execute(_LONE, {"most": most})]
+    return sorted((Waiting(*r) for r in rows), key=lambda w: w.first_seq)
+
+
 POLL_S = 0.2  # how often a waiting `next` looks again (one indexed query)
 
 

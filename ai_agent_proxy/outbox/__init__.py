@@ -238,6 +238,14 @@ class Outbox:
         ((count, chats),) = await self._read(queries.COUNT_UNANSWERED)
         return int(count), int(chats)
 
+    async def agent_runner(self) -> tuple[dict[str, int], int]:
+        """(the agent runner's runs of the last day by outcome, the conversations it set
+        aside whose messages still wait)."""
+        day_ago = int((time.time() - 86400) * 1000)
+        runs = dict(await self._read(queries.RUNS_SINCE, (day_ago,)))
+        ((aside,),) = await self._read(queries.COUNT_SET_ASIDE)
+        return runs, int(aside)
+
     async def counts_by_state(self) -> dict[str, int]:
         return dict(await self._read(queries.COUNTS_BY_STATE))
 

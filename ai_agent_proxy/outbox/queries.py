@@ -268,3 +268,18 @@ COUNT_UNANSWERED = (
     f" {WAITING_INDEX} WHERE {UNANSWERED}"
 )
 COUNTS_BY_STATE = "SELECT state, count(*) FROM requests GROUP BY state"
+
+# The agent runner's (agent/runner/runs.py): a conversation it set aside whose messages
+# still wait (one index seek), and its runs of the last day by outcome.
+STILL_WAITS = (
+    f"EXISTS (SELECT 1 FROM requests {WAITING_BY_CHAT_INDEX} WHERE {UNANSWERED} AND"
+    " (requests.context_id = agent_conversations.conversation OR (requests.context_id IS NULL"
+    " AND 'request:' || requests.id = agent_conversations.conversation)))"
+)
+COUNT_SET_ASIDE = (
+    f"SELECT count(*) FROM agent_conversations WHERE set_aside_seq IS NOT NULL AND {STILL_WAITS}"
+)
+RUNS_SINCE = (
+    "SELECT coalesce(outcome, 'running'), count(*) FROM agent_runs INDEXED BY agent_runs_started"
+    " WHERE started_ms >= ? GROUP BY 1"
+)

@@ -1,0 +1,624 @@
+"""Who runs next, and what a run's end means (SPEC section 8).
+
+The runner runs the agent CLI on each waiting conversation, up to `parallel` at once:
+
+- one run at a time per conversation, and only after its quiet window (`debounce` since
+  its newest message), so that a burst is one run; what arrives during a run waits, and
+  starts the next run of that conversation after it;
+- a conversation is taken like `next --as` takes it (a lease per slot, renewed while the
+  run lasts), so two runners, or a runner and a person at the CLI, never work on the same
+  chat; a runner that dies loses its leases (released at once when it starts again);
+- the answer check: a run succeeded only if every message it was given is replied to or
+  done in the DB, whatever its exit status. Else, with `send_output`, the CLI's final
+  answer is sent as the reply to the newest message it was given, through the same
+  once-only path (the newer ones, if any, stay waiting). A run stopped by a limit sends
+  nothing on its behalf. A run that answered nothing is tried again after a backoff, at
+  most `attempts` times for the same messages; then the conversation is set aside as
+  failed until a newer message arrives;
+- every run is a row (runs.py), begun before it starts: started again after a kill -9,
+  the runner stops what its predecessor left running and records it as interrupted.
+
+Finding work costs nothing while nothing changes: every POLL_S the runner asks SQLite
+whether another connection committed (`PRAGMA data_version`), and lists the waiting
+conversations (one index seek per chat) only then, when a slot was freed, or when a quiet
+window, a backoff or another taker's lease it is waiting for ends. Its statements run on
+one connection in a thread of their own, never on the loop that watches the runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import socket
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ...config import Settings
+from ...errors import HistoryError, ProxyError, ReplyFailed, ReplyRefused
+from ...ids import inbox_file_name
+from .. import conversations, replies, views
+from . import launch, prompt, runs
+from .adapters import PRESETS, Adapter, Result, read_plain
+from .launch import CannotStart, Finished, Limit, Limits
+from .runs import Outcome
+
+log = logging.getLogger("ai_agent_proxy.agent")
+
+POLL_S = 0.2  # how often the runner looks for work (new messages seen within it)
+LOOK_ANYWAY_S = 5.0  # the waiting conversations are listed at least this often
+STOP_WATCH_S = 0.5  # how often a run checks whether `agent stop` asked for it
+PRUNE_S = 300.0  # how often failures of conversations that no longer wait are dropped
+_KEYLIKE_FLAG = re.compile(r"(?i)^--?[\w-]*(key|token|secret|passw|pwd|auth)[\w-]*$")
+_OUR_SECRETS = ("AI_AGENT_PROXY_KEY", "AI_AGENT_PROXY_API_KEY")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Options:
+    """`ai-agent-proxy agent`'s options (cli_agent.py reads them; defaults as documented)."""
+
+    command: tuple[str, ...] = ()  # `-- CMD ARGS...`
+    preset: str | None = None
+    preset_args: tuple[str, ...] = ()
+    parallel: int = 2
+    debounce_s: float = 1.0
+    timeout_s: float = 1800.0
+    idle_timeout_s: float | None = None
+    grace_s: float = 30.0
+    attempts: int = 2
+    retry_after_s: float = 15.0  # the first backoff; doubled after each failure
+    send_output: bool = False
+    workdir: Path = field(default_factory=Path.cwd)
+    prompt_template: str | None = None
+    name: str = field(default_factory=lambda: f"runner@{socket.gethostname()}")
+    lease_s: float = conversations.LEASE_S
+
+    @property
+    def agent(self) -> str:
+        """The sessions' key: the preset, or the command's program."""
+        return self.preset or f"command:{Path(self.command[0]).name}"
+
+    @property
+    def adapter(self) -> Adapter | None:
+        return PRESETS[self.preset] if self.preset else None
+
+
+@dataclass
+class Slot:
+    number: int
+    conversation: str | None = None
+    task: asyncio.Task[None] | None = None
+    launched: launch.Launched | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A run about to start: its row is begun (runs.begin)."""
+
+    run_id: str
+    given: list[str]  # the request ids it is given, in arrival order
+    newest_seq: int
+    failures: runs.Failures | None
+    session: str | None  # the CLI's session to resume
+    argv: list[str]
+    prompt: str
+    env: dict[str, str]
+    prompt_file: Path
+    error: str | None  # it cannot be started, and why
+
+
+class Runner:
+    """The runner of one process: `await run()` until `stop()`."""
+
+    def __init__(self, settings: Settings, options: Options) -> None:
+        self.settings = settings
+        self.options = options
+        self.identity = {
+            "name": options.name, "pid": os.getpid(), "started": launch.started_at(os.getpid()),
+        }  # fmt: skip
+        self.slots = [Slot(n) for n in range(options.parallel)]
+        self.conn: sqlite3.Connection | None = None
+        self.polls = 0  # passes of the loop (a test waits for some to see nothing happen)
+        self.looks = 0  # times the waiting conversations were listed
+        self._stopping = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="aiap-runner-db")
+        self._version: int | None = None  # PRAGMA data_version when last listed
+        self._look_at_ms = 0  # list again by then whatever changed
+        self._pruned = 0.0
+
+    def taker(self, slot: Slot) -> str:
+        return f"runner:{self.options.name}:{os.getpid()}/slot-{slot.number}"
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(conn, *args)` on the runner's connection, in its DB thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, self.conn, *args))
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.conn = await loop.run_in_executor(
+            self._executor, replies.connect, self.settings.db_path
+        )
+        try:
+            await self._recover()
+            log.info(
+                "agent_runner_started name=%s agent=%s parallel=%d debounce=%gs timeout=%gs"
+                " db=%s", self.options.name, self.options.agent, self.options.parallel,
+                self.options.debounce_s, self.options.timeout_s, self.settings.db_path,
+            )  # fmt: skip
+            while not self._stopping.is_set():
+                self.polls += 1
+                await self._start_runs()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), POLL_S)
+            await self._finish_running()
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                for slot in self.slots:
+                    await self._db(conversations.release, self.taker(slot))
+            await loop.run_in_executor(self._executor, self.conn.close)
+            self._executor.shutdown()
+            log.info("agent_runner_stopped name=%s", self.options.name)
+
+    def stop(self) -> None:
+        """No new runs; the running ones get the grace, then are stopped."""
+        self._stopping.set()
+
+    async def _finish_running(self) -> None:
+        """The running runs get the grace to end on their own; those still running after
+        it are stopped (SIGTERM to the group, SIGKILL a moment later)."""
+        running = [s.task for s in self.slots if s.task is not None]
+        if not running:
+            return
+        log.info("agent_runner_stopping runs=%d grace=%gs", len(running), self.options.grace_s)
+        _, late = await asyncio.wait(running, timeout=self.options.grace_s)
+        for slot in self.slots:
+            if slot.launched is not None and slot.task in late:
+                slot.launched.stop(Limit.STOPPED, kill_after=launch.LEFTOVER_GRACE_S)
+        if late:
+            await asyncio.wait(late)
+
+    async def _start_runs(self) -> None:
+        free = [s for s in self.slots if s.task is None]
+        if not free:
+            return
+        try:
+            picked = await self._db(self._pick, free)
+        except sqlite3.Error as exc:  # the DB is locked or gone: said, and tried again
+            log.warning("agent_runner_db_error %s", exc)
+            return
+        for slot, key in picked:
+            slot.conversation = key
+            slot.task = asyncio.create_task(self._work(slot, key), name=f"run-{key}")
+            slot.task.add_done_callback(lambda _, s=slot: self._free(s))
+
+    def _free(self, slot: Slot) -> None:
+        slot.conversation, slot.task, slot.launched = None, None, None
+        self._look_at_ms = 0  # its conversation may wait again (a message came meanwhile)
+
+    def _pick(self, conn: sqlite3.Connection, free: list[Slot]) -> list[tuple[Slot, str]]:
+        """(In the DB thread) the conversations to run now, each held by a free slot:
+        past their quiet window, not running here, not held by another taker, not in
+        backoff nor set aside; oldest first. Nothing is listed while nothing changed."""
+        ((version,),) = conn.execute("PRAGMA data_version")
+        now = conversations.now_ms()
+        if version == self._version and now < self._look_at_ms:
+            return []
+        self._version, self.looks = version, self.looks + 1
+        self._look_at_ms = now + int(LOOK_ANYWAY_S * 1000)
+        waiting = conversations.waiting_conversations(conn)
+        if not waiting:
+            return []
+        running = {s.conversation for s in self.slots}
+        held = dict(conn.execute(
+            "SELECT conversation, until_ms FROM conversation_leases WHERE until_ms > ?", (now,)
+        ).fetchall())  # fmt: skip
+        failures = runs.failures(conn)
+        picked: list[tuple[Slot, str]] = []
+        for chat in waiting:
+            if chat.key in running:
+                continue
+            due = self._due(conn, chat, held, failures, now)
+            if due is not None:
+                self._look_at_ms = min(self._look_at_ms, due)
+                continue
+            slot = free[len(picked)]
+            if not conversations.renew(conn, chat.key, self.taker(slot), self.options.lease_s):
+                continue  # another taker got it first
+            picked.append((slot, chat.key))
+            if len(picked) == len(free):
+                break
+        if time.monotonic() - self._pruned > PRUNE_S:
+            self._pruned = time.monotonic()
+            runs.prune(conn)
+        return picked
+
+    def _due(
+        self,
+        conn: sqlite3.Connection,
+        chat: conversations.Waiting,
+        held: dict[str, int],
+        failures: dict[str, runs.Failures],
+        now: int,
+    ) -> int | None:
+        """None when `chat` may run now; else when to look at it again (the end of its
+        quiet window, backoff or another's lease; a set-aside one: when a message comes,
+        a commit, so never by the clock)."""
+        if chat.key in held:
+            return held[chat.key]
+        quiet_until = chat.newest_ms + int(self.options.debounce_s * 1000)
+        if now < quiet_until:
+            return quiet_until  # a burst may go on
+        failed = failures.get(chat.key)
+        if failed is None:
+            return None
+        if failed.set_aside_seq is not None:
+            if chat.last_seq <= failed.set_aside_seq:
+                return 1 << 62  # set aside until a newer message arrives
+            runs.cleared(conn, chat.key)  # one did: tried afresh
+            return None
+        if failed.retry_after_ms is not None and failed.retry_after_ms > now:
+            return failed.retry_after_ms  # in its backoff
+        return None
+
+    # -- one run -----------------------------------------------------------------------
+
+    async def _work(self, slot: Slot, key: str) -> None:
+        """Run the agent on conversation `key` (held by the slot), check its answer, and
+        record it all; the lease is renewed while it runs and given back after."""
+        renewing = asyncio.create_task(self._renew(slot, key))
+        try:
+            fresh = False
+            while True:  # (at most twice: once more, fresh, when a resume is refused)
+                retry_fresh = await self._one_run(slot, key, fresh)
+                if not retry_fresh or fresh:
+                    return
+                fresh = True
+        except Exception as exc:  # one conversation's trouble never stops the others
+            log.exception("agent_run_crashed conversation=%s", key)
+            with contextlib.suppress(sqlite3.Error):  # not tried again at once
+                await self._db(self._crashed, key, f"{type(exc).__name__}: {exc}")
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(sqlite3.Error):
+                await self._db(conversations.release, self.taker(slot), key)
+
+    def _crashed(self, conn: sqlite3.Connection, key: str, why: str) -> None:
+        retry = conversations.now_ms() + int(max(self.options.retry_after_s, 1.0) * 1000)
+        runs.failed(conn, key, Outcome.FAILED, retry, None)
+        for row in runs.unfinished(conn):
+            if row["conversation"] == key and json.loads(row["runner"]) == self.identity:
+                runs.end(conn, row["id"], outcome=Outcome.FAILED,
+                         error=f"the runner failed: {why}"[:500])  # fmt: skip
+
+    async def _one_run(self, slot: Slot, key: str, fresh: bool) -> bool:
+        """One run; True when the CLI refused the session it was asked to resume (it is
+        dropped then, and the caller runs once more, fresh)."""
+        ready = await self._db(self._prepare, slot, key, fresh)
+        if ready is None:  # answered meanwhile (by a person at the CLI, say)
+            return False
+        if ready.error is None:
+            finished = await self._launch(slot, ready, key)
+        else:
+            finished = Finished(None, None, "", "", "", ready.error)
+        with contextlib.suppress(OSError):
+            ready.prompt_file.unlink()
+        asked_to_stop = await self._db(runs.stop_requested, ready.run_id)  # `agent stop`
+        if asked_to_stop and finished.limit is None:
+            finished.limit = Limit.STOPPED
+        read = self._read(finished)
+        if read.resume_refused and ready.session is not None:
+            await self._db(self._refused, key, ready, finished)
+            return True
+        sent_output, send_error = await self._send_output(slot, key, ready, finished, read)
+        outcome = await self._db(self._conclude, key, ready, finished, read, sent_output,
+                                 send_error, asked_to_stop)  # fmt: skip
+        log.info(
+            "agent_run_ended run=%s conversation=%s outcome=%s exit=%s limit=%s"
+            " sent_output=%s messages=%d", ready.run_id, key, outcome.value,
+            finished.exit_status, finished.limit.value if finished.limit else "-",
+            sent_output, len(ready.given),
+        )  # fmt: skip
+        return False
+
+    def _prepare(
+        self, conn: sqlite3.Connection, slot: Slot, key: str, fresh: bool
+    ) -> Prepared | None:
+        """(DB thread) What the run is given, its prompt, argv and environment; its row
+        begun. None when nothing in the conversation waits any more."""
+        options = self.options
+        chat = conversations.conversation(conn, key)
+        if chat is None:
+            return None
+        view = views.conversation_view(chat, self.settings.inbox, time.time())
+        failures = runs.failures(conn).get(key)
+        stable, session = runs.session(conn, key, options.agent)
+        session = None if fresh else session
+        text = prompt.render(view, send_output=options.send_output, session=stable,
+                             template=options.prompt_template)  # fmt: skip
+        run_id = runs.new_run_id()
+        prompt_file = Path(self.settings.db_path).parent / "runs" / f"{run_id}.prompt"
+        error = None
+        try:
+            argv = self._argv(session, text, prompt_file, stable)
+        except CannotStart as exc:
+            argv, error = list(options.command or ()), str(exc)
+        given = [m.request_id for m in chat.messages]
+        attempt = 1 + (failures.count if failures else 0)
+        runs.begin(conn, runs.Begun(run_id, key, given, self._masked(argv), self.identity,
+                                    slot.number, attempt, session))  # fmt: skip
+        env = self._env(run_id, key, chat.messages, stable)
+        return Prepared(run_id, given, chat.messages[-1].seq, failures, session, argv, text,
+                        env, prompt_file, error)  # fmt: skip
+
+    def _argv(self, session: str | None, text: str, prompt_file: Path, stable: str) -> list[str]:
+        options = self.options
+        if options.adapter is not None:
+            argv = options.adapter.argv(None, list(options.preset_args), session)
+        else:
+            argv = list(options.command)
+        if "{prompt_file}" in argv:
+            prompt_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            prompt_file.write_text(text, "utf-8")
+            prompt_file.chmod(0o600)
+        return launch.fill_argv(argv, text, prompt_file, session or stable)
+
+    async def _launch(self, slot: Slot, ready: Prepared, key: str) -> Finished:
+        """Start the run and wait for its end (stopped on `agent stop`)."""
+        options = self.options
+        limits = Limits(options.timeout_s, options.idle_timeout_s, options.grace_s)
+        try:
+            slot.launched = await launch.launch(ready.argv, ready.prompt, env=ready.env,
+                                                cwd=options.workdir, limits=limits)  # fmt: skip
+        except CannotStart as exc:
+            return Finished(None, None, "", "", "", str(exc))
+        launched = slot.launched
+        with contextlib.suppress(sqlite3.Error):  # (a run is not stopped for a lost pid)
+            await self._db(runs.started, ready.run_id, launched.pid, launched.pid_started)
+        log.info(
+            "agent_run_started run=%s conversation=%s messages=%d pid=%d session=%s",
+            ready.run_id, key, len(ready.given), launched.pid, ready.session or "-",
+        )  # fmt: skip
+        watching = asyncio.create_task(self._watch_stop_request(launched, ready.run_id))
+        try:
+            return await launched.finished()
+        finally:
+            watching.cancel()
+
+    async def _watch_stop_request(self, launched: launch.Launched, run_id: str) -> None:
+        while True:
+            await asyncio.sleep(STOP_WATCH_S)
+            with contextlib.suppress(sqlite3.Error):
+                if await self._db(runs.stop_requested, run_id):
+                    launched.stop(Limit.STOPPED)
+                    return
+
+    def _env(
+        self, run_id: str, key: str, messages: list[conversations.Message], stable: str
+    ) -> dict[str, str]:
+        """The child's environment: the runner's (its PATH finds `ai-agent-proxy` and
+        `openclaw` as the person's shell does), our secrets taken out, and the ids of this
+        run; nothing from a message but ids."""
+        env = {k: v for k, v in os.environ.items() if k not in _OUR_SECRETS}
+        inbox = self.settings.inbox
+        files = [str(inbox / inbox_file_name(m.request_id, m.received_ms)) for m in messages]
+        env.update(
+            AIAP_CONTEXT_ID="" if key.startswith("request:") else key,
+            AIAP_REQUEST_IDS=" ".join(m.request_id for m in messages),
+            AIAP_NEWEST_REQUEST_ID=messages[-1].request_id,
+            AIAP_INBOX_FILES=" ".join(files),
+            AIAP_DB=str(self.settings.db_path),
+            AIAP_INBOX=str(inbox),
+            AIAP_RUN_ID=run_id,
+            AIAP_SESSION=stable,
+            # `ai-agent-proxy reply` in the agent's shell uses this runner's DB and inbox
+            AI_AGENT_PROXY_DB=str(self.settings.db_path),
+            AI_AGENT_PROXY_INBOX=str(inbox),
+        )
+        if self.options.adapter is not None:
+            env.update(self.options.adapter.env)
+        return env
+
+    def _masked(self, argv: Sequence[str]) -> list[str]:
+        """The command as recorded: the configured secrets masked, and the value after a
+        key-like flag (`--api-key X`); the prompt, if it is an argument, shortened."""
+        redact = self.settings.redact
+        out, hide = [], False
+        for arg in argv:
+            shown = "****" if hide else redact(arg)
+            out.append(shown if len(shown) <= 200 else shown[:200] + "…")
+            hide = bool(_KEYLIKE_FLAG.match(arg)) and "=" not in arg
+        return out
+
+    def _read(self, finished: Finished) -> Result:
+        read = self.options.adapter.read if self.options.adapter else read_plain
+        if finished.exit_status is None:
+            return Result(failed=finished.error)
+        return read(finished.stdout, finished.stderr, finished.exit_status)
+
+    def _refused(
+        self, conn: sqlite3.Connection, key: str, ready: Prepared, finished: Finished
+    ) -> None:
+        """(DB thread) The CLI refused the session it was to resume: dropped, the run
+        recorded as failed for it (the caller runs once more, fresh)."""
+        runs.keep_session(conn, key, self.options.agent, None)
+        runs.end(conn, ready.run_id, exit_status=finished.exit_status, outcome=Outcome.FAILED,
+                 error=f"the session {ready.session} could not be resumed: tried fresh",
+                 output_tail=finished.tail)  # fmt: skip
+        log.warning("agent_session_refused run=%s conversation=%s session=%s: running fresh",
+                    ready.run_id, key, ready.session)  # fmt: skip
+
+    async def _send_output(
+        self, slot: Slot, key: str, ready: Prepared, finished: Finished, read: Result
+    ) -> tuple[bool, str | None]:
+        """With send_output, the CLI's final answer as the reply to the newest message it
+        was given, once, when the run left its messages unanswered (and ended on its own:
+        a run stopped by a limit sends nothing on its behalf). Threaded under that message
+        when the person wrote again during the run, so that the answer sits under what it
+        answers. (sent, why not)."""
+        if not self.options.send_output or finished.limit is not None or read.answer is None:
+            return False, None
+        if read.failed is not None or not await self._db(self._unanswered, ready.given):
+            return False, None
+        newest, answer = ready.given[-1], read.answer.strip()
+        taker, settings = self.taker(slot), self.settings
+        context_id = None if key.startswith("request:") else key
+        newer = await self._db(conversations.after, context_id, ready.newest_seq, newest)
+
+        def send() -> str | None:  # its own connection: a send may take seconds
+            with replies.session(settings.db_path) as (_, conn):
+                try:
+                    if answer == prompt.NO_REPLY:
+                        replies.done(conn, newest, taker=taker)
+                    else:  # (anyway: what came during the run is not what it answered)
+                        replies.reply(conn, settings, newest, answer, anyway=True,
+                                      reply_to=bool(newer), taker=taker)  # fmt: skip
+                except ReplyRefused:
+                    return None  # answered meanwhile: nothing more to send
+                except (ReplyFailed, HistoryError, ProxyError) as exc:
+                    return str(exc)
+            return None
+
+        error = await asyncio.to_thread(send)
+        return error is None, error
+
+    def _unanswered(self, conn: sqlite3.Connection, given: list[str]) -> list[str]:
+        marks = ", ".join("?" * len(given))
+        return [
+            r[0] for r in conn.execute(
+                f"SELECT id FROM requests WHERE id IN ({marks}) AND answered_ms IS NULL", given
+            )
+        ]  # fmt: skip
+
+    def _conclude(
+        self,
+        conn: sqlite3.Connection,
+        key: str,
+        ready: Prepared,
+        finished: Finished,
+        read: Result,
+        sent_output: bool,
+        send_error: str | None,
+        asked_to_stop: bool,
+    ) -> Outcome:
+        """(DB thread) The run's outcome, from the DB (the answer check), recorded with
+        the session it left and counted in the conversation's failures."""
+        outcome = self._outcome(len(self._unanswered(conn, ready.given)), len(ready.given),
+                                finished, read)  # fmt: skip
+        if read.session_id is not None and read.session_id != ready.session:
+            runs.keep_session(conn, key, self.options.agent, read.session_id)
+        runs.end(
+            conn, ready.run_id, exit_status=finished.exit_status,
+            limit_fired=finished.limit.value if finished.limit else None, outcome=outcome,
+            sent_output=int(sent_output), session_after=read.session_id,
+            cost_usd=read.cost_usd, tokens=read.tokens,
+            error=ready.error or finished.error or send_error or read.failed,
+            output_tail=finished.tail,
+        )  # fmt: skip
+        self._count(conn, key, outcome, ready.failures, ready.newest_seq, asked_to_stop)
+        return outcome
+
+    @staticmethod
+    def _outcome(left: int, given: int, finished: Finished, read: Result) -> Outcome:
+        """The one place a run's outcome is decided: `left` of the `given` messages are
+        still unanswered."""
+        if left == 0:
+            return Outcome.ANSWERED
+        if left < given:
+            return Outcome.PARTLY
+        if finished.limit is Limit.TIMEOUT:
+            return Outcome.TIMED_OUT
+        if finished.limit is Limit.IDLE:
+            return Outcome.IDLE
+        if finished.limit is Limit.STOPPED:
+            return Outcome.STOPPED
+        if finished.exit_status != 0 or read.failed:
+            return Outcome.FAILED
+        return Outcome.UNANSWERED
+
+    def _count(
+        self,
+        conn: sqlite3.Connection,
+        key: str,
+        outcome: Outcome,
+        before: runs.Failures | None,
+        newest_seq: int,
+        asked_to_stop: bool,
+    ) -> None:
+        """A run's end in the conversation's failures: answered (or partly: the rest are
+        newer messages, a new matter) clears them; the runner's own stop does not count
+        (the next start runs it again), a person's `agent stop` sets it aside until a new
+        message; any other end is a failure, tried again after a backoff, or set aside
+        once the attempts are spent."""
+        if outcome in (Outcome.ANSWERED, Outcome.PARTLY):
+            if before is not None:
+                runs.cleared(conn, key)
+            return
+        if outcome is Outcome.STOPPED:
+            if asked_to_stop:
+                runs.failed(conn, key, outcome, None, newest_seq)
+            return
+        count = 1 + (before.count if before else 0)
+        if count >= self.options.attempts:  # until a message newer than those it was given
+            runs.failed(conn, key, outcome, None, newest_seq)
+            log.warning("agent_conversation_set_aside conversation=%s failures=%d outcome=%s"
+                        " (until a new message arrives)", key, count, outcome.value)  # fmt: skip
+        else:
+            backoff = self.options.retry_after_s * 2 ** (count - 1)
+            runs.failed(conn, key, outcome, conversations.now_ms() + int(backoff * 1000), None)
+
+    async def _renew(self, slot: Slot, key: str) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, self.options.lease_s / 3))
+            with contextlib.suppress(sqlite3.Error):
+                await self._db(conversations.renew, key, self.taker(slot), self.options.lease_s)
+
+    # -- after a kill -9 ---------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        """Runs left unfinished by a runner that is gone: what is left of their process
+        groups is stopped, they are recorded as interrupted, and that runner's leases are
+        given back (its conversations come back at once, not after their lease)."""
+        for row in await self._db(runs.unfinished):
+            runner = json.loads(row["runner"])
+            if runner.get("pid") == os.getpid() or _alive(runner.get("pid"), runner.get("started")):
+                continue  # a runner that lives (another process on this DB)
+            pid = row["pid"]
+            if pid is not None and _alive(pid, row["pid_started"]):
+                log.warning(
+                    "agent_run_left_running run=%s pid=%d: stopping its group", row["id"], pid
+                )
+                launch.signal_group(pid, signal.SIGTERM)
+                deadline = time.monotonic() + min(self.options.grace_s, 10.0)
+                while launch.group_alive(pid) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                launch.signal_group(pid, signal.SIGKILL)
+            await self._db(runs.interrupted, row["id"], runner.get("pid"))
+            log.warning("agent_run_interrupted run=%s conversation=%s", row["id"],
+                        row["conversation"])  # fmt: skip
+
+
+def _alive(pid: int | None, started: int | None) -> bool:
+    """Whether process `pid` lives and is the one that started at `started`."""
+    if pid is None:
+        return False
+    now = launch.started_at(pid)
+    return now is not None and (started is None or now == started)
+
+
+def parse_preset_args(text: str | None) -> tuple[str, ...]:
+    return tuple(shlex.split(text)) if text else ()
