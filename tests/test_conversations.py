@@ -211,13 +211,14 @@ def stand_in(tmp_path: Path) -> dict[str, str]:
 
 def test_more_than_twenty_waiting_shows_the_newest_twenty(make_server, tmp_path: Path) -> None:
     server = make_server("--reply", "on it")
-    for body in burst([f"message {i}" for i in range(23)]):
+    for body in burst([f"message {i}" for i in range(-1, 23)]):
         assert server.post_chat(body).status_code == 200
-    server.wait_files(23)
+    server.wait_files(24)
     env = stand_in(tmp_path)
+    assert run(server, env, "done", ids(server)[0], "--only").returncode == 0
     chat = next_json(server, env)
     assert [m["words"] for m in chat["messages"]] == [f"message {i}" for i in range(3, 23)]
-    assert chat["left_out"] == 3
+    assert (chat["left_out"], chat["answered_before"]) == (3, 1)  # counted from the oldest
     text = run(server, env, "next").stdout
     assert "waiting: 23 messages" in text and "left_out: 3 older waiting" in text
     # the reply to the newest covers all 23, those left out of the view too
@@ -313,3 +314,25 @@ def test_reply_as_a_taker_renews_its_hold(chats) -> None:
     assert lease["taker"] == "alice" and lease["held"] > 60_000  # renewed for LEASE_S
     ran: Ran = run(server, env, "next", "--json", "--as", "bob")
     assert json.loads(ran.stdout)["context_id"] == "telegram:42"
+
+
+def test_a_hold_is_renewed_by_its_taker_only_and_given_back_one_or_all(chats) -> None:
+    from ai_agent_proxy.agent import conversations as cv
+    from ai_agent_proxy.agent.replies import connect
+
+    server, _log, _env = chats
+    conn = connect(server.db)
+    try:
+        assert cv.renew(conn, "telegram:123456789", "alice", 60)  # nobody held it: taken
+        assert cv.renew(conn, "telegram:42", "alice", 60)
+        assert not cv.renew(conn, "telegram:42", "bob", 60)  # alice holds it
+        assert cv.holder(conn, "telegram:42", cv.now_ms())[0] == "alice"
+        assert cv.release(conn, "alice", "telegram:42") == 1  # that one only
+        assert cv.holder(conn, "telegram:42", cv.now_ms()) == (None, None)
+        assert cv.holder(conn, "telegram:123456789", cv.now_ms())[0] == "alice"
+        assert cv.renew(conn, "telegram:42", "bob", 60)
+        assert cv.release(conn, "alice") == 1 and cv.release(conn, "bob") == 1  # all of each
+        assert server.rows("SELECT * FROM conversation_leases") == []
+        assert cv.seq_of(conn, "0" * 32) is None
+    finally:
+        conn.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 from ai_agent_proxy.agent.runner import launch
-from ai_agent_proxy.agent.runner.scheduler import Options, Runner
+from ai_agent_proxy.agent.runner.scheduler import POLL_S, Options, Runner
 from ai_agent_proxy.config import load_settings
 
 from . import standin
@@ -56,9 +57,10 @@ class Running:
         finally:
             self.loop.close()
 
-    def polls(self, count: int) -> None:
-        """Wait for `count` more passes of its loop (to see that nothing more happens)."""
-        start = self.runner.polls
+    def passes(self, seconds: float) -> None:
+        """Wait while its loop passes `seconds` (to see that nothing more happens then),
+        counted in its own passes, and at least 3 of them."""
+        start, count = self.runner.polls, max(3, math.ceil(seconds / POLL_S) + 1)
         wait_until(lambda: self.runner.polls >= start + count, message="the runner stalled")
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -174,7 +176,7 @@ def test_a_burst_is_one_run_and_what_comes_during_it_the_next(agent: Agent) -> N
     assert first["argv"][1:] == ["--flag"] and first["pgid"] == first["pid"]  # its own group
     assert first["cwd"] == str(agent.tmp)
     (c,) = agent.post(WORDS[2:], first_id=702)  # the person writes again during the run
-    running.polls(4)  # past c's quiet window: a free slot, and still no second run of it
+    running.passes(0.5)  # past c's quiet window: a free slot, and still no second run of it
     assert standin.started(agent.log, 1) is None
     gate.touch()
     one, two = agent.runs(2)
@@ -209,7 +211,7 @@ def test_an_agent_that_replies_itself_learns_of_the_later_messages(agent: Agent)
     assert (only["outcome"], only["sent_output"]) == ("answered", 0) and agent.unanswered() == []
     prompt = Path(f"{agent.log}.0.prompt").read_text()
     assert f"ai-agent-proxy reply {b} --message-file -" in prompt
-    running.polls(3)
+    running.passes(0.3)
     assert standin.started(agent.log, 1) is None  # nothing waits: no second run
 
 
@@ -221,7 +223,7 @@ def test_chats_run_in_parallel_up_to_the_limit(agent: Agent) -> None:
                           parallel=2, send_output=True)  # fmt: skip
     first, second = agent.started(0), agent.started(1)
     assert {first["context"], second["context"]} == {"telegram:1", "telegram:2"}  # oldest first
-    running.polls(3)
+    running.passes(0.3)
     assert standin.started(agent.log, 2) is None  # both slots busy
     gate.touch()
     agent.runs(3)
@@ -263,7 +265,7 @@ def test_silence_is_no_answer_tried_again_then_set_aside_until_a_new_message(age
     ]  # fmt: skip
     assert two["started_ms"] - one["ended_ms"] >= 300  # its backoff
     assert "thinking..." in one["output_tail"]
-    running.polls(5)
+    running.passes(0.5)
     assert standin.started(agent.log, 2) is None and agent.sent() == []  # set aside
     r = run(agent.server, {}, "agent", "runs", "--format", "json")
     assert [x["outcome"] for x in json.loads(r.stdout)] == ["unanswered", "unanswered"]
@@ -289,7 +291,7 @@ def test_a_command_that_cannot_start_fails_and_is_set_aside(agent: Agent) -> Non
     one, two = agent.runs(2)
     assert [(r["outcome"], r["pid"]) for r in (one, two)] == [("failed", None)] * 2
     assert one["error"] == "no-such-agent-cli: not found (is it on PATH?)"
-    running.polls(3)
+    running.passes(0.3)
     assert len(agent.runs()) == 2 and agent.unanswered() == [a]  # set aside, still waiting
 
 
