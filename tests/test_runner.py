@@ -160,7 +160,7 @@ def gone(pid: int) -> bool:
 # -- scheduling ------------------------------------------------------------------------------
 
 
-def test_a_burst_is_one_run_and_what_comes_during_it_the_next(agent: Agent) -> None:
+def test_a_burst_is_one_run_and_what_comes_during_it_is_answered_with_it(agent: Agent) -> None:
     a, b = agent.post(WORDS[:2])
     gate = agent.tmp / "go-on"
     plan = [[["wait-file", str(gate)], ["print", "Noted: the invoice is wrong."]],
@@ -181,20 +181,39 @@ def test_a_burst_is_one_run_and_what_comes_during_it_the_next(agent: Agent) -> N
     gate.touch()
     one, two = agent.runs(2)
     later = agent.started(1)
-    assert later["env"]["AIAP_REQUEST_IDS"] == c
     assert later["start"] >= standin.runs(agent.log)[0]["end"]  # after the first, never beside
-    # threaded under b only, since the person wrote again during the run that answered it
-    assert agent.sent() == [("Noted: the invoice is wrong.", "701"),
-                            ("Invoice 4711 is corrected.", None)]  # fmt: skip
+    # the first answer was held back (c came meanwhile); the second run had all three
+    assert later["env"]["AIAP_REQUEST_IDS"] == f"{a} {b} {c}"
+    assert agent.sent() == [("Invoice 4711 is corrected.", None)]
     assert [(json.loads(r["request_ids"]), r["outcome"], r["sent_output"]) for r in (one, two)] == [
-        ([a, b], "answered", 1), ([c], "answered", 1),
+        ([a, b], "held", 0), ([a, b, c], "answered", 1),
     ]  # fmt: skip
     covered = {r["request_id"]: r["covered_by"] for r in agent.server.rows("SELECT * FROM replies")}
-    assert covered == {a: b, b: None, c: None} and agent.unanswered() == []
+    assert covered == {a: c, b: c, c: None} and agent.unanswered() == []
     prompt = Path(f"{agent.log}.0.prompt").read_text()
     assert WORDS[0] in prompt and WORDS[1] in prompt and WORDS[2] not in prompt
-    assert "Your final message is sent to the person" in prompt
+    assert "Your final message is sent to the person" in prompt and "not sent" not in prompt
+    again = Path(f"{agent.log}.1.prompt").read_text()
+    assert all(w in again for w in WORDS) and "drafted to the first of these" in again
     assert one["exit_status"] == 0 and one["session_before"] is None
+    assert agent.server.rows("SELECT * FROM agent_conversations") == []  # not a failure
+
+
+def test_a_person_who_keeps_writing_still_gets_answers(agent: Agent) -> None:
+    gates = [agent.tmp / f"gate-{n}" for n in range(3)]
+    plan = [[["wait-file", str(g)], ["print", f"answer {n}"]] for n, g in enumerate(gates)]
+    agent.post(["one"])
+    agent.start([*plan, [["print", "answer 3"]]], "standin", send_output=True, debounce_s=0.1)
+    mids = {}
+    for n, gate in enumerate(gates):
+        agent.started(n)
+        (mids[n + 1],) = agent.post([f"more {n}"], first_id=701 + n)  # during run n
+        gate.touch()
+    rows = agent.runs(4)
+    assert [r["outcome"] for r in rows] == ["held", "held", "answered", "answered"]
+    assert [len(json.loads(r["request_ids"])) for r in rows] == [1, 2, 3, 1]
+    # held twice (HOLD_BACK): the third answer is sent, under the message it answers
+    assert agent.sent() == [("answer 2", "702"), ("answer 3", None)] and agent.unanswered() == []
 
 
 def test_an_agent_that_replies_itself_learns_of_the_later_messages(agent: Agent) -> None:

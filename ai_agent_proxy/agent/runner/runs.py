@@ -32,6 +32,7 @@ class Outcome(str, enum.Enum):
     IDLE = "idle"  # stopped after --idle-timeout without output
     STOPPED = "stopped"  # stopped by the runner's own stop, or `agent stop`
     INTERRUPTED = "interrupted"  # its runner died mid-run (found when one starts again)
+    HELD = "held"  # its answer was held back: the person wrote again meanwhile (run again)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,12 @@ The runner runs the agent CLI on each waiting conversation, up to `parallel` at 
 - the answer check: a run succeeded only if every message it was given is replied to or
   done in the DB, whatever its exit status. Else, with `send_output`, the CLI's final
   answer is sent as the reply to the newest message it was given, through the same
-  once-only path (the newer ones, if any, stay waiting). A run stopped by a limit sends
-  nothing on its behalf. A run that answered nothing is tried again after a backoff, at
+  once-only path. Unless the person wrote again during the run: then, as `reply` refuses
+  an answer while newer messages wait, the answer is held back and the conversation runs
+  again at once with all its waiting messages (resumed: the agent has its draft), so that
+  a burst spread over a run gets one answer; at most HOLD_BACK times in a row, so that a
+  person who keeps writing still gets answers. A run stopped by a limit sends nothing on
+  its behalf. A run that answered nothing is tried again after a backoff, at
   most `attempts` times for the same messages; then the conversation is set aside as
   failed until a newer message arrives;
 - every run is a row (runs.py), begun before it starts: started again after a kill -9,
@@ -60,6 +64,7 @@ log = logging.getLogger("ai_agent_proxy.agent")
 
 POLL_S = 0.05  # how often the runner looks whether the DB changed (a stat of its WAL)
 LOOK_ANYWAY_S = 5.0  # the waiting conversations are listed at least this often
+HOLD_BACK = 2  # answers held back in a row for newer messages, before one is sent anyway
 STOP_WATCH_S = 0.5  # how often a run checks whether `agent stop` asked for it
 PRUNE_S = 300.0  # how often failures of conversations that no longer wait are dropped
 _KEYLIKE_FLAG = re.compile(r"(?i)^--?[\w-]*(key|token|secret|passw|pwd|auth)[\w-]*$")
@@ -141,6 +146,7 @@ class Runner:
         self._wal = Path(f"{settings.db_path}-wal")
         self._wal_seen: tuple[int, int, int] | None = None
         self._pruned = 0.0
+        self._held: dict[str, int] = {}  # conversation -> its answers held back in a row
 
     def taker(self, slot: Slot) -> str:
         return f"runner:{self.options.name}:{os.getpid()}/slot-{slot.number}"
@@ -340,9 +346,13 @@ class Runner:
         if read.resume_refused and ready.session is not None:
             await self._db(self._refused, key, ready, finished)
             return True
-        sent_output, send_error = await self._send_output(slot, key, ready, finished, read)
+        sent_output, send_error, held = await self._send_output(slot, key, ready, finished, read)
+        if held:
+            self._held[key] = self._held.get(key, 0) + 1
+        else:
+            self._held.pop(key, None)
         outcome = await self._db(self._conclude, key, ready, finished, read, sent_output,
-                                 send_error, asked_to_stop)  # fmt: skip
+                                 send_error or None, asked_to_stop, held)  # fmt: skip
         log.info(
             "agent_run_ended run=%s conversation=%s outcome=%s exit=%s limit=%s"
             " sent_output=%s messages=%d", ready.run_id, key, outcome.value,
@@ -365,7 +375,8 @@ class Runner:
         stable, session = runs.session(conn, key, options.agent)
         session = None if fresh else session
         text = prompt.render(view, send_output=options.send_output, session=stable,
-                             template=options.prompt_template)  # fmt: skip
+                             template=options.prompt_template,
+                             held=self._held.get(key, 0) > 0)  # fmt: skip
         run_id = runs.new_run_id()
         prompt_file = Path(self.settings.db_path).parent / "runs" / f"{run_id}.prompt"
         error = None
@@ -480,20 +491,24 @@ class Runner:
 
     async def _send_output(
         self, slot: Slot, key: str, ready: Prepared, finished: Finished, read: Result
-    ) -> tuple[bool, str | None]:
+    ) -> tuple[bool, str | None, bool]:
         """With send_output, the CLI's final answer as the reply to the newest message it
         was given, once, when the run left its messages unanswered (and ended on its own:
-        a run stopped by a limit sends nothing on its behalf). Threaded under that message
-        when the person wrote again during the run, so that the answer sits under what it
-        answers. (sent, why not)."""
+        a run stopped by a limit sends nothing on its behalf). Held back when the person
+        wrote again during the run (HOLD_BACK times in a row at most; then sent, threaded
+        under the message it answers). (sent, why not, held back)."""
         if not self.options.send_output or finished.limit is not None or read.answer is None:
-            return False, None
+            return False, None, False
         if read.failed is not None or not await self._db(self._unanswered, ready.given):
-            return False, None
+            return False, None, False
         newest, answer = ready.given[-1], read.answer.strip()
         taker, settings = self.taker(slot), self.settings
         context_id = None if key.startswith("request:") else key
         newer = await self._db(conversations.after, context_id, ready.newest_seq, newest)
+        if newer and self._held.get(key, 0) < HOLD_BACK:
+            log.info("agent_answer_held run=%s conversation=%s newer=%d: running again with"
+                     " them", ready.run_id, key, len(newer))  # fmt: skip
+            return False, None, True
 
         def send() -> str | None:  # its own connection: a send may take seconds
             with replies.session(settings.db_path) as (_, conn):
@@ -510,7 +525,7 @@ class Runner:
             return None
 
         error = await asyncio.to_thread(send)
-        return error is None, error
+        return error is None, error, False
 
     def _unanswered(self, conn: sqlite3.Connection, given: list[str]) -> list[str]:
         marks = ", ".join("?" * len(given))
@@ -530,11 +545,12 @@ class Runner:
         sent_output: bool,
         send_error: str | None,
         asked_to_stop: bool,
+        held: bool,
     ) -> Outcome:
         """(DB thread) The run's outcome, from the DB (the answer check), recorded with
         the session it left and counted in the conversation's failures."""
         outcome = self._outcome(len(self._unanswered(conn, ready.given)), len(ready.given),
-                                finished, read)  # fmt: skip
+                                finished, read, held)  # fmt: skip
         if read.session_id is not None and read.session_id != ready.session:
             runs.keep_session(conn, key, self.options.agent, read.session_id)
         runs.end(
@@ -549,13 +565,17 @@ class Runner:
         return outcome
 
     @staticmethod
-    def _outcome(left: int, given: int, finished: Finished, read: Result) -> Outcome:
+    def _outcome(
+        left: int, given: int, finished: Finished, read: Result, held: bool = False
+    ) -> Outcome:
         """The one place a run's outcome is decided: `left` of the `given` messages are
-        still unanswered."""
+        still unanswered; `held`: its answer was held back for newer messages."""
         if left == 0:
             return Outcome.ANSWERED
         if left < given:
             return Outcome.PARTLY
+        if held:
+            return Outcome.HELD
         if finished.limit is Limit.TIMEOUT:
             return Outcome.TIMED_OUT
         if finished.limit is Limit.IDLE:
@@ -584,6 +604,8 @@ class Runner:
             if before is not None:
                 runs.cleared(conn, key)
             return
+        if outcome is Outcome.HELD:
+            return  # not a failure: run again at once, with the newer messages
         if outcome is Outcome.STOPPED:
             if asked_to_stop:
                 runs.failed(conn, key, outcome, None, newest_seq)
