@@ -177,8 +177,8 @@ def agent_runs(
     outcome: Annotated[
         str | None,
         parts.opt(
-            "answered, partly, unanswered, failed, timed_out, idle, stopped, interrupted or"
-            " running.",
+            "answered, partly, held, unanswered, failed, timed_out, idle, stopped,"
+            " interrupted or running.",
             "--outcome",
         ),
     ] = None,

@@ -17,7 +17,7 @@ CREATE TABLE agent_runs (
     ended_ms       INTEGER,
     exit_status    INTEGER,                  -- negative: killed by that signal
     limit_fired    TEXT,                     -- timeout, idle, stopped (the runner's stop or `agent stop`)
-    outcome        TEXT,                     -- answered, partly, unanswered, failed, timed_out, idle, stopped, interrupted
+    outcome        TEXT,                     -- how it ended (runs.Outcome: answered, held, ...)
     sent_output    INTEGER NOT NULL DEFAULT 0,  -- --send-output sent the CLI's answer
     session_before TEXT,
     session_after  TEXT,

@@ -257,17 +257,28 @@ def test_chats_run_in_parallel_up_to_the_limit(agent: Agent) -> None:
 
 def test_a_run_past_its_timeout_is_stopped_with_its_whole_group(agent: Agent) -> None:
     (a,) = agent.post(WORDS[:1])
-    # codex that ignores SIGTERM, leaves a grandchild, and dies mid-line when killed
-    plan = [[["ignore-term"], ["grandchild", 60], ["half"]]]
-    agent.start(plan, preset="codex", timeout_s=1.0, grace_s=0.5, attempts=1, send_output=True)
-    started = agent.started(0)
-    grandchild = wait_until(lambda: (standin.started(agent.log, 0) or {}).get("grandchild"))
-    (row,) = agent.runs(1)
+    agent.post(["another chat"], "telegram:42", 900)
+    # codex that ignores SIGTERM, leaves a grandchild, and dies mid-line when killed; in
+    # the other chat, one that replied before it hung
+    plan = {CHAT: [[["ignore-term"], ["grandchild", 60], ["half"]]],
+            "telegram:42": [[["reply-anyway"], ["sleep", 30]]]}  # fmt: skip
+    running = agent.start(plan, preset="codex", timeout_s=1.5, grace_s=0.5, attempts=1,
+                          send_output=True)  # fmt: skip
+    started, replied_n = next(
+        (agent.started(n), 1 - n) for n in (0, 1) if agent.started(n)["context"] == CHAT
+    )
+    grandchild = wait_until(lambda: standin.started(agent.log, started["n"]).get("grandchild"))
+    row, replied = sorted(agent.runs(2), key=lambda r: r["conversation"] != CHAT)
+    assert (replied["outcome"], replied["limit_fired"]) == ("answered", "timeout")
+    running.passes(0.3)
+    assert len(agent.runs()) == 2  # a run that replied is never run again
     assert (row["outcome"], row["limit_fired"], row["exit_status"]) == ("timed_out", "timeout", -9)
     assert '{"type":"item.completed","item":{"type":"agent_mess' in row["output_tail"]
-    assert 1.4 <= (row["ended_ms"] - row["started_ms"]) / 1000 < 5
+    assert 1.9 <= (row["ended_ms"] - row["started_ms"]) / 1000 < 5
     assert gone(started["pid"]) and gone(grandchild) and not launch.group_alive(started["pid"])
-    assert agent.sent() == [] and agent.unanswered() == [a]  # nothing sent for it
+    ((text, _),) = agent.sent()  # the other chat's own reply; nothing sent for this one
+    assert text == f"answered by run {replied_n}"
+    assert agent.unanswered() == [a]
     (aside,) = agent.server.rows("SELECT * FROM agent_conversations")
     assert (aside["conversation"], aside["last_outcome"]) == (CHAT, "timed_out")
     assert aside["set_aside_seq"] is not None
