@@ -461,6 +461,20 @@ def test_hostile_text_reaches_the_agent_only_as_data(agent: Agent) -> None:
     assert row["outcome"] == "answered" and len(json.loads(row["command"])[1]) <= 201
 
 
+def test_secrets_are_masked_in_the_record_and_kept_from_the_run(agent: Agent) -> None:
+    agent.monkeypatch.setenv("AI_AGENT_PROXY_KEY", "runner-secret-key-123")
+    agent.post(WORDS[:1])
+    agent.start([[["print", "ok"]]], "standin", "--api-key", "sk-live-999", "--token=abc",
+                "x-runner-secret-key-123-y", send_output=True)  # fmt: skip
+    (row,) = agent.runs(1)
+    recorded = json.loads(row["command"])
+    assert recorded[:4] == ["standin", "--api-key", "****", "--token=****"]
+    assert "runner-secret-key-123" not in row["command"] and len(recorded) == 5
+    entry = agent.started(0)
+    assert entry["argv"][1:3] == ["--api-key", "sk-live-999"]  # the run gets what you wrote
+    assert "AI_AGENT_PROXY_KEY" not in entry["env"]  # but not our key
+
+
 def run_db(server: Server) -> Any:
     import contextlib
     import sqlite3

@@ -461,14 +461,21 @@ class Runner:
         return env
 
     def _masked(self, argv: Sequence[str]) -> list[str]:
-        """The command as recorded: the configured secrets masked, and the value after a
-        key-like flag (`--api-key X`); the prompt, if it is an argument, shortened."""
+        """The command as recorded: the configured secrets masked, and the value of a
+        key-like flag (`--api-key X`, `--token=X`); the prompt, if it is an argument,
+        shortened."""
         redact = self.settings.redact
         out, hide = [], False
         for arg in argv:
-            shown = "****" if hide else redact(arg)
+            flag, eq, _ = arg.partition("=")
+            if hide:
+                shown = "****"
+            elif eq and _KEYLIKE_FLAG.match(flag):
+                shown = f"{flag}=****"  # --api-key=VALUE
+            else:
+                shown = redact(arg)
             out.append(shown if len(shown) <= 200 else shown[:200] + "…")
-            hide = bool(_KEYLIKE_FLAG.match(arg)) and "=" not in arg
+            hide = bool(_KEYLIKE_FLAG.match(arg))
         return out
 
     def _read(self, finished: Finished) -> Result:
