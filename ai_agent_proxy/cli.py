@@ -234,8 +234,9 @@ def reply(
     inbox: parts.InboxOpt = None,
 ) -> None:
     """Answer a request and the earlier waiting messages of its conversation, once, through
-    `openclaw message send`. Refused while newer messages wait (exit 4: they are printed),
-    and for an answered request (exit 1) unless --again."""
+    OpenClaw's gateway (or `openclaw message send` when it cannot be reached). Refused while
+    newer messages wait (exit 4: they are printed), and for an answered request (exit 1)
+    unless --again."""
     from .agent import replies, views
 
     if (message is None) == (message_file is None):
@@ -259,7 +260,7 @@ def reply(
     assert to is not None
     where = printable(f"{to.channel}:{to.target}", one_line=True)  # (a stranger's chat id)
     also = f" and {len(done_.covered)} earlier" if done_.covered else ""
-    typer.echo(f"replied to {rid}{also} on {where}", err=True)
+    typer.echo(f"replied to {rid}{also} on {where} ({replies.how(done_)})", err=True)
     if done_.note:
         typer.echo(done_.note, err=True)
 

@@ -24,7 +24,7 @@ from .redaction import Redactor, mask_url
 
 ENV_PREFIX = "AI_AGENT_PROXY_"
 DEFAULT_CONFIG_FILE = ".ai-agent-proxy.conf"
-SECRET_KEYS = frozenset({"KEY", "API_KEY"})
+SECRET_KEYS = frozenset({"KEY", "API_KEY", "OPENCLAW_GATEWAY_TOKEN"})
 SKILL_PATH = Path(__file__).parent / "skills" / "openclaw-message-cli" / "SKILL.md"
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
@@ -80,6 +80,30 @@ def check_backend_url(url: str) -> str:
     if parts.fragment:
         raise ValueError("must not have a #fragment")
     return urlunsplit(parts._replace(path=parts.path.rstrip("/")))
+
+
+def check_gateway_url(url: str) -> str:
+    """OpenClaw's gateway URL: ws:// to this machine, or wss:// (http(s):// read as the
+    same); ValueError otherwise (its token would cross the network in clear)."""
+    parts = urlsplit(url.strip())
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError("must be a ws:// or wss:// URL with a host")
+    if scheme == "ws" and not is_loopback_host(parts.hostname):
+        raise ValueError(
+            "must be wss:// for a gateway that is not on this machine (its token would cross"
+            " the network in clear)"
+        )
+    return parts._replace(scheme=scheme).geturl()
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _setting(default: Any, description: str) -> Any:
@@ -142,7 +166,17 @@ class Settings(BaseModel):
     )
     retention_days: float = _setting(0.0, "Prune delivered rows older than this (0: keep).")
     debug: bool = _setting(False, "Debug logging (and the access log).")
-    openclaw_bin: str = _setting("openclaw", "The openclaw CLI `reply` runs (path or name).")
+    openclaw_bin: str = _setting(
+        "openclaw", "The openclaw CLI replies fall back to (path or name)."
+    )
+    openclaw_gateway_url: str | None = _setting(
+        None,
+        "OpenClaw's gateway that replies are sent through (default: from OpenClaw's config;"
+        " ws:// only on this machine, else wss://).",
+    )
+    openclaw_gateway_token: str | None = _setting(
+        None, "The gateway's token (default: gateway.auth.token of OpenClaw's config)."
+    )
     # `~/.openclaw` holds OpenClaw's state; its inbound media store is below it.
     media_dir: Path = _setting(
         Path("~/.openclaw"),
@@ -198,7 +232,7 @@ class Settings(BaseModel):
             raise ValueError("must be a whole number of bytes per second, 1-1073741824")
         return v
 
-    @field_validator("key", "api_key")
+    @field_validator("key", "api_key", "openclaw_gateway_token")
     @classmethod
     def _secret(cls, v: str | None) -> str | None:
         # Sent in an HTTP header: anything else fails there, not here (a non-ASCII API_KEY
@@ -213,6 +247,11 @@ class Settings(BaseModel):
         if v is None:
             return None
         return check_backend_url(v)
+
+    @field_validator("openclaw_gateway_url")
+    @classmethod
+    def _gateway_url(cls, v: str | None) -> str | None:
+        return None if v is None else check_gateway_url(v)
 
     @field_validator("inbox", "db", "openclaw_message_cli_skill_path", "media_dir")
     @classmethod
@@ -237,16 +276,11 @@ class Settings(BaseModel):
     @property
     def redact(self) -> Redactor:
         """The redaction of this configuration's secrets (redaction.py)."""
-        return Redactor.for_settings(self.key, self.api_key, self.url)
+        return Redactor.for_settings(self.key, self.api_key, self.url, self.openclaw_gateway_token)
 
     @property
     def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
 
     def summary(self) -> dict[str, str]:
         """Start-up summary with secrets masked."""

@@ -24,6 +24,7 @@ from .migrations import check_version
 from .outbox.queries import (
     ANSWERED,
     BACKLOG,
+    DELIVERY_TIMES,
     PROMPT_DATA,
     RUNS_SINCE,
     SEGMENT_DATA,
@@ -358,6 +359,9 @@ class History:
                 "abandoned_attempt_found_at": iso(r["abandoned_ms"]),
                 # answered by the reply (or done) to this later message of its conversation
                 "covered_by": r["covered_by"],
+                # how it went: the gateway or the openclaw CLI, the channel's message id
+                "transport": r["transport"], "delivered_id": r["delivered_id"],
+                "may_have_reached_gateway": bool(r["maybe_sent"]),
             }  # fmt: skip
         out["body"] = self.body(out.pop("body_segments"))
         out["answered_at"] = iso(out.pop("answered_ms", None))
@@ -445,6 +449,9 @@ class History:
                 f" WHERE replies.state = '{ReplyState.SENT.value}' ORDER BY l"
             )
         ]
+        delivery: dict[str, list[int]] = {}
+        for r in q(DELIVERY_TIMES, (LATENCY_ROWS,)):
+            delivery.setdefault(r[0], []).append(r[1])
         stale_ms = int((time.time() - UNANSWERED_AFTER_S) * 1000)
         ((unanswered, stale),) = q(
             f"SELECT count(*), coalesce(sum(received_ms < ?), 0) FROM requests WHERE {UNANSWERED}",
@@ -458,6 +465,8 @@ class History:
             "oldest_unwritten_at": iso(oldest),
             "request_to_file_ms": percentiles(latencies),
             "request_to_reply_ms": percentiles(reply_latencies),
+            # `reply` start -> the gateway's (or the CLI's) answer, by transport
+            "reply_delivery_ms": {t: percentiles(sorted(v)) for t, v in sorted(delivery.items())},
             "unanswered": unanswered,
             "unanswered_over_5_min": stale,
             "top_contexts": [

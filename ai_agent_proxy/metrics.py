@@ -71,6 +71,12 @@ class Metrics:
             "Conversations the agent runner set aside after failed runs (until a new message)",
             registry=self.registry,
         )
+        self.delivery = Gauge(
+            "aiap_reply_delivery_seconds",
+            "Time from a reply's start to its delivery's answer (the newest 1000), by transport",
+            ["transport", "quantile"],
+            registry=self.registry,
+        )
         self.flush_latency = Histogram(
             "aiap_request_to_file_seconds",
             "Time from receipt to inbox file",
@@ -95,9 +101,10 @@ class Metrics:
             backlog, oldest = await outbox.backlog()
             unanswered, waiting_chats = await outbox.count_unanswered()
             runs, set_aside = await outbox.agent_runner()
+            delivery = await outbox.reply_delivery()
         except OutboxError:
             counts, backlog, oldest, unanswered, waiting_chats = {}, -1, None, -1, -1
-            runs, set_aside = {}, -1
+            runs, set_aside, delivery = {}, -1, {}
         for state in State:
             self.rows.labels(state.value).set(counts.get(state.value, 0))
         self.backlog.set(backlog)
@@ -106,6 +113,11 @@ class Metrics:
         for outcome in (*RUN_OUTCOMES, *runs):  # every outcome shown, 0 when none
             self.agent_runs.labels(outcome).set(runs.get(outcome, 0))
         self.set_aside.set(set_aside)
+        for transport, times in delivery.items():
+            times.sort()
+            for q in (0.5, 0.9, 0.99):
+                ms = times[min(len(times) - 1, int(q * len(times)))]
+                self.delivery.labels(transport, str(q)).set(ms / 1000)
         self.backlog_age.set(0 if oldest is None else max(0.0, time.time() - oldest / 1000))
         self.files.set(flusher.files_written)
         self.failures.set(flusher.write_failures)

@@ -37,6 +37,7 @@ class ReplyState(str, Enum):
 
     SENDING = "sending"  # claimed; the send is under way (or its process died)
     SENT = "sent"
+    QUEUED = "queued"  # the gateway accepted it for later delivery: answered, never resent
     FAILED = "failed"  # the send failed: a later `reply` may try again
     DONE = "done"  # the agent decided no answer is needed
 

@@ -40,7 +40,12 @@ def private_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     the suite never reads or writes the user's real ~/.local/state or ~/.config."""
     home = tmp_path_factory.mktemp("home")
     names = ("HOME", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME")
-    saved = {name: os.environ.get(name) for name in names}
+    # nor the user's OpenClaw: its gateway is found from these (agent/delivery.py)
+    openclaw = ("OPENCLAW_GATEWAY_URL", "OPENCLAW_GATEWAY_TOKEN", "OPENCLAW_CONFIG_PATH",
+                "OPENCLAW_STATE_DIR")  # fmt: skip
+    saved = {name: os.environ.get(name) for name in (*names, *openclaw)}
+    for name in openclaw:
+        os.environ.pop(name, None)
     real_state = Path(saved["XDG_STATE_HOME"] or Path.home() / ".local" / "state")
     before = _listing(real_state / "ai-agent-proxy")
     os.environ["HOME"] = str(home)

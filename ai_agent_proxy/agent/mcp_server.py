@@ -45,6 +45,7 @@ from ..history import Selection, parse_when
 from ..inbox import render
 from ..outbox.queries import ANSWERED
 from . import conversations, replies, views
+from .delivery import Deliverer
 
 WAIT_MAX_S = 300.0  # next_message waits at most this long per call
 POLL_S = 0.2
@@ -99,6 +100,8 @@ class Tools:
         # this session's name as a taker of conversations (one stdio session per process)
         self.taker = f"mcp-{os.getpid()}-{secrets.token_hex(3)}"
         self.held: str | None = None  # the conversation next_message gave this session
+        # replies go through one gateway connection, kept for the session
+        self.deliverer = Deliverer(settings)
 
     async def next_message(self, wait_seconds: float = 0) -> CallToolResult:
         """The oldest waiting conversation (a chat), taken for this session: every waiting
@@ -144,8 +147,8 @@ class Tools:
         return _result(text, found)
 
     async def reply(self, request_id: str, text: str, anyway: bool = False) -> CallToolResult:
-        """Send `text` to the person who wrote request `request_id`, through `openclaw
-        message send`, exactly once; it also answers the earlier waiting messages of the
+        """Send `text` to the person who wrote request `request_id`, through OpenClaw's
+        gateway, exactly once; it also answers the earlier waiting messages of the
         conversation. Refused (an error showing them) while newer messages of the
         conversation wait, unless `anyway` (then it answers up to this one only). A second
         reply, an unknown id, a request with no chat to answer, or a failed send are errors
@@ -160,7 +163,7 @@ class Tools:
                 rid = history.resolve_id(request_id)
                 try:
                     outcome = replies.reply(conn, self.settings, rid, text, anyway=anyway,
-                                            taker=self.taker)  # fmt: skip
+                                            taker=self.taker, deliverer=self.deliverer)  # fmt: skip
                 except NewerMessagesWait as exc:
                     shown = [views.message_view(m, self.settings.inbox, time.time())
                              for m in exc.newer]  # fmt: skip
@@ -168,11 +171,12 @@ class Tools:
             to = outcome.to
             assert to is not None
             return {"request_id": rid, "sent_to": f"{to.channel}:{to.target}",
-                    "covered": outcome.covered}  # fmt: skip
+                    "covered": outcome.covered, "how": replies.how(outcome)}  # fmt: skip
 
         sent = await self._in_thread(send)
         also = f" (and {len(sent['covered'])} earlier)" if sent["covered"] else ""
-        return _result(f"replied to {sent['request_id']}{also} on {sent['sent_to']}", sent)
+        said = f"replied to {sent['request_id']}{also} on {sent['sent_to']} ({sent['how']})"
+        return _result(said, sent)
 
     async def mark_done(self, request_id: str, only: bool = False) -> CallToolResult:
         """Mark request `request_id` handled without a reply (no answer is needed), and
@@ -267,7 +271,8 @@ class Tools:
             return views.conversation_view(chat, self.settings.inbox, time.time())
 
     def release(self) -> None:
-        """Give back every conversation this session holds."""
+        """Give back every conversation this session holds, and its gateway connection."""
+        self.deliverer.close()
         with contextlib.suppress(ProxyError, sqlite3.Error), self._session() as (_, conn):
             conversations.release(conn, self.taker)
 

@@ -13,7 +13,6 @@ every change is one short write transaction (db.transaction) on the shared WAL d
 from __future__ import annotations
 
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,11 +27,11 @@ from ..printable import printable
 from ..rows import ReplyState
 from . import conversations
 from .conversations import LEASE_S, now_ms
+from .delivery import CLI_TIMEOUT_S, Address, Delivered, Deliverer, Verdict
 
-SEND_TIMEOUT_S = 120.0
 # A claim ('sending') older than this is abandoned (its process was killed mid-send): the
 # next `reply` or `done` takes it over. Longer than any send may take.
-LEASE_MS = int((SEND_TIMEOUT_S + 60) * 1000)
+LEASE_MS = int((CLI_TIMEOUT_S + 60) * 1000)
 OUTPUT_KEPT = 4000  # characters of the CLI's output kept with the reply
 _SENDING = ReplyState.SENDING.value
 
@@ -59,6 +58,8 @@ class Outcome:
     covered: list[str] = field(default_factory=list)
     threaded: bool = False
     note: str | None = None
+    delivered: Delivered | None = None
+    took_ms: int = 0  # from the claim to the delivery's answer
 
 
 def connect(db_path: Path) -> sqlite3.Connection:
@@ -105,14 +106,19 @@ def reply(
     again: bool = False,
     anyway: bool = False,
     taker: str | None = None,
+    deliverer: Deliverer | None = None,
 ) -> Outcome:
     """The whole `reply`: claim the request and the earlier waiting ones of its
-    conversation, send through `openclaw message send`, record the outcome.
-    NewerMessagesWait (newer ones wait: nothing sent, unless `anyway`), ReplyRefused
-    (answered already, being sent) or ReplyFailed (the send failed: recorded, a later
-    reply may try again)."""
+    conversation, deliver it (delivery.py: the gateway, or the `openclaw` CLI; through
+    `deliverer`, a long-lived caller's kept connection, or one made for this reply),
+    record the outcome. NewerMessagesWait (newer ones wait: nothing sent, unless
+    `anyway`), ReplyRefused (answered already, being sent) or ReplyFailed (the delivery
+    failed: recorded, a later reply may try again)."""
     to = target_of(conn, request_id)
-    covered = claim(conn, to, text, again=again, check_newer=not (anyway or again), taker=taker)
+    started = now_ms()
+    covered, gateway_only = claim(
+        conn, to, text, again=again, check_newer=not (anyway or again), taker=taker
+    )
     outcome = Outcome(request_id, to, covered)
     if reply_to and to.message_id:
         if shares_message_id(conn, to):
@@ -123,14 +129,45 @@ def reply(
             )
         else:
             outcome.threaded = True
-    status, output = send(settings.openclaw_bin, to, text, outcome.threaded)
-    finish(conn, request_id, status, settings.redact(output))
-    if status != 0:
-        last = output.strip().splitlines()[-1] if output.strip() else f"exit status {status}"
-        raise ReplyFailed(
-            f"reply to {request_id} failed: {printable(last, one_line=True)} (try again later)"
-        )
+    address = Address(to.channel, to.target, to.message_id if outcome.threaded else None)
+    own = deliverer is None
+    deliverer = Deliverer(settings) if deliverer is None else deliverer
+    try:
+        delivered = deliverer.deliver(address, text, request_id, gateway_only=gateway_only)
+    finally:
+        if own:
+            deliverer.close()
+    finish(conn, request_id, delivered)
+    outcome.delivered, outcome.took_ms = delivered, now_ms() - started
+    if not delivered.ok:
+        raise ReplyFailed(f"reply to {request_id} failed: {failure(delivered)} (try again later)")
     return outcome
+
+
+def how(outcome: Outcome) -> str:
+    """How a reply went, for the person at the CLI: the transport and its time; why the
+    gateway was not used, when it was not; queued, when the gateway holds it."""
+    delivered = outcome.delivered
+    if delivered is None:
+        return "not delivered"
+    took = f"{outcome.took_ms / 1000:.1f} s" if outcome.took_ms >= 1000 else f"{outcome.took_ms} ms"
+    if delivered.transport == "cli":
+        why = f"; the gateway: {delivered.fell_back}" if delivered.fell_back else ""
+        return f"with the openclaw CLI, {took}{why}"
+    if delivered.verdict is Verdict.QUEUED:
+        return f"queued by the gateway for later delivery, not to be sent again; {took}"
+    return f"through the gateway, {took}"
+
+
+def failure(delivered: Delivered) -> str:
+    """A failed delivery in one line: the last line of the CLI's output, or the gateway's
+    verdict; why the gateway was not used, when the CLI was."""
+    detail = delivered.detail.strip()
+    if delivered.transport == "cli":
+        detail = detail.splitlines()[-1] if detail else f"exit status {delivered.exit_status}"
+        if delivered.fell_back:
+            detail += f" (openclaw CLI; the gateway: {delivered.fell_back})"
+    return printable(detail, one_line=True)
 
 
 def done(
@@ -144,7 +181,7 @@ def done(
     """Mark a request handled without a reply, and (unless `only`) the earlier waiting
     ones of its conversation, as covered by it."""
     to = target_of(conn, request_id, need_chat=False)
-    covered = claim(conn, to, None, again=again, check_newer=False, taker=taker, cover=not only)
+    covered, _ = claim(conn, to, None, again=again, check_newer=False, taker=taker, cover=not only)
     return Outcome(request_id, to, covered)
 
 
@@ -157,7 +194,7 @@ def claim(
     check_newer: bool,
     taker: str | None,
     cover: bool = True,
-) -> list[str]:
+) -> tuple[list[str], bool]:
     """In one transaction: refuse if newer messages of the conversation wait
     (`check_newer`); claim the request for a reply (`message`) or for `done` (None); claim
     the earlier waiting ones of its conversation as covered by it (`cover`); renew
@@ -165,7 +202,8 @@ def claim(
 
     ReplyRefused if the request is answered already or a reply to it is being sent (a
     claim younger than LEASE_MS), unless `again`. An older claim was abandoned (its
-    process was killed mid-send): it is taken over, and noted."""
+    process was killed mid-send): it is taken over, and noted. Also says whether an
+    earlier attempt may have reached the gateway (then only the gateway may send it)."""
     with db.transaction(conn):
         if check_newer:
             newer = conversations.after(conn, to.context_id, to.seq, to.request_id)
@@ -175,14 +213,14 @@ def claim(
                     list(newer),
                 )
         now = now_ms()
-        _claim_one(conn, to.request_id, message, again, None, now)
+        gateway_only = _claim_one(conn, to.request_id, message, again, None, now)
         covered = _claim_earlier(conn, to, message is None, now) if cover else []
         if message is None:  # done: answered at once
             _answered(conn, [to.request_id, *covered], now)
         if taker is not None:
             conversations.hold(conn, conversations.key_of(to.context_id, to.request_id),
                                taker, LEASE_S, now)  # fmt: skip
-    return covered
+    return covered, gateway_only
 
 
 def _claim_one(
@@ -192,9 +230,11 @@ def _claim_one(
     again: bool,
     covered_by: str | None,
     now: int,
-) -> None:
+) -> bool:
+    """Claim one request; whether an earlier attempt may have reached the gateway."""
     row = conn.execute(
-        "SELECT state, claimed_ms, covered_by FROM replies WHERE request_id = ?", (request_id,)
+        "SELECT state, claimed_ms, covered_by, maybe_sent FROM replies WHERE request_id = ?",
+        (request_id,),
     ).fetchone()
     abandoned = row is not None and row["state"] == _SENDING and now - row["claimed_ms"] >= LEASE_MS
     if row is not None and not again and not abandoned:
@@ -203,8 +243,11 @@ def _claim_one(
             raise ReplyRefused(f"request {request_id} is answered already ({row['state']}{by})")
         if row["state"] == _SENDING:
             raise ReplyRefused(f"a reply to request {request_id} is being sent{by}")
-    if abandoned:
-        conn.execute("UPDATE replies SET abandoned_ms = ? WHERE request_id = ?", (now, request_id))
+    if abandoned:  # (its send may have reached the gateway: only the gateway may try)
+        conn.execute(
+            "UPDATE replies SET abandoned_ms = ?, maybe_sent = 1 WHERE request_id = ?",
+            (now, request_id),
+        )
     state = ReplyState.SENDING if message is not None else ReplyState.DONE
     conn.execute(
         "INSERT INTO replies (request_id, state, message, claimed_ms, finished_ms, attempts,"
@@ -215,6 +258,7 @@ def _claim_one(
         {"id": request_id, "state": state.value, "message": message, "now": now,
          "finished": None if message is not None else now, "by": covered_by},
     )  # fmt: skip
+    return bool(abandoned or (row is not None and row["maybe_sent"]))
 
 
 def _claim_earlier(conn: sqlite3.Connection, to: Target, done: bool, now: int) -> list[str]:
@@ -248,19 +292,28 @@ def _answered(conn: sqlite3.Connection, ids: list[str], now: int) -> None:
     conn.executemany("UPDATE requests SET answered_ms = ? WHERE id = ?", [(now, i) for i in ids])
 
 
-def finish(conn: sqlite3.Connection, request_id: str, exit_status: int, output: str) -> None:
-    """Record a send's outcome: sent, the request and those it covers are answered; failed,
-    the covered ones wait again (a later reply may cover them)."""
+_STATE_OF = {Verdict.SENT: ReplyState.SENT, Verdict.QUEUED: ReplyState.QUEUED,
+             Verdict.FAILED: ReplyState.FAILED}  # fmt: skip
+
+
+def finish(conn: sqlite3.Connection, request_id: str, delivered: Delivered) -> None:
+    """Record a delivery's outcome: sent (or queued by the gateway), the request and those
+    it covers are answered; failed, the covered ones wait again (a later reply may cover
+    them)."""
     now = now_ms()
+    state = _STATE_OF[delivered.verdict].value
+    output = delivered.detail
+    if delivered.fell_back:
+        output = f"{output}\n(sent with the openclaw CLI: {delivered.fell_back})".lstrip()
     with db.transaction(conn):
-        sent = exit_status == 0
         conn.execute(
-            "UPDATE replies SET state = ?, finished_ms = ?, exit_status = ?, output = ?"
+            "UPDATE replies SET state = ?, finished_ms = ?, exit_status = ?, output = ?,"
+            " transport = ?, delivered_id = ?, maybe_sent = max(maybe_sent, ?)"
             " WHERE request_id = ?",
-            ((ReplyState.SENT if sent else ReplyState.FAILED).value, now, exit_status,
-             output[-OUTPUT_KEPT:], request_id),
+            (state, now, delivered.exit_status, output[-OUTPUT_KEPT:], delivered.transport,
+             delivered.message_id, int(delivered.may_have_sent), request_id),
         )  # fmt: skip
-        if not sent:
+        if not delivered.ok:
             conn.execute(
                 "DELETE FROM replies WHERE covered_by = ? AND state = ?", (request_id, _SENDING)
             )
@@ -270,7 +323,7 @@ def finish(conn: sqlite3.Connection, request_id: str, exit_status: int, output: 
             for r in conn.execute(
                 "UPDATE replies SET state = ?, finished_ms = ? WHERE covered_by = ? AND state = ?"
                 " RETURNING request_id",
-                (ReplyState.SENT.value, now, request_id, _SENDING),
+                (state, now, request_id, _SENDING),
             )
         ]
         _answered(conn, [request_id, *covered], now)
@@ -285,22 +338,3 @@ def shares_message_id(conn: sqlite3.Connection, to: Target) -> bool:
         (to.context_id, to.message_id, to.seq),
     ).fetchone()
     return row is not None
-
-
-def send(openclaw: str, to: Target, message: str, reply_to: bool) -> tuple[int, str]:
-    """`openclaw message send` for a request: (exit status, output)."""
-    argv = [openclaw, "message", "send", "--channel", to.channel, "--target", to.target,
-            "--message", message]  # fmt: skip
-    if reply_to and to.message_id:
-        argv += ["--reply-to", to.message_id]
-    try:
-        done_ = subprocess.run(
-            argv, capture_output=True, text=True, timeout=SEND_TIMEOUT_S, stdin=subprocess.DEVNULL
-        )
-    except FileNotFoundError:
-        return 127, f"{openclaw}: not found (set OPENCLAW_BIN)"
-    except OSError as exc:  # not executable, not a program, ...: recorded as a failed send
-        return 126, f"{openclaw}: cannot run it: {exc.strerror or exc}"
-    except subprocess.TimeoutExpired:
-        return 124, f"{openclaw} message send did not finish in {SEND_TIMEOUT_S:.0f} s"
-    return done_.returncode, (done_.stdout + done_.stderr).strip()

@@ -246,6 +246,13 @@ class Outbox:
         ((aside,),) = await self._read(queries.COUNT_SET_ASIDE)
         return runs, int(aside)
 
+    async def reply_delivery(self, newest: int = 1000) -> dict[str, list[int]]:
+        """How long the newest `newest` replies took to deliver (ms), by transport."""
+        out: dict[str, list[int]] = {}
+        for transport, ms in await self._read(queries.DELIVERY_TIMES, (newest,)):
+            out.setdefault(transport, []).append(int(ms))
+        return out
+
     async def counts_by_state(self) -> dict[str, int]:
         return dict(await self._read(queries.COUNTS_BY_STATE))
 

@@ -255,7 +255,7 @@ BACKLOG = (
     f"SELECT count(*), min(received_ms) FROM requests WHERE state IN ('{_PENDING}', '{_WAITING}')"
 )
 COUNT_IN_STATE = "SELECT count(*) FROM requests WHERE state = ?"
-ANSWERED = (ReplyState.SENT.value, ReplyState.DONE.value)
+ANSWERED = (ReplyState.SENT.value, ReplyState.QUEUED.value, ReplyState.DONE.value)
 # Requests the agent has a file for and has neither replied to nor done, directly or
 # covered (migration 0009). Spelled as the waiting rows' partial indexes' condition.
 UNANSWERED = f"requests.state = '{State.WRITTEN.value}' AND requests.answered_ms IS NULL"
@@ -268,6 +268,14 @@ COUNT_UNANSWERED = (
     f" {WAITING_INDEX} WHERE {UNANSWERED}"
 )
 COUNTS_BY_STATE = "SELECT state, count(*) FROM requests GROUP BY state"
+
+# How long the newest deliveries took (a reply's claim to the transport's answer), by
+# transport; the rows a reply covered are not deliveries of their own.
+DELIVERY_TIMES = (
+    "SELECT transport, finished_ms - claimed_ms FROM replies WHERE transport IS NOT NULL"
+    " AND finished_ms IS NOT NULL AND state IN ('sent', 'queued') ORDER BY finished_ms DESC"
+    " LIMIT ?"
+)
 
 # The agent runner's (agent/runner/runs.py): a conversation it set aside whose messages
 # still wait (one index seek), and its runs of the last day by outcome.

@@ -55,6 +55,7 @@ from ...config import Settings
 from ...errors import HistoryError, ProxyError, ReplyFailed, ReplyRefused
 from ...ids import inbox_file_name
 from .. import conversations, replies, views
+from ..delivery import Deliverer
 from . import launch, prompt, runs
 from .adapters import PRESETS, Adapter, Result, read_plain
 from .launch import CannotStart, Finished, Limit, Limits
@@ -147,6 +148,7 @@ class Runner:
         self._wal_seen: tuple[int, int, int] | None = None
         self._pruned = 0.0
         self._held: dict[str, int] = {}  # conversation -> its answers held back in a row
+        self.deliverer = Deliverer(settings)  # --send-output's: one gateway connection
 
     def taker(self, slot: Slot) -> str:
         return f"runner:{self.options.name}:{os.getpid()}/slot-{slot.number}"
@@ -181,6 +183,7 @@ class Runner:
                     await self._db(conversations.release, self.taker(slot))
             await loop.run_in_executor(self._executor, self.conn.close)
             self._executor.shutdown()
+            self.deliverer.close()
             log.info("agent_runner_stopped name=%s", self.options.name)
 
     def stop(self) -> None:
@@ -524,7 +527,8 @@ class Runner:
                         replies.done(conn, newest, taker=taker)
                     else:  # (anyway: what came during the run is not what it answered)
                         replies.reply(conn, settings, newest, answer, anyway=True,
-                                      reply_to=bool(newer), taker=taker)  # fmt: skip
+                                      reply_to=bool(newer), taker=taker,
+                                      deliverer=self.deliverer)  # fmt: skip
                 except ReplyRefused:
                     return None  # answered meanwhile: nothing more to send
                 except (ReplyFailed, HistoryError, ProxyError) as exc:
