@@ -1,7 +1,7 @@
 """Command line, a table of contents: `serve` (the default), `history` (`show`, `stats`),
-`replay`, the agent's `next`/`reply`/`done`, `mcp`, `service`. Each command parses its
-arguments, calls into the module that does the work and prints; options and shared helpers
-are in cli_parts.py.
+`replay`, the agent's `next`/`reply`/`done`, `mcp`, `agent`, `service`, `setup`, `doctor`.
+Each command parses its arguments, calls into the module that does the work and prints;
+options and shared helpers are in cli_parts.py.
 
 Every failure the user can cause (bad config, unusable DB, port taken) ends as one line on
 stderr and a non-zero exit, never a traceback.
@@ -23,6 +23,7 @@ import typer
 from . import cli_parts as parts
 from .cli_agent import agent_cli
 from .cli_service import service_cli
+from .cli_setup import register as register_setup
 from .config import Settings, check_seconds, load_settings
 from .errors import NewerMessagesWait, ProxyError, ReplyRefused
 from .logs import setup_logging
@@ -354,6 +355,7 @@ def mcp_server(
 
 cli.add_typer(service_cli, name="service")
 cli.add_typer(agent_cli, name="agent")
+register_setup(cli)  # `setup`, `doctor`
 
 
 def subcommands() -> set[str]:

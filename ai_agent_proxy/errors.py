@@ -12,7 +12,9 @@ already phrased for the person who will read it (one line, no traceback).
      ├── ReplayError      a row that cannot be written again as an inbox file (exit 1)
      ├── ReplyRefused     a request answered already, or whose reply is being sent (exit 1)
      │    └── NewerMessagesWait  newer messages of the conversation wait: nothing sent (exit 4)
-     ├── ReplyFailed      openclaw message send failed: recorded, try again later (exit 1)
+     ├── ReplyFailed      the delivery failed (the gateway refused it, or was down and so
+     │                    was the CLI's path): recorded, try again later (exit 1)
+     ├── SetupFailed      a step of `setup` failed; OpenClaw's config kept as it was (exit 1)
      └── BackendError     the backend LLM gave no usable answer (safe to log and record)
 
 The CLI turns any ProxyError into one line on stderr and a non-zero exit; the server turns
@@ -31,6 +33,13 @@ class ProxyError(Exception):
 
 class StartError(ProxyError):
     """The server cannot serve (the port is taken, not ours to bind) or stopped on its own."""
+
+    exit_code = 1
+
+
+class SetupFailed(ProxyError):
+    """A step of `setup` failed (OpenClaw refused the change, the CLI is missing): what was
+    done before it is said, what failed in one line; OpenClaw's config as it was."""
 
     exit_code = 1
 

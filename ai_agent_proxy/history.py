@@ -29,8 +29,10 @@ from .outbox.queries import (
     RUNS_SINCE,
     SEGMENT_DATA,
     UNANSWERED,
+    WAITING_INDEX,
     in_chunks,
 )
+from .printable import printable
 from .rows import (
     JSON_FIELDS,
     MESSAGE_FIELDS,
@@ -385,6 +387,24 @@ class History:
              "error": r["error"]}
             for r in rows
         ]  # fmt: skip
+
+    def oldest_unanswered_ms(self) -> int | None:
+        """When the oldest message still waiting for the agent arrived (doctor)."""
+        ((oldest,),) = self._query(
+            f"SELECT min(received_ms) FROM (SELECT received_ms FROM requests {WAITING_INDEX}"
+            f" WHERE {UNANSWERED} ORDER BY seq LIMIT 1)"
+        )
+        return None if oldest is None else int(oldest)
+
+    def failed_replies_since(self, since_ms: int) -> tuple[int, str | None]:
+        """(replies whose last attempt failed since then, what the newest said) (doctor)."""
+        rows = self._query(
+            "SELECT output FROM replies WHERE state = ? AND finished_ms >= ?"
+            " ORDER BY finished_ms DESC",
+            (ReplyState.FAILED.value, since_ms),
+        )
+        last = (rows[0]["output"] or "").strip().splitlines() if rows else []
+        return len(rows), (printable(last[-1], one_line=True)[:200] if last else None)
 
     def agent_stats(self) -> dict[str, Any]:
         """The runner's last day (runs by outcome) and the conversations it set aside

@@ -132,8 +132,8 @@ def find_gateway(settings: Settings, env: dict[str, str] | None = None) -> Gatew
     if url is None or token is None:
         path = openclaw_config_path(env)
         config = read_openclaw_config(path)
-        gateway = config.get("gateway") if config else None
-        if isinstance(gateway, dict):
+        gateway = (config.get("gateway") or {}) if config is not None else None
+        if isinstance(gateway, dict):  # (no gateway section: its defaults)
             auth = gateway.get("auth") if isinstance(gateway.get("auth"), dict) else {}
             remote = gateway.get("remote") if isinstance(gateway.get("remote"), dict) else {}
             if gateway.get("mode") == "remote" and remote:
@@ -180,6 +180,12 @@ class Gateway:
     def close(self) -> None:
         with self._lock:
             self._drop()
+
+    def connect(self) -> None:
+        """Open the connection and log in now (doctor's check); GatewayUnreachable."""
+        with self._lock:
+            if self._ws is None:
+                self._connect()
 
     def _drop(self) -> None:
         if self._ws is not None:
