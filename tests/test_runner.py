@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -94,6 +95,7 @@ class Agent:
         settings = load_settings(None, {"db": str(self.server.db), "inbox": str(self.server.inbox)})
         options.setdefault("debounce_s", 0.3)
         options.setdefault("workdir", self.tmp)
+        options.setdefault("grace_s", 2.0)  # (a test that failed mid-run stops quickly)
         running = Running(Runner(settings, Options(command=command, **options)))
         self.running.append(running)
         return running
@@ -364,6 +366,68 @@ def test_two_runners_on_one_db_never_run_the_same_chat(agent: Agent) -> None:
     assert len(agent.sent()) == 4
 
 
+def test_an_idle_runner_reads_nothing_and_forgets_stale_failures(agent: Agent, monkeypatch) -> None:
+    from ai_agent_proxy.agent.runner import scheduler
+
+    monkeypatch.setattr(scheduler, "LOOK_ANYWAY_S", 3600.0)  # (only what changes is read)
+    with run_db(agent.server) as conn:  # a failure of a chat in which nothing waits now
+        conn.execute(
+            "INSERT INTO agent_conversations VALUES ('telegram:gone', 2, NULL, 5, 1, 'failed')"
+        )
+    gate = agent.tmp / "go-on"
+    agent.post(["one"], "telegram:1", 800)
+    running = agent.start([[["wait-file", str(gate)], ["print", "ok"]]], "standin",
+                          send_output=True, lease_s=1.2)  # fmt: skip
+    agent.started(0)
+    wait_until(lambda: agent.server.rows("SELECT * FROM agent_conversations") == [])
+    # its run's lease renewed each second (its own writes): the waiting list is not read
+    looks = running.runner.looks
+    running.passes(2.3)
+    assert running.runner.looks == looks
+    gate.touch()
+    agent.runs(1)
+    wait_until(lambda: agent.unanswered() == [])
+    running.passes(0.3)
+    looks = running.runner.looks
+    running.passes(1.0)  # nothing changes: nothing is read
+    assert running.runner.looks == looks
+
+
+def test_the_prompt_as_a_private_file_gone_after_the_run(agent: Agent) -> None:
+    agent.post(WORDS[:1])
+    gate = agent.tmp / "go-on"
+    agent.start([[["wait-file", str(gate)], ["print", "ok"]]], "standin", "--read",
+                "{prompt_file}", send_output=True)  # fmt: skip
+    entry = agent.started(0)
+    prompt_file = Path(entry["argv"][2])
+    assert WORDS[0] in prompt_file.read_text() and entry["prompt_len"] == 0  # not on stdin
+    assert stat.S_IMODE(prompt_file.stat().st_mode) == 0o600
+    gate.touch()
+    (row,) = agent.runs(1)
+    assert row["outcome"] == "answered" and not prompt_file.exists()
+
+
+def test_a_prompt_too_long_for_its_argument_fails_the_run_and_says_why(agent: Agent) -> None:
+    agent.post(["x" * 1999, "y" * 1999])
+    template = "$messages\n" * 40  # ~160 KB: more than one argument may hold
+    agent.start([[["print", "never"]]], "standin", "{prompt}", prompt_template=template,
+                attempts=1, send_output=True)  # fmt: skip
+    (row,) = agent.runs(1)
+    assert (row["outcome"], row["pid"], json.loads(row["command"])) == (
+        "failed", None, ["standin", "{prompt}"],
+    )  # fmt: skip
+    assert "is too long for one argument" in row["error"] and standin.started(agent.log, 0) is None
+
+
+def test_a_run_answered_after_a_failure_clears_the_failures(agent: Agent) -> None:
+    agent.post(WORDS[:1])
+    agent.start([[["exit", 0]], [["print", "Here."]]], "standin", send_output=True, attempts=3,
+                retry_after_s=0.2)  # fmt: skip
+    one, two = agent.runs(2)
+    assert (one["outcome"], two["outcome"], two["attempt"]) == ("unanswered", "answered", 2)
+    assert agent.server.rows("SELECT * FROM agent_conversations") == []
+
+
 def test_the_command_line_says_what_is_wrong(agent: Agent) -> None:
     for args, says in [
         ([], "say which agent: --preset claude|codex|opencode|gemini, or -- CMD ARGS..."),
@@ -393,8 +457,8 @@ def test_a_preset_sends_the_cli_answer_and_resumes_its_session(
     agent: Agent, preset: str, first: str, again: str, session: str
 ) -> None:
     agent.post(WORDS[:1])
-    agent.start([[["capture", first]], [["capture", again]]], preset=preset, send_output=True,
-                preset_args=("--model", "fake-model"))  # fmt: skip
+    plan = [[["capture", first]], [["capture", again]], [["capture", "claude/21-sigterm-json"]]]
+    agent.start(plan, preset=preset, send_output=True, preset_args=("--model", "fake-model"))
     (one,) = agent.runs(1)
     assert agent.sent() == [("ANSWER-FROM-FAKE-LLM", None)]
     assert (one["outcome"], one["sent_output"], one["session_after"]) == ("answered", 1, session)
@@ -413,6 +477,12 @@ def test_a_preset_sends_the_cli_answer_and_resumes_its_session(
     assert (two["session_before"], two["outcome"]) == (session, "answered")
     assert agent.sent()[1] == ("SECOND-ANSWER-FROM-FAKE-LLM", None)
     assert agent.unanswered() == [] and b
+    if preset == "claude":  # a resumed run killed (no output at all) keeps the session
+        agent.post(WORDS[2:], first_id=702)
+        three = agent.runs(3)[2]
+        assert (three["outcome"], three["exit_status"]) == ("failed", 143)
+        (kept,) = agent.server.rows("SELECT session_id FROM agent_sessions")
+        assert kept["session_id"] == session
 
 
 @pytest.mark.parametrize(
@@ -452,6 +522,7 @@ def test_hostile_text_reaches_the_agent_only_as_data(agent: Agent) -> None:
     (row,) = agent.runs(1)
     entry = agent.started(0)
     prompt, session = entry["argv"][1], entry["env"]["AIAP_SESSION"]
+    assert entry["prompt_len"] == 0  # an argument, not on its standard input too
     assert entry["argv"][2:] == ["--then", session]  # one element each, nothing split
     assert words[0] in prompt and words[1] in prompt and words[2] in prompt
     assert prompt.count("<<<END WORDS") == 4 + 1  # the stranger's marker has no tag of ours
@@ -491,6 +562,23 @@ def run_db(server: Server) -> Any:
 
 
 # -- the runner as a process -----------------------------------------------------------------
+
+
+def test_a_runner_started_beside_a_live_one_leaves_its_runs_alone(agent: Agent) -> None:
+    agent.post(["one"], "telegram:1", 800)
+    gate = agent.tmp / "go-on"
+    plan = [[["wait-file", str(gate)], ["print", "from the first"]], [["print", "second"]]]
+    first = agent_process(agent, plan, "--send-output", "--", "standin")
+    try:
+        agent.started(0)
+        second = agent.start(plan, "standin", send_output=True)  # its recovery runs first
+        second.passes(0.3)
+        gate.touch()
+        (row,) = agent.runs(1)
+        assert row["outcome"] == "answered" and agent.sent() == [("from the first", None)]
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(10) == 0
 
 
 def agent_process(agent: Agent, plan: Any, *args: str) -> subprocess.Popen[bytes]:

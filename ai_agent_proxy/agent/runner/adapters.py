@@ -19,9 +19,10 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Result:
-    """What a run's output says: its final answer (None: none), the CLI's session id, why
-    the CLI says it failed, its cost and tokens, and whether the stored session it was
-    asked to resume was refused (then dropped, and the run tried fresh once)."""
+    """What a run's output says: its final answer (None: none, and always None when it
+    failed), the CLI's session id, why the CLI failed, its cost and tokens, and whether
+    the stored session it was asked to resume was refused (then dropped, and the run
+    tried fresh once)."""
 
     answer: str | None = None
     session_id: str | None = None

@@ -236,11 +236,12 @@ async def launch(
     env: Mapping[str, str],
     cwd: Path,
     limits: Limits,
+    on_stdin: bool = True,
 ) -> Launched:
     """Start a run: `argv` (placeholders already filled) in its own process group in
-    `cwd`, the prompt on standard input unless the argv took it. CannotStart if it
-    cannot be started."""
-    on_stdin = takes_prompt_on_stdin(argv)
+    `cwd`, the prompt on standard input unless the argv took it (`on_stdin`, decided
+    by takes_prompt_on_stdin on the argv before it was filled). CannotStart if it cannot
+    be started."""
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,

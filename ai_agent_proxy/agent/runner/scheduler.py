@@ -122,6 +122,7 @@ class Prepared:
     session: str | None  # the CLI's session to resume
     argv: list[str]
     prompt: str
+    on_stdin: bool  # the prompt on standard input (not an argument, not a file)
     env: dict[str, str]
     prompt_file: Path
     error: str | None  # it cannot be started, and why
@@ -245,6 +246,9 @@ class Runner:
             return []
         self._version, self.looks = version, self.looks + 1
         self._look_at_ms = now + int(LOOK_ANYWAY_S * 1000)
+        if time.monotonic() - self._pruned > PRUNE_S:
+            self._pruned = time.monotonic()
+            runs.prune(conn)
         waiting = conversations.waiting_conversations(conn)
         if not waiting:
             return []
@@ -267,9 +271,6 @@ class Runner:
             picked.append((slot, chat.key))
             if len(picked) == len(free):
                 break
-        if time.monotonic() - self._pruned > PRUNE_S:
-            self._pruned = time.monotonic()
-            runs.prune(conn)
         return picked
 
     def _due(
@@ -383,29 +384,34 @@ class Runner:
         run_id = runs.new_run_id()
         prompt_file = Path(self.settings.db_path).parent / "runs" / f"{run_id}.prompt"
         error = None
+        unfilled = self._unfilled(session)
         try:
-            argv = self._argv(session, text, prompt_file, stable)
+            argv = self._fill(unfilled, text, prompt_file, session or stable)
         except CannotStart as exc:
-            argv, error = list(options.command or ()), str(exc)
+            argv, error = unfilled, str(exc)
         given = [m.request_id for m in chat.messages]
         attempt = 1 + (failures.count if failures else 0)
         runs.begin(conn, runs.Begun(run_id, key, given, self._masked(argv), self.identity,
                                     slot.number, attempt, session))  # fmt: skip
         env = self._env(run_id, key, chat.messages, stable)
+        on_stdin = launch.takes_prompt_on_stdin(unfilled)
         return Prepared(run_id, given, chat.messages[-1].seq, failures, session, argv, text,
-                        env, prompt_file, error)  # fmt: skip
+                        on_stdin, env, prompt_file, error)  # fmt: skip
 
-    def _argv(self, session: str | None, text: str, prompt_file: Path, stable: str) -> list[str]:
+    def _unfilled(self, session: str | None) -> list[str]:
+        """The run's argv, its placeholders not filled yet: the preset's or the command."""
         options = self.options
         if options.adapter is not None:
-            argv = options.adapter.argv(None, list(options.preset_args), session)
-        else:
-            argv = list(options.command)
-        if "{prompt_file}" in argv:
+            return options.adapter.argv(None, list(options.preset_args), session)
+        return list(options.command)
+
+    def _fill(self, argv: list[str], text: str, prompt_file: Path, session: str) -> list[str]:
+        if "{prompt_file}" in argv:  # written for the run, owner-only, removed after it
             prompt_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            prompt_file.write_text(text, "utf-8")
-            prompt_file.chmod(0o600)
-        return launch.fill_argv(argv, text, prompt_file, session or stable)
+            fd = os.open(prompt_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(text)
+        return launch.fill_argv(argv, text, prompt_file, session)
 
     async def _launch(self, slot: Slot, ready: Prepared, key: str) -> Finished:
         """Start the run and wait for its end (stopped on `agent stop`)."""
@@ -413,7 +419,8 @@ class Runner:
         limits = Limits(options.timeout_s, options.idle_timeout_s, options.grace_s)
         try:
             slot.launched = await launch.launch(ready.argv, ready.prompt, env=ready.env,
-                                                cwd=options.workdir, limits=limits)  # fmt: skip
+                                                cwd=options.workdir, limits=limits,
+                                                on_stdin=ready.on_stdin)  # fmt: skip
         except CannotStart as exc:
             return Finished(None, None, "", "", "", str(exc))
         launched = slot.launched
@@ -509,7 +516,7 @@ class Runner:
         under the message it answers). (sent, why not, held back)."""
         if not self.options.send_output or finished.limit is not None or read.answer is None:
             return False, None, False
-        if read.failed is not None or not await self._db(self._unanswered, ready.given):
+        if not await self._db(self._unanswered, ready.given):  # (a failed CLI has no answer)
             return False, None, False
         newest, answer = ready.given[-1], read.answer.strip()
         taker, settings = self.taker(slot), self.settings
@@ -593,7 +600,7 @@ class Runner:
             return Outcome.IDLE
         if finished.limit is Limit.STOPPED:
             return Outcome.STOPPED
-        if finished.exit_status != 0 or read.failed:
+        if read.failed is not None:  # (a CLI that never started says why too)
             return Outcome.FAILED
         return Outcome.UNANSWERED
 
