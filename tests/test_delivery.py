@@ -163,7 +163,7 @@ def test_the_cli_is_used_when_the_gateway_cannot_be_reached_and_says_why(loop, g
     r = run(server, via(env, gateway), "reply", first, "--message", "b", "--anyway")
     assert r.returncode == 0 and "cannot reach the gateway" in r.stderr, r.stderr
     row = replies(server)[first]
-    assert row["transport"] == "cli" and "sent with the openclaw CLI" in row["output"]
+    assert row["transport"] == "cli" and "through the openclaw CLI; the gateway" in row["output"]
     # no gateway anywhere (no settings, no OpenClaw config): the CLI, as before
     r = run(server, env, "reply", second, "--message", "c")
     assert r.returncode == 0 and "with the openclaw CLI" in r.stderr

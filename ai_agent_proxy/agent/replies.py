@@ -12,6 +12,7 @@ every change is one short write transaction (db.transaction) on the shared WAL d
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,6 +145,10 @@ def reply(
     return outcome
 
 
+# a line of the CLI's output that says what went wrong (its last line may be a detail)
+_TELLING = re.compile(r"(?i)error|fail|not reachable|unreachable|denied|invalid|refused")
+
+
 def how(outcome: Outcome) -> str:
     """How a reply went, for the person at the CLI: the transport and its time; why the
     gateway was not used, when it was not; queued, when the gateway holds it."""
@@ -164,7 +169,9 @@ def failure(delivered: Delivered) -> str:
     verdict; why the gateway was not used, when the CLI was."""
     detail = delivered.detail.strip()
     if delivered.transport == "cli":
-        detail = detail.splitlines()[-1] if detail else f"exit status {delivered.exit_status}"
+        lines = [line.strip() for line in detail.splitlines() if line.strip()]
+        telling = [line for line in lines if _TELLING.search(line)]
+        detail = (telling or lines[-1:] or [f"exit status {delivered.exit_status}"])[0]
         if delivered.fell_back:
             detail += f" (openclaw CLI; the gateway: {delivered.fell_back})"
     return printable(detail, one_line=True)
@@ -304,7 +311,9 @@ def finish(conn: sqlite3.Connection, request_id: str, delivered: Delivered) -> N
     state = _STATE_OF[delivered.verdict].value
     output = delivered.detail
     if delivered.fell_back:
-        output = f"{output}\n(sent with the openclaw CLI: {delivered.fell_back})".lstrip()
+        output = (
+            f"{output}\n(through the openclaw CLI; the gateway: {delivered.fell_back})".lstrip()
+        )
     with db.transaction(conn):
         conn.execute(
             "UPDATE replies SET state = ?, finished_ms = ?, exit_status = ?, output = ?,"
