@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,9 @@ _WRAPPER = re.compile(r"\A\[[^\]]*\] Conversation info: [^\n]*\n```json\n[^\n]*\
 
 # A stand-in for the `openclaw` CLI: logs its argv (as JSON lines) to $FAKE_OPENCLAW_LOG,
 # fails while "$FAKE_OPENCLAW_LOG.fail" exists, sleeps $FAKE_OPENCLAW_SLEEP first.
-FAKE_OPENCLAW = """#!/usr/bin/env python3
-import json, os, sys, time
+FAKE_OPENCLAW = (
+    f"#!{sys.executable}\n"
+    + """import json, os, sys, time
 time.sleep(float(os.environ.get("FAKE_OPENCLAW_SLEEP", "0")))
 with open(os.environ["FAKE_OPENCLAW_LOG"], "a") as log:
     log.write(json.dumps(sys.argv[1:]) + "\\n")
@@ -52,6 +54,7 @@ if os.path.exists(os.environ["FAKE_OPENCLAW_LOG"] + ".fail"):
     sys.exit(1)
 print("Sent via Telegram. Message ID: 4242")
 """
+)
 
 
 def load(name: str) -> dict[str, Any]:

@@ -348,7 +348,7 @@ def test_skills_commands_run_as_written(make_server, tmp_path: Path) -> None:
     bin_dir.mkdir()
     argv_log = tmp_path / "argv.jsonl"
     (bin_dir / "openclaw").write_text(
-        "#!/usr/bin/env python3\nimport json, sys\n"
+        f"#!{sys.executable}\nimport json, sys\n"
         f"open({str(argv_log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
     )
     (bin_dir / "openclaw").chmod(0o755)

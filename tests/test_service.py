@@ -19,8 +19,9 @@ import pytest
 
 from .conftest import Server, wait_until
 
-FAKE = """#!/usr/bin/env python3
-import json, os, sys
+FAKE = (
+    f"#!{sys.executable}\n"
+    + """import json, os, sys
 name = os.path.basename(sys.argv[0])
 with open(os.environ["FAKE_LOG"], "a") as log:
     log.write(json.dumps([name, *sys.argv[1:]]) + "\\n")
@@ -29,6 +30,7 @@ if name == "systemctl" and sys.argv[1:3] == ["--user", "show-environment"]:
 if name == "loginctl":
     print("no")
 """
+)
 
 
 @pytest.fixture
@@ -112,9 +114,23 @@ def test_systemd_install_and_uninstall(home) -> None:
         assert calls(log)[-1] == ["systemctl", "--user", verb, "ai-agent-proxy.service"]
 
 
-@pytest.mark.process
-def test_the_agent_runner_installed_as_a_second_service(home) -> None:
+def in_process(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """A command in this process (Typer's CliRunner), in `env`, as `cli` runs it."""
+    from typer.testing import CliRunner
+
+    from ai_agent_proxy.cli import cli as app
+
+    unset = {k: None for k in os.environ if k not in env}
+    r = CliRunner().invoke(app, list(args), env={**unset, **env})
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return subprocess.CompletedProcess(list(args), r.exit_code, r.stdout, r.stderr)
+
+
+def test_the_agent_runner_installed_as_a_second_service(home, monkeypatch) -> None:
     home_dir, env, log = home
+    monkeypatch.chdir(home_dir)  # (its runs start where it was installed from)
+    cli = in_process
     r = cli(env, "service", "install", "--agent", "--preset", "claude", "--agent-options",
             "--parallel 3 --grace 10s", "--manager", "systemd")  # fmt: skip
     assert r.returncode == 0, r.stderr
