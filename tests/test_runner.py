@@ -381,15 +381,18 @@ def test_an_idle_runner_reads_nothing_and_forgets_stale_failures(agent: Agent, m
     agent.started(0)
     wait_until(lambda: agent.server.rows("SELECT * FROM agent_conversations") == [])
     # its run's lease renewed each second (its own writes): the waiting list is not read
+    renewed = agent.server.rows("SELECT until_ms FROM conversation_leases")[0]["until_ms"]
     looks = running.runner.looks
-    running.passes(2.3)
+    wait_until(lambda: agent.server.rows("SELECT until_ms FROM conversation_leases")[0][
+        "until_ms"] > renewed)  # fmt: skip
+    running.passes(0.2)
     assert running.runner.looks == looks
     gate.touch()
     agent.runs(1)
     wait_until(lambda: agent.unanswered() == [])
     running.passes(0.3)
     looks = running.runner.looks
-    running.passes(1.0)  # nothing changes: nothing is read
+    running.passes(0.6)  # nothing changes: nothing is read
     assert running.runner.looks == looks
 
 
