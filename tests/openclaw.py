@@ -57,6 +57,21 @@ print("Sent via Telegram. Message ID: 4242")
 )
 
 
+def stand_in_openclaw(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """FAKE_OPENCLAW on PATH (in tmp_path/bin): (the log of its calls, the environment to
+    run commands with: PATH, its log, no AI_AGENT_PROXY_* of the caller's)."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "openclaw").write_text(FAKE_OPENCLAW)
+    (bin_dir / "openclaw").chmod(0o755)
+    log = tmp_path / "openclaw-calls.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_OPENCLAW_LOG=str(log))
+    return log, env
+
+
 def load(name: str) -> dict[str, Any]:
     return json.loads((FIXTURES / name).read_text("utf-8"))
 

@@ -18,7 +18,6 @@ import pytest
 
 from . import openclaw as oc
 from .conftest import Server, wait_until
-from .openclaw import FAKE_OPENCLAW
 from .test_replies import Ran, calls, run
 
 WORDS = ["hi, are you there", "one more thing: the invoice is wrong", "it is invoice 4711"]
@@ -40,13 +39,7 @@ def chats(make_server, tmp_path: Path) -> tuple[Server, Path, dict[str, str]]:
     for body in [*burst(WORDS), *burst(["other chat"], "telegram:42", 900)]:
         assert server.post_chat(body).status_code == 200
     server.wait_files(4)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "openclaw").write_text(FAKE_OPENCLAW)
-    (bin_dir / "openclaw").chmod(0o755)
-    log = tmp_path / "openclaw-calls.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_OPENCLAW_LOG=str(log))
+    log, env = oc.stand_in_openclaw(tmp_path)
     return server, log, env
 
 
@@ -200,13 +193,15 @@ def test_a_steered_message_is_not_threaded_under_words_it_does_not_answer(
 
 
 def stand_in(tmp_path: Path) -> dict[str, str]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "openclaw").write_text(FAKE_OPENCLAW)
-    (bin_dir / "openclaw").chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_OPENCLAW_LOG=str(tmp_path / "calls.jsonl"))
-    return env
+    return oc.stand_in_openclaw(tmp_path)[1]
+
+
+def post_chats(server: Server, count: int, first_chat: int, first_id: int) -> None:
+    """One message in each of `count` chats, all in the inbox."""
+    for i in range(count):
+        for body in burst([f"chat {i} says hi"], f"telegram:{first_chat + i}", first_id + i):
+            assert server.post_chat(body).status_code == 200
+    server.wait_files(count)
 
 
 def test_more_than_twenty_waiting_shows_the_newest_twenty(make_server, tmp_path: Path) -> None:
@@ -243,10 +238,7 @@ def test_a_request_without_a_chat_is_a_conversation_of_its_own(make_server, tmp_
 
 def test_takers_get_different_conversations_and_a_lease_runs_out(make_server, tmp_path) -> None:
     server = make_server("--reply", "on it")
-    for i in range(3):
-        for body in burst([f"chat {i} says hi"], f"telegram:{500 + i}", 800 + i):
-            assert server.post_chat(body).status_code == 200
-    server.wait_files(3)
+    post_chats(server, 3, 500, 800)
     env = stand_in(tmp_path)
     mine = next_json(server, env, "--as", "alice", "--lease", "30s")
     assert (mine["context_id"], mine["taken_by"]) == ("telegram:500", "alice")
@@ -272,10 +264,7 @@ def test_takers_get_different_conversations_and_a_lease_runs_out(make_server, tm
 @pytest.mark.process
 def test_five_takers_at_once_get_five_different_conversations(make_server, tmp_path) -> None:
     server = make_server("--reply", "on it")
-    for i in range(5):
-        for body in burst([f"chat {i}"], f"telegram:{600 + i}", 850 + i):
-            assert server.post_chat(body).status_code == 200
-    server.wait_files(5)
+    post_chats(server, 5, 600, 850)
     env = stand_in(tmp_path)
     procs = [
         subprocess.Popen(

@@ -6,8 +6,6 @@ when the gateway could not be reached before anything was sent."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from ai_agent_proxy.errors import ConfigError
 
 from .conftest import Server
 from .gateway import TOKEN, StandInGateway
-from .test_replies import calls, ids, run
+from .test_replies import calls, ids, reply_process, run
 from .test_replies import loop as loop  # the fixture
 
 
@@ -173,28 +171,7 @@ def test_the_cli_is_used_when_the_gateway_cannot_be_reached_and_says_why(loop, g
 def test_five_replies_at_once_to_one_request_send_once(loop, gateway) -> None:
     server, log, env = loop
     target = ids(server)[2]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ai_agent_proxy",
-                "reply",
-                target,
-                "--message",
-                f"m{i}",
-                "--db",
-                str(server.db),
-                "--inbox",
-                str(server.inbox),
-            ],
-            env=via(env, gateway),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(5)
-    ]
+    procs = [reply_process(server, via(env, gateway), target, f"m{i}") for i in range(5)]
     codes = sorted(p.wait(60) for p in procs)
     assert codes == [0, 1, 1, 1, 1]
     assert len(gateway.sends()) == 1 and len(gateway.delivered) == 1 and calls(log) == []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -41,13 +40,7 @@ def world(
     for name in (oc.TURN1, oc.TURN2, oc.GROUP):
         assert server.post_chat(oc.load(name)).status_code == 200
     server.wait_files(3)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "openclaw").write_text(oc.FAKE_OPENCLAW)
-    (bin_dir / "openclaw").chmod(0o755)
-    log = tmp_path / "openclaw-calls.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_OPENCLAW_LOG=str(log))
+    log, env = oc.stand_in_openclaw(tmp_path)
     for name in ("PATH", "FAKE_OPENCLAW_LOG"):  # (for the in-process server's `openclaw`)
         monkeypatch.setenv(name, env[name])
     return server, log, env

@@ -21,7 +21,6 @@ from ai_agent_proxy.cli import cli
 
 from . import openclaw as oc
 from .conftest import SKILL_PATH, Server, fixture_body, wait_until
-from .openclaw import FAKE_OPENCLAW
 
 TURN1 = "openclaw-2026.9-telegram-dm-turn1.json"
 TURN2 = "openclaw-2026.9-telegram-dm-turn2.json"
@@ -38,14 +37,17 @@ def loop(make_server, tmp_path: Path) -> tuple[Server, Path, dict[str, str]]:
     for name in (TURN1, TURN2, GROUP):
         assert server.post_chat(fixture_body(name)).status_code == 200
     server.wait_files(3)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "openclaw").write_text(FAKE_OPENCLAW)
-    (bin_dir / "openclaw").chmod(0o755)
-    log = tmp_path / "openclaw-calls.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_OPENCLAW_LOG=str(log))
+    log, env = oc.stand_in_openclaw(tmp_path)
     return server, log, env
+
+
+def reply_process(server: Server, env: dict[str, str], rid: str, text: str) -> Any:
+    """`ai-agent-proxy reply` as a process of its own (for replies at once)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "ai_agent_proxy", "reply", rid, "--message", text,
+         "--db", str(server.db), "--inbox", str(server.inbox)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=server.workdir,
+    )  # fmt: skip
 
 
 @dataclass
@@ -103,29 +105,7 @@ def test_two_concurrent_replies_send_once(loop) -> None:
     server, log, env = loop
     target = ids(server)[2]
     slow = {**env, "FAKE_OPENCLAW_SLEEP": "1"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ai_agent_proxy",
-                "reply",
-                target,
-                "--message",
-                f"m{i}",
-                "--db",
-                str(server.db),
-                "--inbox",
-                str(server.inbox),
-            ],
-            env=slow,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=server.workdir,
-        )
-        for i in range(2)
-    ]
+    procs = [reply_process(server, slow, target, f"m{i}") for i in range(2)]
     codes = sorted(p.wait(60) for p in procs)
     assert codes == [0, 1]
     assert len(calls(log)) == 1

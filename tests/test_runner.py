@@ -28,9 +28,9 @@ from ai_agent_proxy.agent.runner import launch
 from ai_agent_proxy.agent.runner.scheduler import POLL_S, Options, Runner
 from ai_agent_proxy.config import load_settings
 
+from . import openclaw as oc
 from . import standin
 from .conftest import Server, wait_until
-from .openclaw import FAKE_OPENCLAW
 from .test_conversations import WORDS, burst
 from .test_replies import calls, run
 
@@ -145,8 +145,7 @@ def agent(make_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     server = make_server("--reply", "on it")
     bin_dir = tmp_path / "bin"
     standin.install(bin_dir, "standin", "claude", "codex")
-    (bin_dir / "openclaw").write_text(FAKE_OPENCLAW)
-    (bin_dir / "openclaw").chmod(0o755)
+    oc.stand_in_openclaw(tmp_path)  # (in the same bin folder)
     made = Agent(server, tmp_path, monkeypatch, bin_dir, tmp_path / "agent.jsonl",
                  tmp_path / "openclaw-calls.jsonl")  # fmt: skip
     yield made
