@@ -128,7 +128,9 @@ def agent(
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"config": config, "db": db, "inbox": inbox}
         return
-    from .agent.runner.scheduler import Options, Runner, parse_preset_args
+    from .agent.runner.command import parse_preset_args
+    from .agent.runner.options import Options
+    from .agent.runner.scheduler import Runner
 
     command = tuple(ctx.meta.get("agent_command") or ())
     if (preset is None) == (not command):

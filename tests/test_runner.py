@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 
 from ai_agent_proxy.agent.runner import launch
-from ai_agent_proxy.agent.runner.scheduler import POLL_S, Options, Runner
+from ai_agent_proxy.agent.runner.options import Options
+from ai_agent_proxy.agent.runner.scheduler import POLL_S, Runner
 from ai_agent_proxy.config import load_settings
 
 from . import openclaw as oc

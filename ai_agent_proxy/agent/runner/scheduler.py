@@ -39,26 +39,23 @@ import functools
 import json
 import logging
 import os
-import re
-import shlex
 import signal
-import socket
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ...config import Settings
 from ...errors import HistoryError, ProxyError, ReplyFailed, ReplyRefused
-from ...ids import inbox_file_name
 from .. import conversations, replies, views
 from ..delivery import Deliverer
-from . import launch, prompt, runs
-from .adapters import PRESETS, Adapter, Result, read_plain
+from . import command, launch, prompt, runs
+from .adapters import Result, read_plain
 from .launch import CannotStart, Finished, Limit, Limits
+from .options import Options
 from .runs import Outcome
 
 log = logging.getLogger("ai_agent_proxy.agent")
@@ -68,39 +65,7 @@ LOOK_ANYWAY_S = 5.0  # the waiting conversations are listed at least this often
 HOLD_BACK = 2  # answers held back in a row for newer messages, before one is sent anyway
 STOP_WATCH_S = 0.5  # how often a run checks whether `agent stop` asked for it
 PRUNE_S = 300.0  # how often failures of conversations that no longer wait are dropped
-_KEYLIKE_FLAG = re.compile(r"(?i)^--?[\w-]*(key|token|secret|passw|pwd|auth)[\w-]*$")
-_OUR_SECRETS = ("AI_AGENT_PROXY_KEY", "AI_AGENT_PROXY_API_KEY")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Options:
-    """`ai-agent-proxy agent`'s options (cli_agent.py reads them; defaults as documented)."""
-
-    command: tuple[str, ...] = ()  # `-- CMD ARGS...`
-    preset: str | None = None
-    preset_args: tuple[str, ...] = ()
-    parallel: int = 2
-    debounce_s: float = 1.0
-    timeout_s: float = 1800.0
-    idle_timeout_s: float | None = None
-    grace_s: float = 30.0
-    attempts: int = 2
-    retry_after_s: float = 15.0  # the first backoff; doubled after each failure
-    send_output: bool = False
-    workdir: Path = field(default_factory=Path.cwd)
-    prompt_template: str | None = None
-    name: str = field(default_factory=lambda: f"runner@{socket.gethostname()}")
-    lease_s: float = conversations.LEASE_S
-
-    @property
-    def agent(self) -> str:
-        """The sessions' key: the preset, or the command's program."""
-        return self.preset or f"command:{Path(self.command[0]).name}"
-
-    @property
-    def adapter(self) -> Adapter | None:
-        return PRESETS[self.preset] if self.preset else None
 
 
 @dataclass
@@ -384,34 +349,20 @@ class Runner:
         run_id = runs.new_run_id()
         prompt_file = Path(self.settings.db_path).parent / "runs" / f"{run_id}.prompt"
         error = None
-        unfilled = self._unfilled(session)
+        unfilled = command.unfilled(options, session)
         try:
-            argv = self._fill(unfilled, text, prompt_file, session or stable)
+            argv = command.fill(unfilled, text, prompt_file, session or stable)
         except CannotStart as exc:
             argv, error = unfilled, str(exc)
         given = [m.request_id for m in chat.messages]
         attempt = 1 + (failures.count if failures else 0)
-        runs.begin(conn, runs.Begun(run_id, key, given, self._masked(argv), self.identity,
+        runs.begin(conn, runs.Begun(run_id, key, given, command.masked(argv, self.settings.redact),
+                                    self.identity,
                                     slot.number, attempt, session))  # fmt: skip
-        env = self._env(run_id, key, chat.messages, stable)
+        env = command.environment(self.settings, options, run_id, key, chat.messages, stable)
         on_stdin = launch.takes_prompt_on_stdin(unfilled)
         return Prepared(run_id, given, chat.messages[-1].seq, failures, session, argv, text,
                         on_stdin, env, prompt_file, error)  # fmt: skip
-
-    def _unfilled(self, session: str | None) -> list[str]:
-        """The run's argv, its placeholders not filled yet: the preset's or the command."""
-        options = self.options
-        if options.adapter is not None:
-            return options.adapter.argv(None, list(options.preset_args), session)
-        return list(options.command)
-
-    def _fill(self, argv: list[str], text: str, prompt_file: Path, session: str) -> list[str]:
-        if "{prompt_file}" in argv:  # written for the run, owner-only, removed after it
-            prompt_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(prompt_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                out.write(text)
-        return launch.fill_argv(argv, text, prompt_file, session)
 
     async def _launch(self, slot: Slot, ready: Prepared, key: str) -> Finished:
         """Start the run and wait for its end (stopped on `agent stop`)."""
@@ -443,50 +394,6 @@ class Runner:
                 if await self._db(runs.stop_requested, run_id):
                     launched.stop(Limit.STOPPED)
                     return
-
-    def _env(
-        self, run_id: str, key: str, messages: list[conversations.Message], stable: str
-    ) -> dict[str, str]:
-        """The child's environment: the runner's (its PATH finds `ai-agent-proxy` and
-        `openclaw` as the person's shell does), our secrets taken out, and the ids of this
-        run; nothing from a message but ids."""
-        env = {k: v for k, v in os.environ.items() if k not in _OUR_SECRETS}
-        inbox = self.settings.inbox
-        files = [str(inbox / inbox_file_name(m.request_id, m.received_ms)) for m in messages]
-        env.update(
-            AIAP_CONTEXT_ID="" if key.startswith("request:") else key,
-            AIAP_REQUEST_IDS=" ".join(m.request_id for m in messages),
-            AIAP_NEWEST_REQUEST_ID=messages[-1].request_id,
-            AIAP_INBOX_FILES=" ".join(files),
-            AIAP_DB=str(self.settings.db_path),
-            AIAP_INBOX=str(inbox),
-            AIAP_RUN_ID=run_id,
-            AIAP_SESSION=stable,
-            # `ai-agent-proxy reply` in the agent's shell uses this runner's DB and inbox
-            AI_AGENT_PROXY_DB=str(self.settings.db_path),
-            AI_AGENT_PROXY_INBOX=str(inbox),
-        )
-        if self.options.adapter is not None:
-            env.update(self.options.adapter.env)
-        return env
-
-    def _masked(self, argv: Sequence[str]) -> list[str]:
-        """The command as recorded: the configured secrets masked, and the value of a
-        key-like flag (`--api-key X`, `--token=X`); the prompt, if it is an argument,
-        shortened."""
-        redact = self.settings.redact
-        out, hide = [], False
-        for arg in argv:
-            flag, eq, _ = arg.partition("=")
-            if hide:
-                shown = "****"
-            elif eq and _KEYLIKE_FLAG.match(flag):
-                shown = f"{flag}=****"  # --api-key=VALUE
-            else:
-                shown = redact(arg)
-            out.append(shown if len(shown) <= 200 else shown[:200] + "…")
-            hide = bool(_KEYLIKE_FLAG.match(arg))
-        return out
 
     def _read(self, finished: Finished) -> Result:
         read = self.options.adapter.read if self.options.adapter else read_plain
@@ -674,7 +581,3 @@ def _alive(pid: int | None, started: int | None) -> bool:
         return False
     now = launch.started_at(pid)
     return now is not None and (started is None or now == started)
-
-
-def parse_preset_args(text: str | None) -> tuple[str, ...]:
-    return tuple(shlex.split(text)) if text else ()
