@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,15 @@ def healthy(make_server, openclaw, tmp_path) -> Any:
     gateway.stop()
 
 
+def test_doctor_without_a_settings_file_says_so(openclaw, tmp_path, monkeypatch) -> None:
+    env, _, _ = openclaw
+    monkeypatch.chdir(tmp_path)  # no ./.ai-agent-proxy.conf here
+    r = ran(env, "doctor", "--json")
+    found = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert found["settings file"]["status"] == "WARN" and r.exit_code == 1  # (no server)
+    assert "ai-agent-proxy setup writes one" in found["settings file"]["fix"]
+
+
 def test_doctor_passes_a_healthy_setup_and_prints_no_secret(healthy) -> None:
     env, _, conf, server, _ = healthy
     checks = doctor(env, conf, server)
@@ -223,6 +233,12 @@ def test_doctor_fails_each_broken_part_then_passes_it_fixed(healthy) -> None:
         conf.read_text().replace('REPLY="On it - I\'ll reply in a moment."', 'REPLY=""')
     )
     assert status("REPLY")[0] == "WARN"
+    # the server runs with another key than the settings file's
+    text = conf.read_text()
+    conf.write_text(re.sub(r'(?m)^KEY=".*"$', 'KEY="a-different-key-0123456789"', text))
+    assert status("server")[0] == "FAIL" and "refused this KEY (401)" in doctor(env, conf, server)[
+        "server"]["detail"]  # fmt: skip
+    conf.write_text(text)
     # the server down
     server.stop()
     assert status("server")[0] == "FAIL"
