@@ -132,3 +132,70 @@ def test_a_command_of_ones_own_answers_with_its_output() -> None:
     assert read_plain("", "", 0).answer is None
     assert read_plain("partial", "boom\n", 3).failed == "boom"
     assert read_plain("", "", 2).failed == "exit status 2"
+
+
+# -- beside the captures: hand-built variants of the same shapes, for what they left out --
+
+
+def read(cli: str, stdout: str, stderr: str = "", code: int = 0) -> Result:
+    return PRESETS[cli].read(stdout, stderr, code)
+
+
+def lines(*events: object) -> str:
+    return "".join(json.dumps(e) + "\n" for e in events)
+
+
+def test_claude_odd_fields_and_its_stream_json_shape() -> None:
+    # a result that is not text, a cost that is a boolean: no answer, no cost, no crash
+    odd = read("claude", json.dumps({"result": 123, "total_cost_usd": True, "session_id": "s"}))
+    assert (odd.answer, odd.cost_usd, odd.session_id) == (None, None, "s")
+    # one object without a type (as --output-format json prints it)
+    assert read("claude", json.dumps({"result": "hi", "session_id": "s"})).answer == "hi"
+    # --output-format stream-json: the `result` event among others
+    stream = lines({"type": "system", "subtype": "init", "session_id": "s"},
+                   {"type": "assistant", "message": {"content": []}},
+                   {"type": "result", "result": "from the stream", "session_id": "s"})  # fmt: skip
+    assert read("claude", stream).answer == "from the stream"
+
+
+def test_codex_answer_is_the_agent_message_not_reasoning_and_usage_only_from_the_turn() -> None:
+    events = lines(
+        {"type": "thread.started", "thread_id": "t1"},
+        {"type": "item.completed", "item": {"type": "agent_message", "text": "the answer"}},
+        {"type": "item.completed", "item": {"type": "reasoning", "text": "**thinking**"}},
+        {"type": "item.started", "item": {"type": "agent_message", "text": "not done yet"}},
+        {"type": "other", "usage": {"input_tokens": 1000, "output_tokens": 1000}},
+        {"type": "turn.completed", "usage": {"input_tokens": 7, "output_tokens": 3}},
+    )
+    found = read("codex", events)
+    assert (found.answer, found.session_id, found.tokens) == ("the answer", "t1", 10)
+
+
+def test_opencode_text_parts_only_its_cost_summed_and_no_text_no_answer() -> None:
+    def event(kind: str, **part: object) -> dict[str, object]:
+        return {"type": kind, "sessionID": "ses_1", "part": part}
+
+    events = lines(
+        event("step_start"),
+        event("tool_use", text="a tool's own text"),
+        event("text", text="first"),
+        event("step_finish", cost=0.0012, tokens={"total": 30}),
+        event("step_start"),
+        event("text", text="second"),
+        event("step_finish", cost=0.0003, tokens={"total": 12}),
+    )
+    found = read("opencode", events)
+    assert found.answer == "second"  # the last step's text
+    assert found.cost_usd == pytest.approx(0.0015) and found.tokens == 42
+    silent = read("opencode", lines(event("step_start"), event("step_finish", cost=0)))
+    assert (silent.answer, silent.cost_usd, silent.failed) == (None, None, None)
+
+
+def test_gemini_an_error_beside_a_response_is_a_failure() -> None:
+    both = read("gemini", json.dumps({"response": "partial", "session_id": "g",
+                                      "error": {"message": "quota exceeded"}}))  # fmt: skip
+    assert (both.answer, both.failed, both.session_id) == (None, "quota exceeded", "g")
+    empty = read("gemini", json.dumps({"session_id": "g"}), "a warning\nthe real reason\n", 1)
+    assert (empty.answer, empty.failed) == (None, "the real reason")
+    fine = read("gemini", json.dumps({"response": "ok", "session_id": "g"}), "a warning\n")
+    assert (fine.answer, fine.failed) == ("ok", None)
