@@ -17,7 +17,7 @@ from enum import Enum
 
 from .config import Settings
 from .errors import OutboxError
-from .inbox_writer import InboxWriter, WriterOptions
+from .inbox_writer_client import InboxWriter, WriterOptions
 from .outbox import CLAIM_LEASE_MS, Outbox
 from .outbox.queries import LARGE_ROW
 from .rows import PendingRow

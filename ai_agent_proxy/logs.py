@@ -3,7 +3,6 @@ with a fresh interpreter and no handlers)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import time
@@ -68,7 +67,7 @@ class ConnectionFailures(logging.Filter):
         if now - self._last.get(kind, -self.PERIOD_S) < self.PERIOD_S:
             return False
         self._last[kind] = now
-        if isinstance(exc, asyncio.CancelledError):
+        if kind == "CancelledError":  # (by name: the writer process never imports asyncio)
             detail = "the connection was closed (by the client, or cut at a deadline)"
         else:
             detail = printable(self.redact(str(exc)), one_line=True)[:200]

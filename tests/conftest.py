@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from array import array
 from collections.abc import Callable, Iterator
@@ -20,6 +21,9 @@ from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
+
+from ai_agent_proxy.cli import cli as cli_app
 
 from . import openclaw
 
@@ -305,3 +309,21 @@ def make_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Call
 @pytest.fixture
 def server(make_server: Callable[..., Server]) -> Server:
     return make_server()
+
+
+def cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """A command in-process (Typer's CliRunner), from `cwd` or else an empty directory (so
+    that no ./.ai-agent-proxy.conf of the caller's is read); what a process would have
+    shown."""
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as empty:
+        os.chdir(cwd or empty)
+        try:
+            r = CliRunner().invoke(cli_app, list(args), env={"COLUMNS": "200", **(env or {})})
+        finally:
+            os.chdir(here)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception  # a traceback where a process would print one
+    return subprocess.CompletedProcess(list(args), r.exit_code, r.stdout, r.stderr)

@@ -10,7 +10,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -21,27 +20,12 @@ from typer.testing import CliRunner
 from ai_agent_proxy.cli import cli as app
 
 from . import openclaw as oc
-from .conftest import SKILL_PATH, Server, fixture_body, new_server, wait_until
+from .conftest import SKILL_PATH, Server, cli, fixture_body, new_server, wait_until
 from .embedded import EmbeddedServer
 
 TURN1 = "openclaw-2026.9-telegram-dm-turn1.json"
 TURN2 = "openclaw-2026.9-telegram-dm-turn2.json"
 GROUP = "openclaw-2026.9-telegram-group.json"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """A command in-process (Typer's CliRunner), from an empty directory, so that no
-    ./.ai-agent-proxy.conf of the caller's is read; what a process would have shown."""
-    here = os.getcwd()
-    with tempfile.TemporaryDirectory() as empty:
-        os.chdir(empty)
-        try:
-            r = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
-        finally:
-            os.chdir(here)
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception  # a traceback where a process would print one
-    return subprocess.CompletedProcess(list(args), r.exit_code, r.stdout, r.stderr)
 
 
 def ok(*args: str) -> str:

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ai_agent_proxy.cli import cli
+from ai_agent_proxy.cli import cli as cli_app
 from ai_agent_proxy.config import load_settings, parse_config_file
 from ai_agent_proxy.errors import ConfigError
 
-from .conftest import Server
+from .conftest import Server, cli
 
 
 def run_cli(
@@ -67,7 +67,6 @@ def test_default_config_file_is_read_from_cwd(tmp_path: Path, monkeypatch) -> No
         ("file", "PORT='http' (from config file"),
     ],
 )
-@pytest.mark.process
 def test_bad_value_names_key_value_and_source(tmp_path: Path, where: str, expected: str) -> None:
     args, env = [], {}
     if where == "flag":
@@ -76,7 +75,7 @@ def test_bad_value_names_key_value_and_source(tmp_path: Path, where: str, expect
         env = {"AI_AGENT_PROXY_PORT": "http"}
     else:
         (tmp_path / ".ai-agent-proxy.conf").write_text("PORT=http\n")
-    r = run_cli(*args, cwd=tmp_path, env=env)
+    r = cli("serve", *args, cwd=tmp_path, env=env)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
@@ -95,9 +94,8 @@ def test_bad_value_names_key_value_and_source(tmp_path: Path, where: str, expect
         (["-f", "missing.conf"], "missing.conf does not exist"),
     ],
 )
-@pytest.mark.process
 def test_each_bad_value_is_one_line_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
-    r = run_cli(*args, cwd=tmp_path)
+    r = cli("serve", *args, cwd=tmp_path)
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -177,7 +175,7 @@ def test_absurd_values_and_malformed_urls_are_refused(
 ) -> None:
     """In-process (Typer's CliRunner): one line naming the setting, exit 2, no traceback."""
     monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(cli, ["serve", *args])
+    r = CliRunner().invoke(cli_app, ["serve", *args])
     assert r.exit_code == 2, r.output
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "sk-pw-1234" not in r.output and "Traceback" not in r.output
@@ -187,7 +185,7 @@ def test_keys_must_be_printable_ascii(tmp_path: Path, monkeypatch) -> None:
     """A non-ASCII API_KEY was accepted, then made start-up fail inside httpx and hang."""
     monkeypatch.chdir(tmp_path)
     for flag, value in (("--api-key", "sk-é-0123456789"), ("--key", "k 0123456789")):
-        r = CliRunner().invoke(cli, ["serve", flag, value, "--url", "http://127.0.0.1:9/v1"])
+        r = CliRunner().invoke(cli_app, ["serve", flag, value, "--url", "http://127.0.0.1:9/v1"])
         assert r.exit_code == 2, r.output
         (line,) = r.stderr.strip().splitlines()
         assert "=**** (from flag" in line and "printable ASCII" in line

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import HTTP, Server, wait_until
+from .conftest import HTTP, Server, cli, wait_until
 from .embedded import EmbeddedServer
 
 KEY = "hostile-test-key-0123456789"
@@ -114,15 +114,6 @@ def corrupt_body(db: Path, request_id: str) -> None:
         conn.close()
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """The installed CLI, run away from the source tree."""
-    return subprocess.run(
-        [sys.executable, "-m", "ai_agent_proxy", *args],
-        capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2],
-    )  # fmt: skip
-
-
-@pytest.mark.process
 def test_a_row_that_cannot_be_rendered_ends_undeliverable_and_the_rest_flows(make_server) -> None:
     server = make_server(start=False)
     server.inbox.parent.mkdir(parents=True, exist_ok=True)
@@ -350,7 +341,7 @@ def test_sigterm_under_load_answers_what_it_committed_and_writes_it(make_server)
 
     server = make_server()
     record, stop, thread = start_load(server.port, total=200_000, connections=32)
-    wait_until(lambda: len(record.acked) >= 1000, timeout=30)
+    wait_until(lambda: len(record.acked) >= 400, timeout=30)
     import time
 
     t0 = time.monotonic()
@@ -371,7 +362,7 @@ def test_sigterm_under_load_answers_what_it_committed_and_writes_it(make_server)
 
 @pytest.mark.process
 def test_memory_returns_near_its_baseline_after_large_bodies(make_server) -> None:
-    """Ten 15 MiB bodies: the server's and the writer's RSS come back near where they were
+    """Six 15 MiB bodies: the server's and the writer's RSS come back near where they were
     (nothing keeps a copy of a large body once it is written)."""
     server = make_server()
     assert server.post_chat(good(0)).status_code == 200
@@ -385,13 +376,13 @@ def test_memory_returns_near_its_baseline_after_large_bodies(make_server) -> Non
         {"messages": [{"role": "system", "content": "s" * (15 << 20)}, {"role": "user",
                                                                           "content": "big"}]}
     ).encode()  # fmt: skip
-    for i in range(10):
+    for i in range(6):
         r = server.post_chat(big.replace(b'"big"', f'"big {i}"'.encode()), timeout=60)
         assert r.status_code == 200
-    server.wait_files(11, timeout=60)
+    server.wait_files(7, timeout=60)
     for i in range(1, 4):  # a little normal traffic after
         assert server.post_chat(good(i)).status_code == 200
-    server.wait_files(14)
+    server.wait_files(10)
     after = rss_kb(server.proc.pid), rss_kb(writer)
     print(f"\n  RSS KB server {base[0]} -> {after[0]}, writer {base[1]} -> {after[1]}")
     assert after[0] - base[0] < 60_000, (base, after)
@@ -472,7 +463,7 @@ def test_sigterm_soon_after_the_first_answer_stops_the_server() -> None:
         from sigterm_cycles import run_cycles
     finally:
         sys.path.pop(0)
-    cycles = run_cycles(6, parallel=2, grace_s=7.0, seed=1)
+    cycles = run_cycles(4, parallel=2, grace_s=7.0, seed=1)
     assert all(c.stopped_in_s is not None and c.exit_code == 0 for c in cycles), cycles
 
 
