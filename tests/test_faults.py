@@ -193,9 +193,9 @@ def worker_pids(server: Server) -> list[int]:
 @pytest.mark.slow
 def test_two_workers_under_load_and_one_killed(make_server) -> None:
     server = make_server("--worker", "2")
-    record, _, thread = start_load(server.port, total=600, connections=32)
+    record, _, thread = start_load(server.port, total=400, connections=32)
     thread.join(120)
-    assert record.statuses == {200: 600}  # never a 503 ("database is locked") under WORKER=2
+    assert record.statuses == {200: 400}  # never a 503 ("database is locked") under WORKER=2
     assert_all_once(server, record.acked, record.sent)
 
     pids = worker_pids(server)
@@ -203,15 +203,15 @@ def test_two_workers_under_load_and_one_killed(make_server) -> None:
     # The killed worker may hold most connections (one worker can accept a whole burst):
     # its clients connect again, as real ones do, and reach the survivor.
     record2, _, thread2 = start_load(
-        server.port, total=900, connections=32, tag="second", reconnects=3
+        server.port, total=600, connections=32, tag="second", reconnects=3
     )
-    wait_until(lambda: len(record2.acked) >= 150, timeout=30)
+    wait_until(lambda: len(record2.acked) >= 100, timeout=30)
     os.kill(pids[0], signal.SIGKILL)  # one worker dies mid-load
     thread2.join(120)
     assert server.proc is not None and server.proc.poll() is None  # still serving
     # the survivor keeps serving and delivers the dead worker's claimed rows too
     assert_all_once(server, record.acked + record2.acked, record.sent | record2.sent)
-    assert len(record2.acked) >= 600
+    assert len(record2.acked) >= 400
 
 
 # -- the inbox writer process --------------------------------------------------------------
