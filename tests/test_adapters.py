@@ -164,8 +164,8 @@ def test_codex_answer_is_the_agent_message_not_reasoning_and_usage_only_from_the
         {"type": "item.completed", "item": {"type": "agent_message", "text": "the answer"}},
         {"type": "item.completed", "item": {"type": "reasoning", "text": "**thinking**"}},
         {"type": "item.started", "item": {"type": "agent_message", "text": "not done yet"}},
-        {"type": "other", "usage": {"input_tokens": 1000, "output_tokens": 1000}},
         {"type": "turn.completed", "usage": {"input_tokens": 7, "output_tokens": 3}},
+        {"type": "other", "usage": {"input_tokens": 1000, "output_tokens": 1000}},
     )
     found = read("codex", events)
     assert (found.answer, found.session_id, found.tokens) == ("the answer", "t1", 10)
@@ -177,10 +177,11 @@ def test_opencode_text_parts_only_its_cost_summed_and_no_text_no_answer() -> Non
 
     events = lines(
         event("step_start"),
-        event("tool_use", text="a tool's own text"),
         event("text", text="first"),
         event("step_finish", cost=0.0012, tokens={"total": 30}),
         event("step_start"),
+        event("tool_use", text="a tool's own text"),
+        event("text", text=""),
         event("text", text="second"),
         event("step_finish", cost=0.0003, tokens={"total": 12}),
     )
