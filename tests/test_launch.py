@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,14 +53,34 @@ def test_what_a_run_leaves_in_its_group_is_stopped_when_it_ends() -> None:
         "print(p.pid, flush=True)\n"
     )
 
-    async def go() -> launch.Finished:
+    async def go(code: str) -> tuple[launch.Finished, float]:
         run = await _launch(code)
-        return await run.finished()
+        started = time.monotonic()
+        return await asyncio.wait_for(run.finished(), 10), time.monotonic() - started
 
-    finished = asyncio.run(go())
+    finished, took = asyncio.run(go(code))
     leftover = int(finished.stdout.split()[0])
     assert finished.exit_status == 0 and finished.limit is None
     wait_until(lambda: gone(leftover), timeout=5, message="the grandchild outlived its run")
+    assert took < launch.LEFTOVER_GRACE_S / 2, took  # it ended at SIGTERM: no wait for the grace
+    # one that ignores SIGTERM is killed when the grace is over
+    stubborn = (
+        "import subprocess, sys\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {IGNORE_TERM!r}], stdout=subprocess.PIPE,"
+        " stderr=subprocess.DEVNULL)\n"
+        "p.stdout.readline()\n"  # its handler is in place
+        "print(p.pid, flush=True)\n"
+    )
+    finished, took = asyncio.run(go(stubborn))
+    leftover = int(finished.stdout.split()[0])
+    wait_until(lambda: gone(leftover), timeout=5, message="the grandchild outlived its run")
+    assert launch.LEFTOVER_GRACE_S <= took < launch.LEFTOVER_GRACE_S + 1.5, took
+
+
+IGNORE_TERM = (
+    "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('ready', flush=True)\ntime.sleep(60)\n"
+)
 
 
 def test_a_run_that_ended_is_not_stopped_afterwards() -> None:
