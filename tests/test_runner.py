@@ -283,7 +283,7 @@ def test_a_run_past_its_timeout_is_stopped_with_its_whole_group(agent: Agent) ->
     assert agent.unanswered() == [a]
     (aside,) = agent.server.rows("SELECT * FROM agent_conversations")
     assert (aside["conversation"], aside["last_outcome"]) == (CHAT, "timed_out")
-    assert aside["set_aside_seq"] is not None
+    assert aside["set_aside_seq"] is not None and aside["set_aside_ms"] >= row["started_ms"]
 
 
 def test_silence_is_no_answer_tried_again_then_set_aside_until_a_new_message(agent: Agent) -> None:
@@ -301,6 +301,8 @@ def test_silence_is_no_answer_tried_again_then_set_aside_until_a_new_message(age
     assert standin.started(agent.log, 2) is None and agent.sent() == []  # set aside
     r = run(agent.server, {}, "agent", "runs", "--format", "json")
     assert [x["outcome"] for x in json.loads(r.stdout)] == ["unanswered", "unanswered"]
+    r = run(agent.server, {}, "agent", "runs", "--format", "json", "--limit", "1")
+    assert [x["attempt"] for x in json.loads(r.stdout)] == [2]  # the newest
     (b,) = agent.post(WORDS[1:2], first_id=701)  # the person writes again: tried afresh
     three = agent.runs(3)[2]
     assert json.loads(three["request_ids"]) == [a, b] and three["attempt"] == 1

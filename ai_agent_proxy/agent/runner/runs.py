@@ -79,11 +79,10 @@ END_FIELDS = (
 
 
 def end(conn: sqlite3.Connection, run_id: str, **fields: Any) -> None:
-    """The run ended: when, and how (END_FIELDS; `outcome` an Outcome)."""
+    """The run ended: when, and how (END_FIELDS; `outcome` an Outcome, a str: stored as its
+    value)."""
     unknown = set(fields) - set(END_FIELDS)
     assert not unknown, unknown
-    if isinstance(fields.get("outcome"), Outcome):
-        fields["outcome"] = fields["outcome"].value
     sets = ", ".join(f"{name} = :{name}" for name in fields)
     with db.transaction(conn):
         conn.execute(
