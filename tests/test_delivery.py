@@ -210,6 +210,51 @@ def test_the_gateway_is_found_in_openclaws_own_config(tmp_path: Path, monkeypatc
     assert summary["OPENCLAW_GATEWAY_TOKEN"] == "****"
 
 
+def test_a_remote_gateway_and_odd_values_in_openclaws_config(tmp_path: Path, monkeypatch) -> None:
+    """gateway.mode "remote" (OpenClaw's CLI talking to a gateway elsewhere): its
+    remote.url and remote.token (or password), `${VAR}` read from the environment given;
+    values that are not text, or blank, or a `${VAR}` not set, are as if absent."""
+    config = tmp_path / "openclaw.json"
+    settings = load_settings(None, {})
+
+    def found(gateway: dict[str, Any], **env: str) -> tuple[str, str | None] | None:
+        config.write_text(json.dumps({"gateway": gateway}))
+        g = find_gateway(settings, {"OPENCLAW_CONFIG_PATH": str(config), **env})
+        return None if g is None else (g.url, g.token)
+
+    remote = {"url": "wss://gw.example:443", "token": "${GW}"}
+    assert found({"mode": "remote", "remote": remote}, GW="t1") == ("wss://gw.example:443", "t1")
+    assert found({"mode": "remote", "remote": remote}) == ("wss://gw.example:443", None)
+    password = {"url": " wss://gw.example ", "password": "pw}"}  # ("pw}" is no ${VAR})
+    assert found({"mode": "remote", "remote": password}) == ("wss://gw.example", "pw}")
+    assert found({"mode": "remote", "remote": {"url": "${U}"}}, U="wss://u.example") == (
+        "wss://u.example", None,
+    )  # fmt: skip
+    assert found({"mode": "remote", "remote": {"url": "${U}"}}) is None  # not set: no URL
+    # a local gateway beside a remote section: its own port and auth
+    local = {"mode": "local", "port": 18790, "auth": {"token": "own"}, "remote": remote}
+    assert found(local, GW="t1") == ("ws://127.0.0.1:18790", "own")
+    for odd in (123, "   ", "", None, ["t"]):
+        assert found({"auth": {"token": odd}}) == ("ws://127.0.0.1:18789", None), odd
+    assert found({"auth": {"token": "${GW"}}) == ("ws://127.0.0.1:18789", "${GW")
+    assert found({"port": "18790"}) is None  # a port that is not a number: no gateway
+    # the environment given is the one read (not this process's)
+    monkeypatch.setenv("OPENCLAW_GATEWAY_URL", "ws://127.0.0.1:1")
+    assert find_gateway(settings, {"OPENCLAW_STATE_DIR": str(tmp_path / "none")}) is None
+    assert find_gateway(settings).url == "ws://127.0.0.1:1"  # (none given: this process's)
+
+
+def test_a_proxy_in_the_environment_is_not_used_for_a_local_gateway(loop, gateway) -> None:
+    server, log, env = loop
+    *_, newest = ids(server)
+    dead = "http://127.0.0.1:9"  # a proxy nobody answers on
+    proxied = {**via(env, gateway), **{k: dead for k in ("HTTP_PROXY", "HTTPS_PROXY",
+                                                         "ALL_PROXY", "https_proxy")}}  # fmt: skip
+    r = run(server, proxied, "reply", newest, "--message", "direct")
+    assert r.returncode == 0 and "through the gateway" in r.stderr, r.stderr
+    assert [s["message"] for s in gateway.sends()] == ["direct"] and calls(log) == []
+
+
 def test_the_mcp_server_and_the_runner_keep_one_connection(loop, gateway) -> None:
     from ai_agent_proxy.agent import replies as agent_replies
     from ai_agent_proxy.agent.delivery import Deliverer

@@ -129,22 +129,23 @@ def find_gateway(settings: Settings, env: dict[str, str] | None = None) -> Gatew
     url = settings.openclaw_gateway_url or env.get("OPENCLAW_GATEWAY_URL") or None
     token = settings.openclaw_gateway_token or env.get("OPENCLAW_GATEWAY_TOKEN") or None
     source = "OPENCLAW_GATEWAY_URL" if url else ""
-    if url is None or token is None:
-        path = openclaw_config_path(env)
-        config = read_openclaw_config(path)
-        gateway = (config.get("gateway") or {}) if config is not None else None
-        if isinstance(gateway, dict):  # (no gateway section: its defaults)
-            auth = gateway.get("auth") if isinstance(gateway.get("auth"), dict) else {}
-            remote = gateway.get("remote") if isinstance(gateway.get("remote"), dict) else {}
-            if gateway.get("mode") == "remote" and remote:
-                url = url or _env_ref(remote.get("url"), env)
-                token = token or _env_ref(remote.get("token") or remote.get("password"), env)
-            else:
-                port = gateway.get("port", DEFAULT_PORT)
-                if url is None and isinstance(port, int) and 0 < port < 65536:
-                    url = f"ws://127.0.0.1:{port}"
-                token = token or _env_ref(auth.get("token") or auth.get("password"), env)
-            source = source or f"{_FOUND_CONFIG} {path}"
+    # OpenClaw's config fills in what our settings leave out (read even when they say all:
+    # once per process, a small file)
+    path = openclaw_config_path(env)
+    config = read_openclaw_config(path)
+    gateway = (config.get("gateway") or {}) if config is not None else None
+    if isinstance(gateway, dict):  # (no gateway section: its defaults)
+        auth = gateway.get("auth") if isinstance(gateway.get("auth"), dict) else {}
+        remote = gateway.get("remote") if isinstance(gateway.get("remote"), dict) else {}
+        if gateway.get("mode") == "remote" and remote:
+            url = url or _env_ref(remote.get("url"), env)
+            token = token or _env_ref(remote.get("token") or remote.get("password"), env)
+        else:
+            port = gateway.get("port", DEFAULT_PORT)
+            if url is None and isinstance(port, int) and 0 < port < 65536:
+                url = f"ws://127.0.0.1:{port}"
+            token = token or _env_ref(auth.get("token") or auth.get("password"), env)
+        source = source or f"{_FOUND_CONFIG} {path}"
     if url is None:
         return None
     try:
