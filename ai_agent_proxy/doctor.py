@@ -101,7 +101,10 @@ def check_server(ctx: Context) -> Check:
     except ValueError:
         report = {}
     if answer.status_code != 200:
-        why = report.get("reason") or report.get("status") or answer.status_code
+        # what /readyz says is wrong (its db or inbox), else its status
+        wrong = [f"{part} {report[part]}" for part in ("db", "inbox")
+                 if report.get(part) not in (None, "ok")]  # fmt: skip
+        why = "; ".join(wrong) or report.get("status") or answer.status_code
         return Check(
             "server",
             Status.FAIL,

@@ -15,6 +15,7 @@ The patch is built by a pure function; the key never reaches a command line or t
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Iterator
@@ -166,7 +167,9 @@ def setup(plan: Plan, openclaw: str | None = None) -> Iterator[str]:
         + f" ({said})"
     )
     yield f"openclaw config validate: {checked.said}"
-    if "without restart" not in said:
+    # OpenClaw's hint after a patch: "No gateway restart needed.", "Change will apply
+    # without restarting the gateway." or "Restart the gateway to apply." (or none known)
+    if not re.search(r"(?i)no gateway restart needed|without restart", said):
         yield f"next: restart the gateway so it takes the change: {binary} gateway restart"
 
 

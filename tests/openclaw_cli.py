@@ -2,7 +2,9 @@
 keeps a real JSON config file (OPENCLAW_CONFIG_PATH, else $OPENCLAW_STATE_DIR/openclaw.json)
 and does what OpenClaw 2026.9.6 does with it (SPEC section 9): `config patch --stdin`
 merges objects, replaces arrays and scalars, deletes on null, validates, then writes
-("Applied N config update(s). Change will apply without restarting the gateway.");
+("Applied N config update(s)." and its hint, as OpenClaw words them: "No gateway restart
+needed." when nothing changed, "Restart the gateway to apply." with FAKE_OPENCLAW_RESTART
+set, else "Change will apply without restarting the gateway.");
 invalid, it says "Config validation failed: ..." and exits 1, the file untouched; `config
 get PATH` prints a scalar raw and JSON otherwise, every apiKey as __OPENCLAW_REDACTED__,
 exit 1 when unset; `config file`; `config validate`; `--version`; `message send` (logged).
@@ -88,6 +90,7 @@ elif args[:2] == ["config", "get"]:
     print(value if isinstance(value, str) else json.dumps(value, indent=2))
 elif args[:3] == ["config", "patch", "--stdin"]:
     config, counted = load(), [0]
+    before = json.dumps(config, sort_keys=True)
     merge(config, json.loads(sys.stdin.read()), counted)
     found = problems(config)
     if found:
@@ -95,8 +98,13 @@ elif args[:3] == ["config", "patch", "--stdin"]:
         sys.exit(1)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=2) + "\n")
-    print(f"Applied {counted[0]} config update(s)."
-          " Change will apply without restarting the gateway.")
+    if json.dumps(config, sort_keys=True) == before:
+        hint = "No gateway restart needed."
+    elif os.environ.get("FAKE_OPENCLAW_RESTART"):
+        hint = "Restart the gateway to apply."
+    else:
+        hint = "Change will apply without restarting the gateway."
+    print(f"Applied {counted[0]} config update(s). {hint}")
 elif args[:2] == ["config", "validate"]:
     found = problems(load())
     if found:

@@ -61,6 +61,7 @@ def test_setup_writes_both_sides_once_and_twice_changes_nothing(openclaw, tmp_pa
     assert config["agents"]["defaults"]["model"]["primary"] == "ai-agent-proxy/local-agent"
     assert config["session"]["dmScope"] == "per-channel-peer"
     assert "openclaw config validate: Config valid" in r.output
+    assert "next: restart the gateway" not in r.output  # OpenClaw applies the change itself
     assert [c[:3] for c in fake.calls(log)] == [
         ["config", "file"], ["config", "patch", "--stdin"], ["config", "validate"],
     ]  # fmt: skip
@@ -68,6 +69,8 @@ def test_setup_writes_both_sides_once_and_twice_changes_nothing(openclaw, tmp_pa
     again = ran(env, "setup", "-f", str(conf), "--default-model", "--dm-scope")
     assert again.exit_code == 0 and f"kept {conf} as it is" in again.output
     assert (conf.read_bytes(), (state / "openclaw.json").read_bytes()) == first
+    assert "No gateway restart needed" in again.output
+    assert "next: restart the gateway" not in again.output
     said = r.output + again.output + log.read_text()
     assert key not in said  # never on a command line, never printed
 
@@ -86,6 +89,11 @@ def test_an_existing_settings_file_keeps_its_values(openclaw, tmp_path) -> None:
         "http://127.0.0.1:7099/v1", "mine-own-key-0123456789",
     )  # fmt: skip
     assert "agents" not in fake.config(state)  # no --default-model: the model is left alone
+    # a change OpenClaw cannot take without a restart: the next step says how
+    later = ran({**env, "FAKE_OPENCLAW_RESTART": "1"}, "setup", "-f", str(conf), "--dm-scope")
+    assert later.exit_code == 0 and "Restart the gateway to apply." in later.output
+    assert "next: restart the gateway so it takes the change: openclaw gateway restart" in (
+        later.output)  # fmt: skip
 
 
 def test_a_dry_run_changes_nothing_and_shows_the_patch_masked(openclaw, tmp_path) -> None:
@@ -94,6 +102,7 @@ def test_a_dry_run_changes_nothing_and_shows_the_patch_masked(openclaw, tmp_path
     r = ran(env, "setup", "-f", str(conf), "--dry-run", "--default-model")
     assert r.exit_code == 0, r.output
     assert not conf.exists() and not (state / "openclaw.json").exists() and fake.calls(log) == []
+    assert f"would write {conf} with KEY, REPLY" in r.output
     assert '"apiKey": "****"' in r.output and '"primary": "ai-agent-proxy/local-agent"' in r.output
     assert "nothing was changed (--dry-run)" in r.output
 
@@ -270,6 +279,30 @@ def test_doctor_on_the_inbox_the_backlog_and_failed_replies(healthy, tmp_path) -
     blocked.unlink()
     blocked.mkdir()
     assert inbox_check(blocked)["status"] == "PASS"
+    # the server's inbox a file: the server check says what /readyz says, the backlog
+    # check how old the oldest request not yet written is
+    server.inbox.rename(tmp_path / "moved")
+    server.inbox.write_text("in the way")
+    assert server.post_chat(server_body()).status_code == 200
+    unwritten = int((__import__("time").time() - 600) * 1000)
+    with __import__("sqlite3").connect(server.db) as db:
+        db.execute("UPDATE requests SET received_ms = ?", (unwritten,))
+    checks = doctor(env, conf, server)
+    assert checks["server"]["status"] == "FAIL"
+    said = checks["server"]["detail"]
+    assert (
+        f"not ready (inbox error: FileExistsError: [Errno 17] File exists: '{server.inbox}')"
+        in said
+    )
+    assert checks["backlog"]["status"] == "WARN"
+    assert "1 not yet in the inbox" in checks["backlog"]["detail"]
+    assert re.search(r"the oldest unwritten is (59\d|60\d) s old", checks["backlog"]["detail"])
+    server.inbox.unlink()
+    (tmp_path / "moved").rename(server.inbox)
+    (written,) = server.wait_files(1)
+    (server.inbox / written).unlink()  # (the rest of this test starts from none)
+    with __import__("sqlite3").connect(server.db) as db:
+        db.execute("DELETE FROM requests")
     # a message waiting for long: backlog WARN; a failed reply: replies WARN
     assert server.post_chat(server_body()).status_code == 200
     server.wait_files(1)
@@ -288,6 +321,55 @@ def test_doctor_on_the_inbox_the_backlog_and_failed_replies(healthy, tmp_path) -
     assert reply_run(server, gw, "reply", rid, "--message", "hi").returncode == 0
     checks = doctor(env, conf, server)
     assert (checks["replies"]["status"], checks["backlog"]["status"]) == ("PASS", "PASS")
+
+
+def test_doctor_on_odd_openclaw_configs(tmp_path: Path) -> None:
+    """The OpenClaw checks on configs as people leave them (read as `config get` gives
+    them): loopback names for one another, a model as text or {primary}, agents listed,
+    nothing set."""
+    from ai_agent_proxy.config import load_settings
+    from ai_agent_proxy.doctor import Context, check_agents_model, check_dm_scope, check_provider
+
+    def provider(base: str, host: str = "127.0.0.1") -> tuple[str, str]:
+        settings = load_settings(None, {"host": host, "port": "7011", "key": "k" * 20})
+        config = {"models": {"providers": {"p": {"baseUrl": base, "apiKey": "k" * 20,
+                                                 "api": "openai-completions"}}}}  # fmt: skip
+        ctx = Context(settings, None, "openclaw", config, tmp_path / "openclaw.json")
+        c = check_provider(ctx)
+        return c.status.value, c.detail
+
+    assert provider("http://localhost:7011/v1/")[0] == "PASS"  # another name for loopback
+    assert provider("http://[::1]:7011/v1", host="0.0.0.0")[0] == "PASS"
+    assert provider("http://192.168.1.5:7011/v1", host="192.168.1.5")[0] == "PASS"
+    assert provider("http://192.168.1.6:7011/v1", host="192.168.1.5")[0] == "FAIL"
+    assert provider("http://10.0.0.1:7011/v1")[0] == "FAIL"
+    assert provider("http://127.0.0.1:7011/v2")[0] == "FAIL"
+    unread = Context(load_settings(None, {}), None, "openclaw", None, tmp_path / "o.json")
+    assert f"OpenClaw's config ({tmp_path / 'o.json'}) cannot be read" in check_provider(
+        unread).detail  # fmt: skip
+
+    def model(agents: Any, name: str | None = "p") -> tuple[str, str]:
+        ctx = Context(load_settings(None, {}), None, "openclaw", {"agents": agents}, None, name)
+        c = check_agents_model(ctx)
+        return c.status.value, c.detail
+
+    assert model({"defaults": {"model": "p/m"}}) == ("PASS", "p/m: the agents' default model")
+    assert model({"defaults": {"model": {"primary": "p/m"}}})[0] == "PASS"
+    listed = {"list": [{"id": "main", "model": "x/y"}, "odd", {"id": "helper",
+              "model": {"primary": "p/m"}}, {"id": "bare", "model": None}]}  # fmt: skip
+    assert model(listed) == ("PASS", "agents helper use p")
+    assert model({})[0] == "FAIL" and "(default model: unset)" in model({})[1]
+    assert "(default model: x/y)" in model({"defaults": {"model": "x/y"}})[1]
+    assert model({"defaults": {"model": "p/m"}}, name=None)[0] == "SKIP"
+
+    def scope(session: Any) -> tuple[str, str]:
+        ctx = Context(load_settings(None, {}), None, "openclaw", {"session": session})
+        c = check_dm_scope(ctx)
+        return c.status.value, c.detail
+
+    assert scope({})[0] == "WARN" and "session.dmScope unset (main)" in scope({})[1]
+    assert scope({"dmScope": "main"})[1].startswith("session.dmScope main:")
+    assert scope({"dmScope": "per-account-channel-peer"})[0] == "PASS"
 
 
 def server_body() -> Any:
