@@ -41,12 +41,16 @@ def loop(make_server, tmp_path: Path) -> tuple[Server, Path, dict[str, str]]:
     return server, log, env
 
 
-def reply_process(server: Server, env: dict[str, str], rid: str, text: str) -> Any:
-    """`ai-agent-proxy reply` as a process of its own (for replies at once)."""
+def reply_process(
+    server: Server, env: dict[str, str], rid: str, text: str, **popen: Any
+) -> subprocess.Popen[str]:
+    """`ai-agent-proxy reply` as a process of its own (for replies at once, or one to
+    signal); `popen` overrides the pipes."""
     return subprocess.Popen(
         [sys.executable, "-m", "ai_agent_proxy", "reply", rid, "--message", text,
          "--db", str(server.db), "--inbox", str(server.inbox)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=server.workdir,
+        env=env, cwd=server.workdir,
+        **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen},
     )  # fmt: skip
 
 
@@ -320,12 +324,9 @@ def test_a_reply_killed_mid_send_is_taken_over_after_its_lease(loop) -> None:
 
     server, _log, env = loop
     first = ids(server)[2]
-    slow = subprocess.Popen(
-        [sys.executable, "-m", "ai_agent_proxy", "reply", first, "--message", "slow",
-         "--db", str(server.db), "--inbox", str(server.inbox)],
-        env={**env, "FAKE_OPENCLAW_SLEEP": "30"}, cwd=server.workdir,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    slow = reply_process(server, {**env, "FAKE_OPENCLAW_SLEEP": "30"}, first, "slow",
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)  # fmt: skip
     try:
         wait_until(lambda: server.rows("SELECT state FROM replies"), message="no claim")
         os.killpg(slow.pid, signal.SIGKILL)  # the reply and the openclaw it runs
@@ -432,12 +433,7 @@ def test_a_reply_stopped_mid_send_waits_for_it_and_records_it(loop) -> None:
 
     server, log, env = loop
     first = ids(server)[2]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ai_agent_proxy", "reply", first, "--message", "slow",
-         "--db", str(server.db), "--inbox", str(server.inbox)],
-        env={**env, "FAKE_OPENCLAW_SLEEP": "1.5"}, cwd=server.workdir,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = reply_process(server, {**env, "FAKE_OPENCLAW_SLEEP": "1.5"}, first, "slow")
     try:
         wait_until(lambda: server.rows("SELECT state FROM replies"), message="no claim")
         proc.send_signal(signal.SIGTERM)  # the reply alone, not the openclaw it runs
