@@ -40,7 +40,7 @@ from .rows import PendingRow
 
 log = logging.getLogger("ai_agent_proxy.inbox_writer")
 
-_LEN = struct.Struct("!I")
+FRAME_LEN = struct.Struct("!I")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 CLOSE_WAIT_S = 2.0  # then a writer that does not end (stopped: SIGSTOP) is killed
 
@@ -69,20 +69,20 @@ class WriterOptions:
 
 
 def frame(data: bytes) -> bytes:
-    return _LEN.pack(len(data)) + data
+    return FRAME_LEN.pack(len(data)) + data
 
 
 def encode_rows(rows: Sequence[PendingRow]) -> bytes:
     """One frame: the length of the rows' fields as JSON (objects by field name, then the
     body sizes), that JSON, then their bodies back to back."""
     meta = orjson.dumps([[r.meta() for r in rows], [len(r.body) for r in rows]])
-    return frame(_LEN.pack(len(meta)) + meta + b"".join(r.body for r in rows))
+    return frame(FRAME_LEN.pack(len(meta)) + meta + b"".join(r.body for r in rows))
 
 
 def decode_rows(data: bytes) -> list[PendingRow]:
-    (meta_len,) = _LEN.unpack_from(data)
-    meta, sizes = orjson.loads(data[_LEN.size : _LEN.size + meta_len])
-    bodies = memoryview(data)[_LEN.size + meta_len :]
+    (meta_len,) = FRAME_LEN.unpack_from(data)
+    meta, sizes = orjson.loads(data[FRAME_LEN.size : FRAME_LEN.size + meta_len])
+    bodies = memoryview(data)[FRAME_LEN.size + meta_len :]
     rows, at = [], 0
     for fields, size in zip(meta, sizes, strict=True):
         rows.append(PendingRow.from_row(fields, bytes(bodies[at : at + size])))
@@ -95,10 +95,10 @@ def encode_result(result: BatchResult) -> bytes:
 
 
 def _read_frame(stream: IO[bytes]) -> bytes | None:
-    head = stream.read(_LEN.size)
-    if len(head) < _LEN.size:
+    head = stream.read(FRAME_LEN.size)
+    if len(head) < FRAME_LEN.size:
         return None
-    (size,) = _LEN.unpack(head)
+    (size,) = FRAME_LEN.unpack(head)
     data = stream.read(size)
     return data if len(data) == size else None
 

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from .inbox import BatchResult
-from .inbox_writer import _LEN, CLOSE_WAIT_S, WriterOptions, encode_rows, frame
+from .inbox_writer import CLOSE_WAIT_S, FRAME_LEN, WriterOptions, encode_rows, frame
 from .rows import PendingRow
 
 log = logging.getLogger("ai_agent_proxy.inbox_writer")
@@ -38,7 +38,7 @@ class InboxWriter:
             assert proc.stdin is not None and proc.stdout is not None
             proc.stdin.write(encode_rows(rows))
             await proc.stdin.drain()
-            (size,) = _LEN.unpack(await proc.stdout.readexactly(_LEN.size))
+            (size,) = FRAME_LEN.unpack(await proc.stdout.readexactly(FRAME_LEN.size))
             answer: dict[str, Any] = orjson.loads(await proc.stdout.readexactly(size))
         except (OSError, asyncio.IncompleteReadError, orjson.JSONDecodeError) as exc:
             # Nothing it wrote in this batch is counted: the rows are written again (same
