@@ -359,6 +359,16 @@ def internal(info: dict[str, Any]) -> dict[str, Any]:
     return {"role": "user", "content": [{"type": "text", "text": text}]}
 
 
+def test_a_data_block_on_the_internal_contexts_last_line_is_read() -> None:
+    """Hand-built beside the captures (which always close with the end marker): the block
+    with nothing after it, not even a newline, is read whole."""
+    whole = internal({"chat_id": "telegram:555", "message_id": "9"})
+    text = whole["content"][0]["text"].removesuffix("\n<<<END_OPENCLAW_INTERNAL_CONTEXT>>>")
+    last = {"role": "user", "content": [{"type": "text", "text": text}]}
+    ctx = extract_context({"messages": [{"role": "user", "content": "hi"}, last]})
+    assert text.endswith('```"') and (ctx.context_id, ctx.message_id) == ("telegram:555", "9")
+
+
 def test_chat_id_without_a_colon_is_the_target_only() -> None:
     body = {"messages": [{"role": "user", "content": "hi"}, internal({"chat_id": "555"})]}
     ctx = extract_context(body)
