@@ -89,7 +89,8 @@ def test_handed_rows_are_bounded_while_the_inbox_is_broken(
 def test_writer_rejects_a_row_it_cannot_render_and_writes_the_rest(tmp_path: Path) -> None:
     """The writer process over its real pipes: a row it cannot render (a full payload whose
     body is not JSON) comes back rejected with its reason, and the rows around it in the
-    same batch are written, in order; the process goes on with the next batch."""
+    same batch are written, in order; the same process goes on with the next batch, and
+    ends when the writer is closed."""
     inbox = tmp_path / "inbox"
     options = WriterOptions(inbox, "reply with the skill", Path("/skills/SKILL.md"))
 
@@ -104,9 +105,12 @@ def test_writer_rejects_a_row_it_cannot_render_and_writes_the_rest(tmp_path: Pat
         writer = InboxWriter(options)
         try:
             mixed = await writer.write([row(1, b"{}"), row(2, b"{not json"), row(3, b"[]")])
+            process = writer._proc
             good = await writer.write([row(4, b'{"messages": []}')])
+            assert process is not None and writer._proc is process  # one process for both
         finally:
             await writer.close()
+        assert process.returncode == 0  # it read the end of its stdin and ended
         assert (mixed.written, mixed.failed_seq) == ([1, 3], None)
         ((seq, error),) = mixed.rejected
         assert seq == 2 and "JSON" in error
