@@ -384,6 +384,37 @@ exit 0
 """
 
 
+def test_setup_with_service_installs_the_proxys_and_the_runners_units(openclaw, tmp_path) -> None:
+    """`setup --service --agent claude` (systemd and loginctl stand-ins on PATH): both user
+    units written, started through systemctl; with --dry-run neither, nor the next step."""
+    env, _, _ = openclaw
+    for tool in ("systemctl", "loginctl"):
+        (tmp_path / "bin" / tool).write_text(SYSTEMCTL)
+        (tmp_path / "bin" / tool).chmod(0o755)
+    config_home = tmp_path / "config-home"
+    env = {**env, "XDG_CONFIG_HOME": str(config_home), "HOME": str(tmp_path / "home")}
+    units = config_home / "systemd" / "user"
+    conf = tmp_path / "proxy.conf"
+    args = ["setup", "-f", str(conf), "--service", "--agent", "claude", "--manager", "systemd"]
+    dry = ran(env, *args, "--dry-run")
+    assert dry.exit_code == 0 and not units.exists() and "next: start" not in dry.output
+    r = ran(env, *args)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in units.iterdir()) == [
+        "ai-agent-proxy-agent.service", "ai-agent-proxy.service",
+    ]  # fmt: skip
+    runner = (units / "ai-agent-proxy-agent.service").read_text()
+    assert " agent " in runner and "--preset claude" in runner and key_of(conf) not in runner
+    assert "next: start the proxy" in r.output
+    assert ran(env, "setup", "-f", str(conf), "--agent", "claude").exit_code == 2  # no --service
+    # the manager asked for, not this OS's
+    (tmp_path / "bin" / "launchctl").write_text(SYSTEMCTL)
+    (tmp_path / "bin" / "launchctl").chmod(0o755)
+    assert ran(env, "setup", "-f", str(conf), "--service", "--manager", "launchd").exit_code == 0
+    agents = tmp_path / "home" / "Library" / "LaunchAgents"
+    assert [p.name for p in agents.iterdir()] == ["ai.openclaw.ai-agent-proxy.plist"]
+
+
 def test_doctor_on_an_installed_runner(healthy, tmp_path) -> None:
     env, _, conf, server, _ = healthy
     assert doctor(env, conf, server)["agent runner"]["status"] == "SKIP"  # none installed
