@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -94,6 +95,21 @@ def fixture_body(name: str) -> dict[str, Any]:
 
 
 def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range: a port from that range (what
+    binding port 0 gives) may be taken by some test's outgoing connection before the server
+    binds it, and the suite opens thousands of them in parallel."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randint(10000, max(10001, low - 1))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -708,23 +708,29 @@ _bodies = oc.hostile_placements
 
 
 def _seconds_per_call(fn: Any, arg: Any, budget_s: float) -> float:
-    """The best of two runs of calls (each at least 1 ms long) per call, in this thread's
-    CPU time (so a busy machine, which takes the CPU away now and then, does not count);
-    fails as soon as one call takes longer than `budget_s` (so a super-linear reader fails
-    at a small size, long before it would hang the suite)."""
+    """The best of three runs of calls (each at least 1 ms long) per call, in this thread's
+    CPU time (so a busy machine, which takes the CPU away now and then, does not count) with
+    the garbage collector off (a collection would land on one size's calls only); fails as
+    soon as one call takes longer than `budget_s` (so a super-linear reader fails at a
+    small size, long before it would hang the suite)."""
+    import gc
     import time
 
     best = float("inf")
-    for _ in range(2):
-        calls, start = 0, time.thread_time()
-        while True:
-            fn(arg)
-            calls += 1
-            took = time.thread_time() - start
-            assert took < budget_s * calls, f"{took:.3f} s for {calls} call(s)"
-            if took >= 0.001:
-                break
-        best = min(best, took / calls)
+    gc.disable()
+    try:
+        for _ in range(3):
+            calls, start = 0, time.thread_time()
+            while True:
+                fn(arg)
+                calls += 1
+                took = time.thread_time() - start
+                assert took < budget_s * calls, f"{took:.3f} s for {calls} call(s)"
+                if took >= 0.001:
+                    break
+            best = min(best, took / calls)
+    finally:
+        gc.enable()
     return best
 
 
