@@ -43,7 +43,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """What `-n auto` means here: five workers for two cores, at most eight. Most tests
     spend half their time waiting on a process they started (a server's start, a signal's
     grace, a lock's timeout), so a worker per core leaves the cores a third idle: 116 s on
-    two cores with two workers, 85 s with five."""
+    two cores with two workers, 81-92 s with five."""
     return min(8, max(2, (os.cpu_count() or 1) * 5 // 2))
 
 
