@@ -146,6 +146,22 @@ def holder(conn: sqlite3.Connection, key: str, at_ms: int) -> tuple[str | None, 
     return (None, None) if row is None else (str(row[0]), (row[1] - at_ms) / 1000)
 
 
+def held(conn: sqlite3.Connection, at_ms: int) -> dict[str, int]:
+    """Every conversation some taker holds now: when its lease ends (ms)."""
+    return dict(
+        conn.execute(
+            "SELECT conversation, until_ms FROM conversation_leases WHERE until_ms > ?", (at_ms,)
+        ).fetchall()
+    )
+
+
+def unanswered(conn: sqlite3.Connection, request_ids: list[str]) -> list[str]:
+    """Those of `request_ids` neither replied to nor done, directly or covered."""
+    marks = ", ".join("?" * len(request_ids))
+    sql = f"SELECT id FROM requests WHERE id IN ({marks}) AND answered_ms IS NULL"
+    return [r[0] for r in conn.execute(sql, request_ids)]
+
+
 def conversation(conn: sqlite3.Connection, key: str, shown: int = SHOWN) -> Conversation | None:
     """Conversation `key` as the agent is shown it; None when nothing in it waits."""
     at = now_ms()

@@ -125,6 +125,18 @@ def signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
 
 
+async def stop_group(pgid: int, grace_s: float) -> None:
+    """Stop what lives in process group `pgid`: SIGTERM, then SIGKILL once the group is
+    gone or `grace_s` is over (a group already gone is left alone)."""
+    if not group_alive(pgid):
+        return
+    signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while group_alive(pgid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    signal_group(pgid, signal.SIGKILL)
+
+
 @dataclass
 class Launched:
     """A running child: wait for it with `finished()`, stop it with `stop()`."""
@@ -220,13 +232,7 @@ class Launched:
     async def _stop_leftovers(self) -> None:
         """What the run left in its group (a child it started and did not wait for) is
         stopped: SIGTERM, then SIGKILL after LEFTOVER_GRACE_S."""
-        if not group_alive(self.pid):
-            return
-        signal_group(self.pid, signal.SIGTERM)
-        deadline = time.monotonic() + LEFTOVER_GRACE_S
-        while group_alive(self.pid) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        signal_group(self.pid, signal.SIGKILL)
+        await stop_group(self.pid, LEFTOVER_GRACE_S)
 
 
 async def launch(

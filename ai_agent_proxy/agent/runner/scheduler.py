@@ -39,7 +39,6 @@ import functools
 import json
 import logging
 import os
-import signal
 import sqlite3
 import time
 from collections.abc import Callable
@@ -218,9 +217,7 @@ class Runner:
         if not waiting:
             return []
         running = {s.conversation for s in self.slots}
-        held = dict(conn.execute(
-            "SELECT conversation, until_ms FROM conversation_leases WHERE until_ms > ?", (now,)
-        ).fetchall())  # fmt: skip
+        held = conversations.held(conn, now)
         failures = runs.failures(conn)
         picked: list[tuple[Slot, str]] = []
         for chat in waiting:
@@ -423,7 +420,7 @@ class Runner:
         under the message it answers). (sent, why not, held back)."""
         if not self.options.send_output or finished.limit is not None or read.answer is None:
             return False, None, False
-        if not await self._db(self._unanswered, ready.given):  # (a failed CLI has no answer)
+        if not await self._db(conversations.unanswered, ready.given):  # answered meanwhile
             return False, None, False
         newest, answer = ready.given[-1], read.answer.strip()
         taker, settings = self.taker(slot), self.settings
@@ -452,14 +449,6 @@ class Runner:
         error = await asyncio.to_thread(send)
         return error is None, error, False
 
-    def _unanswered(self, conn: sqlite3.Connection, given: list[str]) -> list[str]:
-        marks = ", ".join("?" * len(given))
-        return [
-            r[0] for r in conn.execute(
-                f"SELECT id FROM requests WHERE id IN ({marks}) AND answered_ms IS NULL", given
-            )
-        ]  # fmt: skip
-
     def _conclude(
         self,
         conn: sqlite3.Connection,
@@ -474,7 +463,7 @@ class Runner:
     ) -> Outcome:
         """(DB thread) The run's outcome, from the DB (the answer check), recorded with
         the session it left and counted in the conversation's failures."""
-        outcome = self._outcome(len(self._unanswered(conn, ready.given)), len(ready.given),
+        outcome = self._outcome(len(conversations.unanswered(conn, ready.given)), len(ready.given),
                                 finished, read, held)  # fmt: skip
         if read.session_id is not None and read.session_id != ready.session:
             runs.keep_session(conn, key, self.options.agent, read.session_id)
@@ -565,11 +554,7 @@ class Runner:
                 log.warning(
                     "agent_run_left_running run=%s pid=%d: stopping its group", row["id"], pid
                 )
-                launch.signal_group(pid, signal.SIGTERM)
-                deadline = time.monotonic() + min(self.options.grace_s, 10.0)
-                while launch.group_alive(pid) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-                launch.signal_group(pid, signal.SIGKILL)
+                await launch.stop_group(pid, min(self.options.grace_s, 10.0))
             await self._db(runs.interrupted, row["id"], runner.get("pid"))
             log.warning("agent_run_interrupted run=%s conversation=%s", row["id"],
                         row["conversation"])  # fmt: skip
