@@ -51,7 +51,7 @@ def run(binary: str, *args: str, stdin: str | None = None, timeout: float = TIME
             text=True, timeout=timeout,
         )  # fmt: skip
     except FileNotFoundError:
-        return Ran(127, "", f"{binary}: not found (install OpenClaw, or set OPENCLAW_BIN)")
+        return Ran(127, "", f"{binary}: not found (set OPENCLAW_BIN)")
     except OSError as exc:
         return Ran(126, "", f"{binary}: cannot run it: {exc.strerror or exc}")
     except subprocess.TimeoutExpired:

@@ -24,7 +24,6 @@ import enum
 import itertools
 import json
 import os
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .. import openclaw_cli
 from ..config import Settings, check_gateway_url, is_loopback_host
 from ..errors import ConfigError
 from ..printable import printable
@@ -346,21 +346,12 @@ def _platform() -> str:
 
 def send_with_cli(openclaw: str, address: Address, text: str) -> tuple[int, str]:
     """`openclaw message send`: (exit status, its output)."""
-    argv = [openclaw, "message", "send", "--channel", address.channel, "--target",
-            address.target, "--message", text]  # fmt: skip
+    args = ["message", "send", "--channel", address.channel, "--target", address.target,
+            "--message", text]  # fmt: skip
     if address.reply_to:
-        argv += ["--reply-to", address.reply_to]
-    try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, stdin=subprocess.DEVNULL
-        )
-    except FileNotFoundError:
-        return 127, f"{openclaw}: not found (set OPENCLAW_BIN)"
-    except OSError as exc:  # not executable, not a program, ...: a failed send
-        return 126, f"{openclaw}: cannot run it: {exc.strerror or exc}"
-    except subprocess.TimeoutExpired:
-        return 124, f"{openclaw} message send did not finish in {CLI_TIMEOUT_S:.0f} s"
-    return done.returncode, (done.stdout + done.stderr).strip()
+        args += ["--reply-to", address.reply_to]
+    done = openclaw_cli.run(openclaw, *args, timeout=CLI_TIMEOUT_S)
+    return done.code, (done.out + done.err).strip()
 
 
 # -- what `reply` uses -----------------------------------------------------------------------
