@@ -73,7 +73,11 @@ async def connect_async(path: Path, *, readonly: bool = False) -> aiosqlite.Conn
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """BEGIN IMMEDIATE (the write lock at once: no deadlock upgrading a read), then COMMIT,
-    or ROLLBACK if anything raises (the error goes on)."""
+    or ROLLBACK if anything raises (the error goes on). Inside an open transaction it joins
+    that one: steps that must land together (a run's end and its count) nest."""
+    if conn.in_transaction:
+        yield conn
+        return
     begin(conn)
     try:
         yield conn

@@ -193,3 +193,25 @@ def test_idle_server_does_not_spin(server: Server) -> None:
     time.sleep(2)
     used = cpu_seconds(server.proc.pid) - before
     assert used < 0.2, f"idle server used {used:.2f} s of CPU in 2 s"
+
+
+def test_a_transaction_inside_another_lands_with_it(tmp_path: Path) -> None:
+    """Steps that must land together (a run's end and its count) nest: the inner one joins
+    the outer, nobody sees it before the outer commits, and the outer's failure undoes it."""
+    from ai_agent_proxy import db
+
+    path = tmp_path / "t.db"
+    conn, reader = db.connect(path), db.connect(path)
+    conn.execute("CREATE TABLE t (x INTEGER)")
+    count = lambda: reader.execute("SELECT count(*) FROM t").fetchone()[0]  # noqa: E731
+    with pytest.raises(RuntimeError), db.transaction(conn):
+        with db.transaction(conn):
+            conn.execute("INSERT INTO t VALUES (1)")
+        assert conn.in_transaction and count() == 0
+        raise RuntimeError("the second step failed")
+    assert count() == 0
+    with db.transaction(conn):
+        with db.transaction(conn):
+            conn.execute("INSERT INTO t VALUES (2)")
+        assert count() == 0
+    assert count() == 1 and not conn.in_transaction

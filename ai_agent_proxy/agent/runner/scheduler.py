@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ... import db
 from ...config import Settings
 from ...errors import HistoryError, ProxyError, ReplyFailed, ReplyRefused
 from .. import conversations, replies, views
@@ -287,11 +288,12 @@ class Runner:
 
     def _crashed(self, conn: sqlite3.Connection, key: str, why: str) -> None:
         retry = conversations.now_ms() + int(max(self.options.retry_after_s, 1.0) * 1000)
-        runs.failed(conn, key, Outcome.FAILED, retry, None)
-        for row in runs.unfinished(conn):
-            if row["conversation"] == key and json.loads(row["runner"]) == self.identity:
-                runs.end(conn, row["id"], outcome=Outcome.FAILED,
-                         error=f"the runner failed: {why}"[:500])  # fmt: skip
+        with db.transaction(conn):
+            runs.failed(conn, key, Outcome.FAILED, retry, None)
+            for row in runs.unfinished(conn):
+                if row["conversation"] == key and json.loads(row["runner"]) == self.identity:
+                    runs.end(conn, row["id"], outcome=Outcome.FAILED,
+                             error=f"the runner failed: {why}"[:500])  # fmt: skip
 
     async def _one_run(self, slot: Slot, key: str, fresh: bool) -> bool:
         """One run; True when the CLI refused the session it was asked to resume (it is
@@ -403,10 +405,16 @@ class Runner:
     ) -> None:
         """(DB thread) The CLI refused the session it was to resume: dropped, the run
         recorded as failed for it (the caller runs once more, fresh)."""
-        runs.keep_session(conn, key, self.options.agent, None)
-        runs.end(conn, ready.run_id, exit_status=finished.exit_status, outcome=Outcome.FAILED,
-                 error=f"the session {ready.session} could not be resumed: tried fresh",
-                 output_tail=finished.tail)  # fmt: skip
+        with db.transaction(conn):
+            runs.keep_session(conn, key, self.options.agent, None)
+            runs.end(
+                conn,
+                ready.run_id,
+                exit_status=finished.exit_status,
+                outcome=Outcome.FAILED,
+                output_tail=finished.tail,
+                error=f"the session {ready.session} could not be resumed: tried fresh",
+            )
         log.warning("agent_session_refused run=%s conversation=%s session=%s: running fresh",
                     ready.run_id, key, ready.session)  # fmt: skip
 
@@ -465,6 +473,23 @@ class Runner:
         the session it left and counted in the conversation's failures."""
         outcome = self._outcome(len(conversations.unanswered(conn, ready.given)), len(ready.given),
                                 finished, read, held)  # fmt: skip
+        with db.transaction(conn):  # one step: whoever sees the run ended sees its count
+            self._record(conn, key, ready, finished, read, outcome, sent_output, send_error,
+                         asked_to_stop)  # fmt: skip
+        return outcome
+
+    def _record(
+        self,
+        conn: sqlite3.Connection,
+        key: str,
+        ready: Prepared,
+        finished: Finished,
+        read: Result,
+        outcome: Outcome,
+        sent_output: bool,
+        send_error: str | None,
+        asked_to_stop: bool,
+    ) -> None:
         if read.session_id is not None and read.session_id != ready.session:
             runs.keep_session(conn, key, self.options.agent, read.session_id)
         runs.end(
@@ -476,7 +501,6 @@ class Runner:
             output_tail=finished.tail,
         )  # fmt: skip
         self._count(conn, key, outcome, ready.failures, ready.newest_seq, asked_to_stop)
-        return outcome
 
     @staticmethod
     def _outcome(
