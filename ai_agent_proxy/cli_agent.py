@@ -9,12 +9,10 @@ commands: options in, one library call, output out.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -28,7 +26,7 @@ class AgentGroup(TyperGroup):
     part is set apart (in ctx.meta) before the group parses the rest, so that its first
     word is never taken for a sub-command's name."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         if "--" in args:
             cut = args.index("--")
             ctx.meta["agent_command"] = args[cut + 1 :]
@@ -159,11 +157,15 @@ def agent(
     from .history import History
 
     History(settings.db_path).close()  # the DB must exist and be ours: one line if not
+    import asyncio  # (here: the other commands start faster without it)
+
     asyncio.run(_serve(Runner(settings, options)))
 
 
 async def _serve(runner: Any) -> None:
     """Run until SIGTERM or SIGINT (then: no new runs, the running ones get the grace)."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, runner.stop)

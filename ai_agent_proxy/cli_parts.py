@@ -160,6 +160,12 @@ class ProxyTyper(typer.Typer):
         return decorator
 
 
+# The error a command line's parse raises: click's UsageError, or since typer 0.2x that of
+# typer's own copy of click (not exported by name, and not click's: `except
+# click.UsageError` misses it). BadParameter's base either way.
+UsageError: type[Exception] = typer.BadParameter.__mro__[1]
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     typer.echo(f"ai-agent-proxy: {message}", err=True)
     return typer.Exit(code)

@@ -81,8 +81,6 @@ def _runner(preset: str | None, options: str | None, command: list[str]) -> Any:
     (an unknown option or a missing agent is said now, not by a service that fails)."""
     import shlex
 
-    import click
-
     from .cli_agent import agent_cli
     from .service import Runner
 
@@ -91,7 +89,7 @@ def _runner(preset: str | None, options: str | None, command: list[str]) -> Any:
     group = typer.main.get_command(agent_cli)
     try:
         ctx = group.make_context("agent", list(args))
-    except click.UsageError as exc:
+    except parts.UsageError as exc:
         raise parts.fail(f"--agent: {exc.format_message()}", 2) from None
     if (ctx.params["preset"] is None) == (not ctx.meta.get("agent_command")):
         raise parts.fail("--agent: say which agent: --preset NAME, or -- CMD ARGS...", 2)

@@ -164,11 +164,12 @@ def test_the_agent_runner_installed_as_a_second_service(home, monkeypatch) -> No
     # what is wrong is said at once, nothing installed
     for args, says in [
         (["--agent"], "say which agent"),
-        (["--agent", "--preset", "claude", "--agent-options", "--bogus"], "No such option"),
+        (["--agent", "--preset", "claude", "--agent-options", "--bogus"],
+         "--agent: No such option: --bogus"),
         (["--preset", "claude"], "go with --agent"),
     ]:
         r = cli(env, "service", "install", "--manager", "systemd", *args)
-        assert r.returncode != 0 and says in r.stderr, (args, r.stderr)
+        assert r.returncode == 2 and says in r.stderr, (args, r.stderr)
         assert not unit.exists()
     # launchd: a second agent, in the folder and with the PATH it was installed from
     r = cli(env, "service", "install", "--agent", "--preset", "codex", "--manager", "launchd")
