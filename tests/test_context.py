@@ -758,22 +758,30 @@ def _text_readers() -> dict[str, Any]:
 def test_every_text_reader_takes_linear_time(shape: str) -> None:
     """4, 16 and 64 KB of the shape: each call within a budget linear in its size, and
     64 KB at most ~8 times 16 KB where the time is long enough to measure (a quadratic
-    reader is ~16 times, a cubic one ~64)."""
+    reader is ~16 times, a cubic one ~64). A ratio over 8 is measured twice more before it
+    fails (the best of each size kept): a machine busy with other processes (the suite's
+    other workers) slowed one size's calls now and then (8.4 once), a quadratic reader
+    stays at ~16 however often it is measured."""
     for name, read in _text_readers().items():
-        times = {}
-        for size in (4096, 16384, 65536):
+
+        def seconds(size: int, name: str = name, read: Any = read) -> float:
             text = _filled(PATHOLOGICAL[shape], size)
+            call = read
             if name.startswith("extract_context"):
                 # the body around the text is built outside the timing
-                bodies = _bodies(text)
                 where = name.split("[")[1].rstrip("]")
-                media = MediaStore(OPENCLAW_HOME)
+                body, media = _bodies(text)[where], MediaStore(OPENCLAW_HOME)
 
-                def call(_: Any, b: Any = bodies[where], m: Any = media) -> Any:
+                def call(_: Any, b: Any = body, m: Any = media) -> Any:
                     return extract_context(b, m)
-            else:
-                call = read
-            times[size] = _seconds_per_call(call, text, budget_s=0.02 + size * 5e-7)
+
+            return _seconds_per_call(call, text, budget_s=0.02 + size * 5e-7)
+
+        times = {size: seconds(size) for size in (4096, 16384, 65536)}
+        for _ in range(2):
+            if times[16384] < 50e-6 or times[65536] / times[16384] < 8:
+                break
+            times = {size: min(times[size], seconds(size)) for size in (16384, 65536)}
         if times[16384] >= 50e-6:
             ratio = times[65536] / times[16384]
             assert ratio < 8, f"{name} on {shape}: 64 KB took {ratio:.1f} times 16 KB"

@@ -13,17 +13,21 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from mcp import Client, ClientSession
-from mcp.client.stdio import StdioServerParameters, stdio_client
 
-from ai_agent_proxy.agent.mcp_server import build
 from ai_agent_proxy.config import load_settings
 
 from . import openclaw as oc
 from .conftest import Server
+
+if TYPE_CHECKING:
+    from mcp import ClientSession
+
+# The MCP SDK takes a second of CPU to import: imported by the tests that use it, all on
+# one worker (pyproject's --dist loadgroup), not by every worker as it collects.
+pytestmark = pytest.mark.xdist_group("mcp")
 
 TOOLS = {
     "next_message", "new_messages", "reply", "mark_done", "show_request", "search_history",
@@ -49,6 +53,10 @@ def world(
 @asynccontextmanager
 async def mcp_session(server: Server, env: dict[str, str]) -> AsyncIterator[Any]:
     """The SDK's client on the MCP server built in this process, as the command builds it."""
+    from mcp import Client
+
+    from ai_agent_proxy.agent.mcp_server import build
+
     flags = {"db": server.db, "inbox": server.inbox}
     async with Client(build(load_settings(None, flags, environ={})), read_timeout_seconds=30) as c:
         yield c
@@ -57,6 +65,9 @@ async def mcp_session(server: Server, env: dict[str, str]) -> AsyncIterator[Any]
 @asynccontextmanager
 async def mcp_process(server: Server, env: dict[str, str]) -> AsyncIterator[ClientSession]:
     """`ai-agent-proxy mcp` as a subprocess, over stdio."""
+    from mcp import ClientSession
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
     params = StdioServerParameters(
         command=sys.executable,
         args=["-m", "ai_agent_proxy", "mcp", "--db", str(server.db), "--inbox", str(server.inbox)],

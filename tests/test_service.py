@@ -164,8 +164,10 @@ def test_the_agent_runner_installed_as_a_second_service(home, monkeypatch) -> No
     # what is wrong is said at once, nothing installed
     for args, says in [
         (["--agent"], "say which agent"),
-        (["--agent", "--preset", "claude", "--agent-options", "--bogus"],
-         "--agent: No such option: --bogus"),
+        (
+            ["--agent", "--preset", "claude", "--agent-options", "--bogus"],
+            "--agent: No such option: --bogus",
+        ),
         (["--preset", "claude"], "go with --agent"),
     ]:
         r = cli(env, "service", "install", "--manager", "systemd", *args)
