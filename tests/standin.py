@@ -15,7 +15,8 @@ an entry is a list of steps, done in order:
   ["sleep", S]         sleep S seconds
   ["wait-file", PATH]  wait until PATH exists (the test lets it go on), at most 30 s
   ["ignore-term"]      ignore SIGTERM from now on (as gemini's top process does)
-  ["grandchild", S]    start `sleep S` in its own process group (left running)
+  ["grandchild", S]    start `sleep S` in the run's process group (left running);
+                       ["grandchild", S, "own-group"]: in a session and group of its own
   ["capture", CLI/NAME]  print that real CLI's captured stdout and stderr, exit with its code
   ["half"]             half a JSON line on stdout, then sleep (as a CLI killed mid-line)
   ["exit", N]          exit with N
@@ -107,7 +108,8 @@ for step in steps:
         import signal
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     elif kind == "grandchild":
-        child = subprocess.Popen(["sleep", str(step[1])])
+        own = step[2:] == ["own-group"]  # (else in the run's group, as most tools start one)
+        child = subprocess.Popen(["sleep", str(step[1])], start_new_session=own)
         entry["grandchild"] = child.pid
         started.write_text(json.dumps(entry))
     elif kind == "capture":

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -638,6 +639,32 @@ def test_a_runner_killed_mid_run_loses_no_message_and_answers_once(agent: Agent)
         second.send_signal(signal.SIGTERM)
         assert second.wait(10) == 0
     assert a
+
+
+def test_a_run_its_dead_runner_never_noted_the_pid_of_is_found_and_stopped(agent: Agent) -> None:
+    """A runner killed after starting a run but before recording its pid (one DB step
+    later): the next runner finds the run's processes by AIAP_RUN_ID in their environment
+    (a grandchild in a group of its own too) and stops them before the chat runs again."""
+    agent.post(WORDS[:1])
+    plan = [[["grandchild", 60, "own-group"], ["sleep", 60]], [["print", "Back again."]]]
+    first = agent_process(agent, plan, "--send-output", "--", "standin")
+    started = agent.started(0)
+    grandchild = wait_until(lambda: (standin.started(agent.log, 0) or {}).get("grandchild"))
+    first.kill()
+    first.wait()
+    with sqlite3.connect(agent.server.db) as conn:  # as if killed before runs.started
+        conn.execute("UPDATE agent_runs SET pid = NULL, pid_started = NULL")
+    second = agent_process(agent, plan, "--send-output", "--", "standin")
+    try:
+        interrupted, again = agent.runs(2)
+        assert (interrupted["outcome"], again["outcome"]) == ("interrupted", "answered")
+        assert interrupted["pid"] is None
+        assert gone(started["pid"]) and gone(grandchild)  # stopped before the second run
+        assert agent.sent() == [("Back again.", None)]
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(10) == 0
+    assert f"agent_run_left_running run={interrupted['id']}" in runner_log(agent)
 
 
 def test_a_prompt_too_long_for_one_argument_is_refused_before_any_start(tmp_path: Path) -> None:

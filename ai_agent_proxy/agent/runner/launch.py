@@ -25,6 +25,7 @@ TAIL_BYTES = 4096  # the end of a run's output kept with its record
 STDOUT_MAX = 16 << 20  # the end of stdout kept for reading the answer
 ARG_MAX = 128 * 1024 - 1  # Linux refuses a longer single argument (MAX_ARG_STRLEN)
 LEFTOVER_GRACE_S = 2.0  # what is left of a finished run's group gets this long after SIGTERM
+KILL_WAIT_S = 2.0  # how long stop_group waits for a group to go after its SIGKILL
 PLACEHOLDERS = ("{prompt}", "{prompt_file}", "{session_id}")
 
 
@@ -120,6 +121,32 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def groups_of_run(run_id: str) -> set[int]:
+    """The process groups of the live processes whose environment says AIAP_RUN_ID=`run_id`
+    (command.environment gives it to the run, its children inherit it): how a run is found
+    when its runner died after starting it but before recording its pid. Only processes of
+    this user can be read; none on a system without /proc."""
+    needle = f"AIAP_RUN_ID={run_id}".encode()
+    groups: set[int] = set()
+    try:
+        entries = os.scandir("/proc")
+    except OSError:
+        return groups
+    with entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                if needle not in Path(f"/proc/{entry.name}/environ").read_bytes().split(b"\0"):
+                    continue
+                stat = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # another user's, or ended meanwhile
+            if stat[0] not in ("Z", "X"):
+                groups.add(int(stat[2]))
+    return groups
+
+
 def signal_group(pgid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
@@ -127,7 +154,8 @@ def signal_group(pgid: int, signum: int) -> None:
 
 async def stop_group(pgid: int, grace_s: float) -> None:
     """Stop what lives in process group `pgid`: SIGTERM, then SIGKILL once the group is
-    gone or `grace_s` is over (a group already gone is left alone)."""
+    gone or `grace_s` is over (a group already gone is left alone); returns once it is gone
+    (or KILL_WAIT_S after the SIGKILL: a process stuck in the kernel cannot be waited for)."""
     if not group_alive(pgid):
         return
     signal_group(pgid, signal.SIGTERM)
@@ -135,6 +163,9 @@ async def stop_group(pgid: int, grace_s: float) -> None:
     while group_alive(pgid) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + KILL_WAIT_S
+    while group_alive(pgid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
 
 
 @dataclass

@@ -20,7 +20,9 @@ The runner runs the agent CLI on each waiting conversation, up to `parallel` at 
   most `attempts` times for the same messages; then the conversation is set aside as
   failed until a newer message arrives;
 - every run is a row (runs.py), begun before it starts: started again after a kill -9,
-  the runner stops what its predecessor left running and records it as interrupted.
+  the runner stops what its predecessor left running (by the pid recorded, or by the run
+  id in the processes' environment if it died before recording one) and records it as
+  interrupted.
 
 Finding work costs next to nothing while nothing changes: every POLL_S the runner looks
 at the DB's write-ahead log (a stat: its size and time move with every commit), asks
@@ -573,12 +575,12 @@ class Runner:
             runner = json.loads(row["runner"])
             if runner.get("pid") == os.getpid() or _alive(runner.get("pid"), runner.get("started")):
                 continue  # a runner that lives (another process on this DB)
-            pid = row["pid"]
+            pid, groups = row["pid"], launch.groups_of_run(row["id"])
             if pid is not None and _alive(pid, row["pid_started"]):
-                log.warning(
-                    "agent_run_left_running run=%s pid=%d: stopping its group", row["id"], pid
-                )
-                await launch.stop_group(pid, min(self.options.grace_s, 10.0))
+                groups.add(pid)  # (its pid is its group's id: started in a session of its own)
+            for group in sorted(groups):  # (found by the run's id: died before noting a pid)
+                log.warning("agent_run_left_running run=%s group=%d: stopping it", row["id"], group)
+                await launch.stop_group(group, min(self.options.grace_s, 10.0))
             await self._db(runs.interrupted, row["id"], runner.get("pid"))
             log.warning("agent_run_interrupted run=%s conversation=%s", row["id"],
                         row["conversation"])  # fmt: skip
