@@ -476,33 +476,18 @@ class Runner:
         outcome = self._outcome(len(conversations.unanswered(conn, ready.given)), len(ready.given),
                                 finished, read, held)  # fmt: skip
         with db.transaction(conn):  # one step: whoever sees the run ended sees its count
-            self._record(conn, key, ready, finished, read, outcome, sent_output, send_error,
-                         asked_to_stop)  # fmt: skip
+            if read.session_id is not None and read.session_id != ready.session:
+                runs.keep_session(conn, key, self.options.agent, read.session_id)
+            runs.end(
+                conn, ready.run_id, exit_status=finished.exit_status,
+                limit_fired=finished.limit.value if finished.limit else None, outcome=outcome,
+                sent_output=int(sent_output), session_after=read.session_id,
+                cost_usd=read.cost_usd, tokens=read.tokens,
+                error=ready.error or finished.error or send_error or read.failed,
+                output_tail=finished.tail,
+            )  # fmt: skip
+            self._count(conn, key, outcome, ready.failures, ready.newest_seq, asked_to_stop)
         return outcome
-
-    def _record(
-        self,
-        conn: sqlite3.Connection,
-        key: str,
-        ready: Prepared,
-        finished: Finished,
-        read: Result,
-        outcome: Outcome,
-        sent_output: bool,
-        send_error: str | None,
-        asked_to_stop: bool,
-    ) -> None:
-        if read.session_id is not None and read.session_id != ready.session:
-            runs.keep_session(conn, key, self.options.agent, read.session_id)
-        runs.end(
-            conn, ready.run_id, exit_status=finished.exit_status,
-            limit_fired=finished.limit.value if finished.limit else None, outcome=outcome,
-            sent_output=int(sent_output), session_after=read.session_id,
-            cost_usd=read.cost_usd, tokens=read.tokens,
-            error=ready.error or finished.error or send_error or read.failed,
-            output_tail=finished.tail,
-        )  # fmt: skip
-        self._count(conn, key, outcome, ready.failures, ready.newest_seq, asked_to_stop)
 
     @staticmethod
     def _outcome(
