@@ -163,11 +163,14 @@ def test_the_notice_typed_by_a_person_makes_a_file_with_their_words(corpus: Corp
 
 def test_a_local_sessions_retry_makes_no_file(corpus: Corpus) -> None:
     """`openclaw agent --local`: no chat, no message id; the notice and the same words."""
+    files = len(corpus.server.inbox_names())
     row, _ = corpus.post(oc.retry_of(oc.load(oc.CLI_LOCAL)))
     assert (row["duplicate_of"], row["repeat_reason"]) == (corpus.rows[oc.CLI_LOCAL]["id"], "retry")
     # the same words again without the notice: the person said it again
     again, _ = corpus.post(oc.load(oc.CLI_LOCAL) | {"max_completion_tokens": 1})
     assert again["state"] != "duplicate"
+    # its file, and no other (waited for here: the next test on this server counts files)
+    corpus.server.wait_files(files + 1)
 
 
 def test_history_show_lists_the_retries_of_a_turn(corpus: Corpus) -> None:
