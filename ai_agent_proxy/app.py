@@ -37,7 +37,7 @@ from .flusher import Flusher
 from .ids import new_request_id
 from .logs import safe_logs, setup_logging
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .outbox import Outbox
+from .outbox.store import Outbox
 from .process import notify, return_large_allocations
 from .relay import Relay
 from .retention import Pruner

@@ -18,7 +18,7 @@ from sanic.response import HTTPResponse, raw
 from . import wire
 from .config import Settings
 from .errors import BackendError, OutboxError
-from .outbox import Outbox
+from .outbox.store import Outbox
 from .relay import (
     LineRedactor,
     Relay,

@@ -14,9 +14,10 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiosqlite
+if TYPE_CHECKING:  # (imported where used: the CLI's commands never open an async connection)
+    import aiosqlite
 
 BUSY_TIMEOUT_MS = 5000
 BUSY_STEP_S = 0.001  # how often a writer tries again for a lock another process holds
@@ -57,6 +58,8 @@ def connect(
 
 async def connect_async(path: Path, *, readonly: bool = False) -> aiosqlite.Connection:
     """The same, for the event loop (aiosqlite runs it in a thread of its own)."""
+    import aiosqlite
+
     target, uri = _target(path, readonly)
     conn = await aiosqlite.connect(
         target, uri=uri, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000

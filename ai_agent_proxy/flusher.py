@@ -18,8 +18,8 @@ from enum import Enum
 from .config import Settings
 from .errors import OutboxError
 from .inbox_writer_client import InboxWriter, WriterOptions
-from .outbox import CLAIM_LEASE_MS, Outbox
 from .outbox.queries import LARGE_ROW
+from .outbox.store import CLAIM_LEASE_MS, Outbox
 from .rows import PendingRow
 
 log = logging.getLogger("ai_agent_proxy.flusher")

@@ -11,7 +11,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from .agent.runner.runs import Outcome
 from .errors import OutboxError
 from .flusher import FlusherStatus
-from .outbox import Outbox
+from .outbox.store import Outbox
 from .rows import State
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]

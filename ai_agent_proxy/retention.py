@@ -9,7 +9,7 @@ import logging
 import time
 
 from .errors import OutboxError
-from .outbox import Outbox
+from .outbox.store import Outbox
 
 log = logging.getLogger("ai_agent_proxy.retention")
 

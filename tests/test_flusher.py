@@ -21,7 +21,7 @@ from ai_agent_proxy.flusher import Flusher
 from ai_agent_proxy.ids import inbox_file_name, new_request_id
 from ai_agent_proxy.inbox_writer_client import InboxWriter, WriterOptions
 from ai_agent_proxy.migrations import migrate
-from ai_agent_proxy.outbox import Outbox
+from ai_agent_proxy.outbox.store import Outbox
 from ai_agent_proxy.rows import NewRequest, PendingRow
 
 

@@ -19,8 +19,8 @@ from ai_agent_proxy import admission
 from ai_agent_proxy.admission import EXPANSION, LARGE_BODY, BodyBudget, NoRoom
 from ai_agent_proxy.cli import cli
 from ai_agent_proxy.migrations import migrate
-from ai_agent_proxy.outbox import Outbox
 from ai_agent_proxy.outbox.queries import PROMPT_PREFIX
+from ai_agent_proxy.outbox.store import Outbox
 from ai_agent_proxy.rows import NewRequest
 
 from . import openclaw as oc

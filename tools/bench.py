@@ -838,7 +838,7 @@ async def fill_db(db: Path, rows: int, templates: list[str]) -> None:
     from ai_agent_proxy.context import MediaStore, extract_context
     from ai_agent_proxy.ids import new_request_id
     from ai_agent_proxy.migrations import migrate
-    from ai_agent_proxy.outbox import Outbox
+    from ai_agent_proxy.outbox.store import Outbox
 
     migrate(db)
     outbox = Outbox(db, dedup_window_s=60.0)
