@@ -587,13 +587,16 @@ def test_a_runner_started_beside_a_live_one_leaves_its_runs_alone(agent: Agent) 
         assert first.wait(10) == 0
 
 
-def agent_process(agent: Agent, plan: Any, *args: str) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
-    env.update(agent.env(plan))
+def agent_process(
+    agent: Agent, plan: Any, *args: str, env: dict[str, str] | None = None, own_group: bool = False
+) -> subprocess.Popen[bytes]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AI_AGENT_PROXY_")}
+    full_env.update(agent.env(plan) | (env or {}))
     cmd = [sys.executable, "-m", "ai_agent_proxy", "agent", "--db", str(agent.server.db),
            "--inbox", str(agent.server.inbox), "--debounce", "0.2s", *args]  # fmt: skip
     log = (agent.tmp / "runner.log").open("ab")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=agent.tmp)
+    return subprocess.Popen(cmd, env=full_env, stdout=log, stderr=log, cwd=agent.tmp,
+                            start_new_session=own_group)  # fmt: skip
 
 
 def runner_log(agent: Agent) -> str:
@@ -644,7 +647,8 @@ def test_a_runner_killed_mid_run_loses_no_message_and_answers_once(agent: Agent)
 def test_a_run_its_dead_runner_never_noted_the_pid_of_is_found_and_stopped(agent: Agent) -> None:
     """A runner killed after starting a run but before recording its pid (one DB step
     later): the next runner finds the run's processes by AIAP_RUN_ID in their environment
-    (a grandchild in a group of its own too) and stops them before the chat runs again."""
+    (a grandchild in a group of its own too) and stops them before the chat runs again;
+    itself started with that AIAP_RUN_ID (from the run's shell, say), it stops not itself."""
     agent.post(WORDS[:1])
     plan = [[["grandchild", 60, "own-group"], ["sleep", 60]], [["print", "Back again."]]]
     first = agent_process(agent, plan, "--send-output", "--", "standin")
@@ -654,13 +658,16 @@ def test_a_run_its_dead_runner_never_noted_the_pid_of_is_found_and_stopped(agent
     first.wait()
     with sqlite3.connect(agent.server.db) as conn:  # as if killed before runs.started
         conn.execute("UPDATE agent_runs SET pid = NULL, pid_started = NULL")
-    second = agent_process(agent, plan, "--send-output", "--", "standin")
+    (run_id,) = [r["id"] for r in agent.server.rows("SELECT id FROM agent_runs")]
+    second = agent_process(agent, plan, "--send-output", "--", "standin",
+                           env={"AIAP_RUN_ID": run_id}, own_group=True)  # fmt: skip
     try:
         interrupted, again = agent.runs(2)
         assert (interrupted["outcome"], again["outcome"]) == ("interrupted", "answered")
         assert interrupted["pid"] is None
         assert gone(started["pid"]) and gone(grandchild)  # stopped before the second run
         assert agent.sent() == [("Back again.", None)]
+        assert second.poll() is None  # (in a session of its own: a wrong signal ends only it)
     finally:
         second.send_signal(signal.SIGTERM)
         assert second.wait(10) == 0

@@ -125,9 +125,11 @@ def groups_of_run(run_id: str) -> set[int]:
     """The process groups of the live processes whose environment says AIAP_RUN_ID=`run_id`
     (command.environment gives it to the run, its children inherit it): how a run is found
     when its runner died after starting it but before recording its pid. Only processes of
-    this user can be read; none on a system without /proc."""
+    this user can be read; none on a system without /proc. Never this process's own group
+    (a runner started from a run's shell inherits its AIAP_RUN_ID)."""
     needle = f"AIAP_RUN_ID={run_id}".encode()
     groups: set[int] = set()
+    own = os.getpgrp()
     try:
         entries = os.scandir("/proc")
     except OSError:
@@ -142,7 +144,7 @@ def groups_of_run(run_id: str) -> set[int]:
                 stat = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
             except (OSError, IndexError):
                 continue  # another user's, or ended meanwhile
-            if stat[0] not in ("Z", "X"):
+            if stat[0] not in ("Z", "X") and int(stat[2]) != own:
                 groups.add(int(stat[2]))
     return groups
 
