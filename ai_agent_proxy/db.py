@@ -73,15 +73,21 @@ async def connect_async(path: Path, *, readonly: bool = False) -> aiosqlite.Conn
     return conn
 
 
+_OPEN: set[int] = set()  # the connections inside a transaction() now (by id)
+
+
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """BEGIN IMMEDIATE (the write lock at once: no deadlock upgrading a read), then COMMIT,
-    or ROLLBACK if anything raises (the error goes on). Inside an open transaction it joins
-    that one: steps that must land together (a run's end and its count) nest."""
-    if conn.in_transaction:
+    or ROLLBACK if anything raises (the error goes on). Inside another transaction() on the
+    connection it joins that one: steps that must land together (a run's end and its
+    count) nest. (Only inside transaction(): a transaction left open some other way is an
+    error, as before, never joined and so never committed.)"""
+    if id(conn) in _OPEN:
         yield conn
         return
     begin(conn)
+    _OPEN.add(id(conn))
     try:
         yield conn
         conn.execute("COMMIT")
@@ -90,6 +96,8 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         raise
+    finally:
+        _OPEN.discard(id(conn))
 
 
 def begin(conn: sqlite3.Connection) -> None:

@@ -215,3 +215,10 @@ def test_a_transaction_inside_another_lands_with_it(tmp_path: Path) -> None:
             conn.execute("INSERT INTO t VALUES (2)")
         assert count() == 0
     assert count() == 1 and not conn.in_transaction
+    # a transaction left open otherwise is not joined (it would never be committed)
+    conn.execute("SAVEPOINT leaked")
+    with (
+        pytest.raises(sqlite3.OperationalError, match="within a transaction"),
+        db.transaction(conn),
+    ):
+        conn.execute("INSERT INTO t VALUES (3)")
