@@ -17,7 +17,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,14 +83,34 @@ def takes_prompt_on_stdin(argv: Sequence[str]) -> bool:
     return not any(a in ("{prompt}", "{prompt_file}") for a in argv)
 
 
+_ENDED = ("Z", "X")  # a zombie (only its exit status left) or a dead process has ended
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat's fields after the command's name (its state first); None when there
+    is no such process (or it cannot be read)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _live_processes() -> Iterator[tuple[str, list[str]]]:
+    """(pid, stat fields) of every process that has not ended; OSError without /proc."""
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit() and (fields := _stat(entry.name)) and fields[0] not in _ENDED:
+                yield entry.name, fields
+
+
 def started_at(pid: int) -> int | None:
     """The process's start time (clock ticks since boot, /proc), to tell it from another
     process that later got the same pid; None when there is no such process (or only its
     exit status is left, a zombie)."""
+    fields = _stat(pid)
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return None if fields[0] in ("Z", "X") else int(fields[19])  # a zombie is gone
-    except (OSError, IndexError, ValueError):
+        return None if fields is None or fields[0] in _ENDED else int(fields[19])
+    except (IndexError, ValueError):
         return None
 
 
@@ -105,20 +125,9 @@ def group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     try:
-        entries = os.scandir("/proc")
+        return any(int(fields[2]) == pgid for _, fields in _live_processes())
     except OSError:
         return True  # no /proc: the signal's word is all there is
-    with entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue  # ended meanwhile
-            if int(stat[2]) == pgid and stat[0] not in ("Z", "X"):
-                return True
-    return False
 
 
 def groups_of_run(run_id: str) -> set[int]:
@@ -127,26 +136,19 @@ def groups_of_run(run_id: str) -> set[int]:
     when its runner died after starting it but before recording its pid. Only processes of
     this user can be read; none on a system without /proc. Never this process's own group
     (a runner started from a run's shell inherits its AIAP_RUN_ID)."""
-    needle = f"AIAP_RUN_ID={run_id}".encode()
-    groups: set[int] = set()
-    own = os.getpgrp()
+    needle, own = f"AIAP_RUN_ID={run_id}".encode(), os.getpgrp()
+
+    def of_the_run(pid: str) -> bool:
+        try:
+            return needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return False  # another user's, or ended meanwhile
+
     try:
-        entries = os.scandir("/proc")
+        return {int(fields[2]) for pid, fields in _live_processes()
+                if int(fields[2]) != own and of_the_run(pid)}  # fmt: skip
     except OSError:
-        return groups
-    with entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                if needle not in Path(f"/proc/{entry.name}/environ").read_bytes().split(b"\0"):
-                    continue
-                stat = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue  # another user's, or ended meanwhile
-            if stat[0] not in ("Z", "X") and int(stat[2]) != own:
-                groups.add(int(stat[2]))
-    return groups
+        return set()
 
 
 def signal_group(pgid: int, signum: int) -> None:
