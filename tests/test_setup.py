@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -284,8 +286,8 @@ def test_doctor_on_the_inbox_the_backlog_and_failed_replies(healthy, tmp_path) -
     server.inbox.rename(tmp_path / "moved")
     server.inbox.write_text("in the way")
     assert server.post_chat(server_body()).status_code == 200
-    unwritten = int((__import__("time").time() - 600) * 1000)
-    with __import__("sqlite3").connect(server.db) as db:
+    unwritten = int((time.time() - 600) * 1000)
+    with sqlite3.connect(server.db) as db:
         db.execute("UPDATE requests SET received_ms = ?", (unwritten,))
     checks = doctor(env, conf, server)
     assert checks["server"]["status"] == "FAIL"
@@ -301,13 +303,13 @@ def test_doctor_on_the_inbox_the_backlog_and_failed_replies(healthy, tmp_path) -
     (tmp_path / "moved").rename(server.inbox)
     (written,) = server.wait_files(1)
     (server.inbox / written).unlink()  # (the rest of this test starts from none)
-    with __import__("sqlite3").connect(server.db) as db:
+    with sqlite3.connect(server.db) as db:
         db.execute("DELETE FROM requests")
     # a message waiting for long: backlog WARN; a failed reply: replies WARN
     assert server.post_chat(server_body()).status_code == 200
     server.wait_files(1)
-    old = int((__import__("time").time() - 7200) * 1000)
-    with __import__("sqlite3").connect(server.db) as db:
+    old = int((time.time() - 7200) * 1000)
+    with sqlite3.connect(server.db) as db:
         db.execute("UPDATE requests SET received_ms = ?", (old,))
     assert doctor(env, conf, server)["backlog"]["status"] == "WARN"
     (rid,) = [r["id"] for r in server.rows("SELECT id FROM requests")]
